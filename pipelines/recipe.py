@@ -1,0 +1,227 @@
+"""The recipe: what a compression job does, as validated data.
+
+A recipe names the model, the text used for calibration and evaluation, and an ordered list of
+stages. Every model forbids unknown keys, so a typo is an error that names the field rather than a
+setting silently ignored. Sample::
+
+    name: smollm2-wanda-50
+    model: builtin:smollm2-135m        # or an HF hub id, or a local directory
+    data:
+      calibration: builtin:enwiki      # or a local .txt file / directory of .txt files
+      evaluation: builtin:enwiki
+    seed: 0
+    stages:
+      - stage: calibrate
+        samples: 32
+        seq_len: 256
+      - stage: prune
+        method: wanda
+        sparsity: 0.5
+        pattern: unstructured          # or "2:4", "4:8", any "N:M"
+      - stage: finetune
+        steps: 20
+      - stage: evaluate
+      - stage: kernel_tune
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the field and the reason."""
+
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    """What one stage asks of the cluster; passed to Ray's `.options()` at call time."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+
+
+class DataSpec(_Strict):
+    """Where calibration and evaluation text come from.
+
+    `builtin:enwiki` is the Wikipedia excerpt shipped with the project's dependencies; it is split by
+    article into a calibration part and a held-out evaluation part that never overlap.
+    """
+
+    calibration: str = "builtin:enwiki"
+    evaluation: str = "builtin:enwiki"
+
+
+class _StageBase(_Strict):
+    resources: Resources = Resources()
+
+
+class CalibrateStage(_StageBase):
+    """Tokenize calibration samples and record per-Linear input statistics."""
+
+    stage: Literal["calibrate"] = "calibrate"
+    samples: int = Field(32, ge=1, description="Number of calibration sequences.")
+    seq_len: int = Field(256, ge=8, description="Tokens per calibration sequence.")
+    batch_size: int = Field(4, ge=1)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """`"unstructured"` -> None; `"N:M"` -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+    if not match:
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r}: need 0 < N < M")
+    return n, m
+
+
+class PruneStage(_StageBase):
+    """Prune Linear weights layer by layer.
+
+    `pattern: "2:4"` keeps N of every M consecutive input weights and fixes sparsity at 1 - N/M.
+    `profile: owl` gives layers with more activation outliers less sparsity (OWL), same average.
+    """
+
+    stage: Literal["prune"] = "prune"
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    pattern: str = "unstructured"
+    profile: Literal["uniform", "owl"] = "uniform"
+    owl_lambda: float = Field(0.08, ge=0.0, lt=1.0, description="OWL: max deviation from the mean sparsity.")
+    owl_threshold: float = Field(5.0, gt=0.0, description="OWL: outlier if |act| > M x mean.")
+    targets: list[str] = Field(default_factory=lambda: [r"re:.*\.(self_attn|mlp)\.\w+_proj$"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head", r"re:.*embed_tokens$"])
+    block_size: int = Field(128, ge=1, description="SparseGPT: columns per lazy update block.")
+    dampening: float = Field(0.01, gt=0.0, description="SparseGPT: diagonal damping, fraction of mean diag.")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        parse_pattern(value)
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> PruneStage:
+        if self.nm is not None and self.profile == "owl":
+            raise ValueError("profile 'owl' varies sparsity per layer and cannot be combined with N:M")
+        return self
+
+
+class FinetuneStage(_StageBase):
+    """Masked fine-tuning: pruned weights stay exactly zero; optional distillation from the dense model."""
+
+    stage: Literal["finetune"] = "finetune"
+    steps: int = Field(20, ge=0)
+    lr: float = Field(2e-5, gt=0)
+    warmup_steps: int = Field(2, ge=0)
+    batch_size: int = Field(4, ge=1)
+    seq_len: int = Field(256, ge=8)
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    alpha_ce: float = Field(1.0, ge=0, description="Weight of the cross-entropy loss.")
+    beta_kd: float = Field(0.0, ge=0, description="Weight of KL(student || dense teacher); 0 turns KD off.")
+    temperature: float = Field(2.0, gt=0)
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
+
+
+class EvaluateStage(_StageBase):
+    """Held-out perplexity, sparsity per layer and in total, parameter count and size on disk."""
+
+    stage: Literal["evaluate"] = "evaluate"
+    seq_len: int = Field(1024, ge=8, description="Tokens per perplexity window.")
+    max_windows: int | None = Field(48, ge=1, description="Cap on evaluation windows (None: all).")
+    batch_size: int = Field(2, ge=1)
+    compare_dense: bool = Field(True, description="Also measure the job's original dense model.")
+
+
+class KernelTuneStage(_StageBase):
+    """Per Linear shape, time dense vs 2:4 sparse kernels on the GPU and write a kernel plan."""
+
+    stage: Literal["kernel_tune"] = "kernel_tune"
+    tokens: list[int] = Field(default_factory=lambda: [1, 16, 512, 2048])
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    repeats: int = Field(50, ge=1)
+
+    @field_validator("tokens")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(t < 1 for t in value):
+            raise ValueError("tokens must be a non-empty list of positive token counts")
+        return value
+
+
+StageSpec = Annotated[
+    CalibrateStage | PruneStage | FinetuneStage | EvaluateStage | KernelTuneStage,
+    Field(discriminator="stage"),
+]
+
+
+class Recipe(_Strict):
+    """A whole compression job."""
+
+    name: str = Field("job", min_length=1, max_length=200)
+    model: str = Field("builtin:smollm2-135m", min_length=1)
+    data: DataSpec = DataSpec()
+    seed: int = 0
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_order(self) -> Recipe:
+        for i, stage in enumerate(self.stages):
+            calibrated = any(s.stage == "calibrate" for s in self.stages[:i])
+            if isinstance(stage, PruneStage) and stage.method != "magnitude" and not calibrated:
+                raise ValueError(f"stages.{i}: method {stage.method!r} needs a 'calibrate' stage before it")
+        return self
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per problem, each naming the field path (`stages.1.sparsity`) and the reason."""
+    parts = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "recipe"
+        parts.append(f"{loc}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe:
+    """Validate a recipe mapping, raising `RecipeError` with a field-naming message."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe must be a mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(format_validation_error(error), error.errors(include_url=False)) from error
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a YAML or JSON recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise RecipeError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from error
+    return parse_recipe(data)
