@@ -50,7 +50,7 @@ class _Strict(BaseModel):
 class Resources(_Strict):
     """What one stage asks of the cluster; passed to Ray's `.options()` at call time."""
 
-    num_cpus: float = Field(1.0, gt=0)
+    num_cpus: float | None = Field(None, gt=0, description="CPUs for the stage; None takes a whole node's.")
     num_gpus: float = Field(0.0, ge=0)
     memory_gb: float | None = Field(None, gt=0)
 

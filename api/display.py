@@ -1,0 +1,152 @@
+"""Terminal output of the CLI: a live progress bar per stage and the end-of-job summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipelines.recipe import Recipe
+
+_STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan",
+                 "queued": "dim", "skipped": "green"}
+
+
+class JobDisplay:
+    """A rich progress bar per stage, fed by the flow's events (`handle` is the flow's `on_event`)."""
+
+    def __init__(self, console: Console, recipe: Recipe) -> None:
+        self.progress = Progress(
+            TextColumn("{task.fields[label]:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), console=console, transient=False,
+        )
+        self.tasks: dict[str, TaskID] = {}
+        self.labels = [f"{i:02d}-{spec.stage}" for i, spec in enumerate(recipe.stages)]
+        self.run_labels: dict[str, str] = {}
+
+    def __enter__(self) -> JobDisplay:
+        self.progress.start()
+        for label in self.labels:
+            self.tasks[label] = self.progress.add_task("queued", label=label, total=None, start=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "stage":
+            self._on_stage(event)
+        elif kind == "progress":
+            self._on_progress(event)
+
+    def _on_stage(self, event: dict[str, Any]) -> None:
+        self.run_labels[event["stage_run_id"]] = event["label"]
+        task = self.tasks.get(event["label"])
+        if task is None:
+            return
+        status = event["status"]
+        style = _STATUS_STYLE.get(status, "")
+        if status == "running":
+            self.progress.start_task(task)
+            self.progress.update(task, description=f"[{style}]running")
+            return
+        total = self.progress.tasks[task].total or 1
+        text = status if status != "failed" else f"failed: {event.get('error', '')[:80]}"
+        notes = event.get("notes") or []
+        if notes:
+            text += f" ({notes[0][:70]})"
+        self.progress.update(task, total=total, completed=total if status in ("succeeded", "skipped") else None,
+                             description=f"[{style}]{text}")
+        self.progress.stop_task(task)
+
+    def _on_progress(self, event: dict[str, Any]) -> None:
+        task = self.tasks.get(self.run_labels.get(event["stage_run_id"], ""))
+        if task is not None:
+            self.progress.update(task, total=max(event["total"], 1), completed=event["done"],
+                                 description=event["message"][:60])
+
+
+def _fmt_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:,.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f}"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(console: Console, orchestrator: Any, job_id: str) -> None:
+    """The job's outcome: perplexities, sparsity, size, time per stage, artifacts."""
+    from api.views import job_detail
+    from orchestrator.store import queries
+
+    with orchestrator.sessions() as session:
+        detail = job_detail(session, queries.get_job(session, job_id))
+        artifacts = queries.list_artifacts(session, job_id)
+    print_job(console, detail.model_dump(mode="json"), [
+        {"id": a.id, "kind": a.kind, "uri": a.uri, "size_bytes": a.size_bytes, "stage_run_id": a.stage_run_id}
+        for a in artifacts
+    ])
+
+
+def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, Any]]) -> None:
+    metrics: dict[str, float] = {}
+    for stage in job["stages"]:
+        metrics.update(stage["metrics"])
+    results = Table(title=f"job {job['id']} — {job['name']} — [{_STATUS_STYLE.get(job['status'], '')}]"
+                    f"{job['status']}")
+    results.add_column("measure")
+    results.add_column("value", justify="right")
+    rows = [
+        ("dense perplexity", _fmt(metrics.get("dense_perplexity"), ".2f")),
+        ("sparse perplexity", _fmt(metrics.get("perplexity"), ".2f")),
+        ("achieved sparsity (decoder linears)", _fmt(metrics.get("sparsity"), ".2%")),
+        ("parameters", _fmt(metrics.get("param_count"), ",.0f")),
+        ("non-zero parameters", _fmt(metrics.get("nonzero_params"), ",.0f")),
+        ("size on disk", _fmt_bytes(metrics.get("model_size_bytes"))),
+    ]
+    for name, value in rows:
+        results.add_row(name, value)
+    console.print(results)
+
+    stages = Table(title="stages")
+    for column in ("stage", "status", "attempts", "seconds", "notes"):
+        stages.add_column(column)
+    for stage in job["stages"]:
+        seconds = stage["metrics"].get("stage_seconds")
+        notes = "; ".join(stage["notes"]) or (stage["error"] or "")
+        stages.add_row(f"{stage['index']:02d}-{stage['kind']}", stage["status"], str(stage["attempt"]),
+                       _fmt(seconds, ".1f"), notes[:90])
+    console.print(stages)
+
+    produced = [a for a in artifacts if a.get("stage_run_id")]
+    if produced:
+        table = Table(title="artifacts")
+        for column in ("id", "kind", "size", "uri"):
+            table.add_column(column, overflow="fold")
+        for art in produced:
+            table.add_row(art["id"], art["kind"], _fmt_bytes(art.get("size_bytes")), art["uri"])
+        console.print(table)
+    console.print(f"job id: [bold]{job['id']}[/bold]   download: sparseflow download <artifact id> -o DIR")
+
+
+def print_jobs(console: Console, jobs: list[dict[str, Any]]) -> None:
+    table = Table(title="jobs")
+    for column in ("id", "name", "status", "created", "finished"):
+        table.add_column(column)
+    for job in jobs:
+        style = _STATUS_STYLE.get(job["status"], "")
+        table.add_row(job["id"], job["name"], f"[{style}]{job['status']}", job["created_at"][:19],
+                      (job["finished_at"] or "")[:19])
+    console.print(table)

@@ -1,0 +1,77 @@
+"""Alembic environment for the lineage store.
+
+Code passes an open connection through `config.attributes["connection"]` (see
+`orchestrator.store.db.migrate`), as MLflow's env.py does. The `alembic` CLI instead gets the URL
+from `sqlalchemy.url` or `$SPARSEFLOW_DATABASE_URL`. SQLite runs in batch mode, so later
+revisions can alter tables there.
+"""
+
+from __future__ import annotations
+
+import os
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import Connection
+
+from orchestrator.store.db import DATABASE_URL_ENV, make_engine
+from orchestrator.store.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    url = config.get_main_option("sqlalchemy.url") or os.environ.get(DATABASE_URL_ENV)
+    if not url:
+        raise RuntimeError(f"no database URL: set sqlalchemy.url in alembic.ini or ${DATABASE_URL_ENV}")
+    return url
+
+
+def _configure(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_offline() -> None:
+    url = _url()
+    context.configure(
+        url=url,
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=url.startswith("sqlite"),
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _configure(connection)
+        return
+    if config.config_file_name is not None:
+        fileConfig(config.config_file_name, disable_existing_loggers=False)
+    engine = make_engine(_url())
+    try:
+        with engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                # As in db.migrate: batch table copies must not cascade deletes.
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()
+            _configure(connection)
+            connection.commit()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

