@@ -26,7 +26,7 @@ class ApiError(RuntimeError):
 
 
 class ApiClient:
-    def __init__(self, url: str | None = None, token: str | None = None) -> None:
+    def __init__(self, url: str | None = None, token: str | None = None, settings: Any = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if url:
             self._http: httpx.Client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60)
@@ -35,7 +35,7 @@ class ApiClient:
 
             from api.app import create_app
 
-            self._http = TestClient(create_app(), headers=headers)
+            self._http = TestClient(create_app(settings), headers=headers)
             self._http.__enter__()
 
     def __enter__(self) -> ApiClient:

@@ -33,9 +33,16 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
 def get_session(orchestrator: OrchestratorDep) -> Iterator[Session]:
-    """One transaction per request: committed when the handler returns, rolled back if it raises."""
-    with orchestrator.sessions.begin() as session:
+    """One session per request; handlers that write commit before answering, errors roll back."""
+    session = orchestrator.sessions()
+    try:
         yield session
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    finally:
+        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

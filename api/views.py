@@ -27,8 +27,9 @@ def job_detail(session: Session, job: Job) -> JobDetail:
     for tag in queries.job_tags(session, job.id):
         if tag.key in ("note", "degraded"):
             notes[tag.stage_run_id].append(tag.value)
+    columns = [name for name in StageRunPublic.model_fields if name not in ("metrics", "notes")]
     stages = [
-        StageRunPublic.model_validate(run).model_copy(update={"metrics": last[run.id], "notes": notes[run.id]})
+        StageRunPublic(**{c: getattr(run, c) for c in columns}, metrics=last[run.id], notes=notes[run.id])
         for run in queries.stage_runs(session, job.id)
     ]
     base = {k: getattr(job, k) for k in JobDetail.model_fields if k != "stages"}

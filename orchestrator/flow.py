@@ -119,6 +119,9 @@ def _record_outcome(session: Session, job_id: str, stage_run_id: str, outcome: A
     metrics = [*outcome.metrics, ("stage_seconds", outcome.seconds, 0)]
     queries.add_metrics(session, job_id=job_id, stage_run_id=stage_run_id, metrics=metrics)
     queries.add_tag(session, job_id=job_id, stage_run_id=stage_run_id, key="device", value=outcome.device)
+    if outcome.gpu_ids:
+        queries.add_tag(session, job_id=job_id, stage_run_id=stage_run_id, key="gpu_ids",
+                        value=",".join(outcome.gpu_ids))
     for note in outcome.notes:
         queries.add_tag(session, job_id=job_id, stage_run_id=stage_run_id, key="note", value=note)
     return produced

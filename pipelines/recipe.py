@@ -110,6 +110,19 @@ class PruneStage(_StageBase):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head", r"re:.*embed_tokens$"])
     block_size: int = Field(128, ge=1, description="SparseGPT: columns per lazy update block.")
     dampening: float = Field(0.01, gt=0.0, description="SparseGPT: diagonal damping, fraction of mean diag.")
+    damping_retries: int = Field(
+        4, ge=0, le=12, description="SparseGPT: times to retry a failed Cholesky with 10x more damping."
+    )
+    batch_size: int = Field(4, ge=1, description="Calibration sequences per forward pass of a decoder layer.")
+    sequential: bool = Field(
+        True, description="Feed each layer the outputs of the already pruned layers (False: dense outputs)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the model is loaded and run in; statistics are always fp32."
+    )
+    export: Literal["auto", "none", "sparse-bitmask", "sparse-24-bitmask"] = Field(
+        "auto", description="Also write a compressed-tensors copy (auto: sparse-24-bitmask for 2:4)."
+    )
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -125,6 +138,13 @@ class PruneStage(_StageBase):
     def _check_combination(self) -> PruneStage:
         if self.nm is not None and self.profile == "owl":
             raise ValueError("profile 'owl' varies sparsity per layer and cannot be combined with N:M")
+        low, high = self.sparsity - self.owl_lambda, self.sparsity + self.owl_lambda
+        if self.profile == "owl" and not (low >= 0.0 and high < 1.0):
+            raise ValueError(
+                f"owl_lambda: sparsity {self.sparsity} +/- owl_lambda {self.owl_lambda} must stay within [0, 1)"
+            )
+        if self.export == "sparse-24-bitmask" and self.nm != (2, 4):
+            raise ValueError(f"export: 'sparse-24-bitmask' needs pattern '2:4', got {self.pattern!r}")
         return self
 
 
@@ -140,9 +160,16 @@ class FinetuneStage(_StageBase):
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     alpha_ce: float = Field(1.0, ge=0, description="Weight of the cross-entropy loss.")
-    beta_kd: float = Field(0.0, ge=0, description="Weight of KL(student || dense teacher); 0 turns KD off.")
+    beta_kd: float = Field(0.0, ge=0, description="Weight of T^2 KL(dense teacher || student); 0 turns KD off.")
     temperature: float = Field(2.0, gt=0)
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm (0: no clipping).")
+
+    @model_validator(mode="after")
+    def _check_loss(self) -> FinetuneStage:
+        if self.steps > 0 and self.alpha_ce == 0 and self.beta_kd == 0:
+            raise ValueError("alpha_ce and beta_kd are both 0: the loss would be zero")
+        return self
 
 
 class EvaluateStage(_StageBase):

@@ -78,3 +78,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local .txt source of 120 short paragraphs (~60k characters); its evaluation split is 12 of them."""
+    import random
+
+    rng = random.Random(0)
+    paragraphs = [" ".join(rng.choice(_CORPUS) for _ in range(12)) for _ in range(120)]
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path

@@ -49,7 +49,9 @@ def _run_on_worker(request: StageRequest, queue: Any | None, num_cpus: float) ->
     import torch
 
     torch.set_num_threads(max(1, int(num_cpus)))
-    return execute_stage(request, ProgressSink(queue, request.stage_run_id))
+    outcome = execute_stage(request, ProgressSink(queue, request.stage_run_id))
+    outcome.gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
+    return outcome
 
 
 _remote_stage = ray.remote(max_retries=SYSTEM_RETRIES, retry_exceptions=False)(_run_on_worker)

@@ -51,6 +51,7 @@ class StageOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     device: str = "cpu"
+    gpu_ids: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 

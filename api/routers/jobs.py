@@ -39,7 +39,9 @@ def get_job(job: OwnedJob, session: SessionDep) -> JobDetail:
 @router.post("/{job_id}/cancel", response_model=JobDetail)
 def cancel_job(job: OwnedJob, session: SessionDep) -> JobDetail:
     """Cancel a queued or running job (409 if it already ended)."""
-    return job_detail(session, service.cancel_job(session, job.id))
+    service.cancel_job(session, job.id)
+    session.commit()
+    return job_detail(session, job)
 
 
 @router.post("/{job_id}/resume", response_model=JobDetail)

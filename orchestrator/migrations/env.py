@@ -28,6 +28,12 @@ def _url() -> str:
     return url
 
 
+def _cli_logging() -> None:
+    """Configure logging from alembic.ini only under the `alembic` command, never inside a service."""
+    if config.cmd_opts is not None and config.config_file_name is not None:
+        fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
 def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
@@ -40,6 +46,7 @@ def _configure(connection: Connection) -> None:
 
 
 def run_offline() -> None:
+    _cli_logging()
     url = _url()
     context.configure(
         url=url,
@@ -56,8 +63,7 @@ def run_online() -> None:
     if connection is not None:
         _configure(connection)
         return
-    if config.config_file_name is not None:
-        fileConfig(config.config_file_name, disable_existing_loggers=False)
+    _cli_logging()
     engine = make_engine(_url())
     try:
         with engine.connect() as connection:

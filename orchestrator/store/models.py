@@ -135,9 +135,7 @@ class Job(Base):
     metrics: Mapped[list[Metric]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
     )
-    tags: Mapped[list[Tag]] = relationship(
-        back_populates="job", cascade="all, delete-orphan", passive_deletes=True
-    )
+    tags: Mapped[list[Tag]] = relationship(back_populates="job", cascade="all, delete-orphan", passive_deletes=True)
 
 
 class StageRun(Base):
@@ -230,9 +228,7 @@ class LineageEdge(Base):
 
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
     stage_run_id: Mapped[str] = mapped_column(String(32), ForeignKey("stage_runs.id", ondelete="CASCADE"))
-    artifact_id: Mapped[str] = mapped_column(
-        String(32), ForeignKey("artifacts.id", ondelete="CASCADE"), index=True
-    )
+    artifact_id: Mapped[str] = mapped_column(String(32), ForeignKey("artifacts.id", ondelete="CASCADE"), index=True)
     direction: Mapped[Direction] = mapped_column(
         Enum(
             Direction,

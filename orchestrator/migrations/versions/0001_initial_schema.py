@@ -67,9 +67,7 @@ def upgrade() -> None:
         sa.Column("progress_done", sa.Integer(), server_default="0", nullable=False),
         sa.Column("progress_total", sa.Integer(), server_default="0", nullable=False),
         sa.Column("progress_message", sa.Text(), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["job_id"], ["jobs.id"], name=op.f("fk_stage_runs_job_id_jobs"), ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_stage_runs_job_id_jobs"), ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_stage_runs")),
         sa.UniqueConstraint("job_id", "index", name=op.f("uq_stage_runs_job_id_index")),
     )
@@ -85,9 +83,7 @@ def upgrade() -> None:
         sa.Column("sha256", sa.String(64), nullable=True),
         sa.Column("size_bytes", sa.BigInteger(), nullable=True),
         sa.Column("created_at", TIMESTAMP, nullable=False),
-        sa.ForeignKeyConstraint(
-            ["job_id"], ["jobs.id"], name=op.f("fk_artifacts_job_id_jobs"), ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_artifacts_job_id_jobs"), ondelete="CASCADE"),
         sa.ForeignKeyConstraint(
             ["stage_run_id"],
             ["stage_runs.id"],
@@ -108,9 +104,7 @@ def upgrade() -> None:
         sa.Column("value", sa.Double(), nullable=False),
         sa.Column("step", sa.Integer(), nullable=False),
         sa.Column("timestamp", TIMESTAMP, nullable=False),
-        sa.ForeignKeyConstraint(
-            ["job_id"], ["jobs.id"], name=op.f("fk_metrics_job_id_jobs"), ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_metrics_job_id_jobs"), ondelete="CASCADE"),
         sa.ForeignKeyConstraint(
             ["stage_run_id"],
             ["stage_runs.id"],

@@ -1,0 +1,271 @@
+"""Linear-layer backends: one interface, dense and 2:4 sparse implementations.
+
+A backend turns a weight and its 2:4 mask into a `handle` once (`prepare`), then computes
+`y = x @ (weight * mask)^T` from it (`linear`). `available(device)` says whether it can run there and
+why not. Backends, by name:
+
+- `dense`: cuBLAS through `F.linear` on the masked dense weight; the baseline and the fallback.
+- `torch-semi-structured`: PyTorch's stock path, `to_sparse_semi_structured` (cuSPARSELt) + `F.linear`.
+- `cslt-direct`: `torch._cslt_sparse_mm` called directly on a weight compressed once, with the
+  fused-transpose layout (x read as B^T, y written transposed), so no copies around the call.
+- `cusparselt-planned`: cuSPARSELt through `kernels.cslt`: descriptors and plan built once per
+  (shape, token count, algorithm) and reused; one `cusparseLtMatmul` a call.
+- `sparse24-reference`: CPU-capable pure-torch reference over `Packed24`; for tests, never fast.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.sparse24 import Packed24
+
+_PAD_TOKENS = 8  # cuSPARSELt dense operands: 16-byte aligned dimensions for 16-bit types
+
+
+class BackendError(RuntimeError):
+    """A backend cannot prepare or run this weight."""
+
+
+def nearest_bucket(tokens: int, buckets: list[int]) -> int:
+    """The tuned token count closest to `tokens` in log scale (ties go to the larger bucket)."""
+    if not buckets:
+        raise ValueError("no token buckets")
+    import math
+
+    return min(sorted(buckets, reverse=True), key=lambda b: abs(math.log2(b) - math.log2(max(tokens, 1))))
+
+
+@dataclass
+class Handle:
+    """What `prepare` made for one weight; `data` is backend-specific."""
+
+    backend: str
+    out_features: int
+    in_features: int
+    dtype: torch.dtype
+    device: torch.device
+    data: Any
+    configs: dict[int, dict[str, int]] = field(default_factory=dict)  # tuned tokens -> backend config
+
+
+class Backend(ABC):
+    name: str = ""
+    sparse: bool = True
+
+    @abstractmethod
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        """(can run on `device`, reason when it cannot)."""
+
+    @abstractmethod
+    def prepare(self, weight: Tensor, mask: Tensor | None, configs: dict[int, dict[str, int]] | None = None) -> Handle:
+        """Build the handle for `weight * mask` (mask None: the weight already follows 2:4 or is dense)."""
+
+    @abstractmethod
+    def linear(self, x: Tensor, handle: Handle) -> Tensor:
+        """`x @ (weight*mask)^T` for x of shape (..., in_features)."""
+
+    @staticmethod
+    def _masked(weight: Tensor, mask: Tensor | None) -> Tensor:
+        weight = weight.detach()
+        return weight if mask is None else weight * mask.to(weight.device)
+
+    def _handle(self, weight: Tensor, data: Any, configs: dict[int, dict[str, int]] | None = None) -> Handle:
+        return Handle(self.name, weight.shape[0], weight.shape[1], weight.dtype, weight.device, data, dict(configs or {}))
+
+
+def _cuda_sm80(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, "needs a CUDA GPU"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, f"2:4 sparse tensor cores need sm80+, device is sm{major}x"
+    return True, ""
+
+
+def _cusparselt_torch(device: torch.device) -> tuple[bool, str]:
+    ok, why = _cuda_sm80(device)
+    if not ok:
+        return ok, why
+    if not torch.backends.cusparselt.is_available():
+        return False, "this PyTorch build has no cuSPARSELt"
+    return True, ""
+
+
+def _check_sparse_dtype(weight: Tensor) -> None:
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        raise BackendError(f"2:4 kernels take float16/bfloat16 weights, got {weight.dtype}")
+
+
+def _pad_rows(x2d: Tensor, multiple: int) -> Tensor:
+    extra = (-x2d.shape[0]) % multiple
+    return F.pad(x2d, (0, 0, 0, extra)) if extra else x2d
+
+
+class DenseBackend(Backend):
+    name = "dense"
+    sparse = False
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        return True, ""
+
+    def prepare(self, weight: Tensor, mask: Tensor | None, configs: dict[int, dict[str, int]] | None = None) -> Handle:
+        return self._handle(weight, self._masked(weight, mask).contiguous())
+
+    def linear(self, x: Tensor, handle: Handle) -> Tensor:
+        return F.linear(x, handle.data)
+
+
+class TorchSemiStructuredBackend(Backend):
+    name = "torch-semi-structured"
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        return _cusparselt_torch(device)
+
+    def prepare(self, weight: Tensor, mask: Tensor | None, configs: dict[int, dict[str, int]] | None = None) -> Handle:
+        _check_sparse_dtype(weight)
+        from torch.sparse import to_sparse_semi_structured
+
+        return self._handle(weight, to_sparse_semi_structured(self._masked(weight, mask).contiguous()))
+
+    def linear(self, x: Tensor, handle: Handle) -> Tensor:
+        return F.linear(x, handle.data)
+
+
+class CsltDirectBackend(Backend):
+    """`torch._cslt_sparse_mm` on a weight compressed once; config `alg_id` (and `split_k` where supported)."""
+
+    name = "cslt-direct"
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        return _cusparselt_torch(device)
+
+    def prepare(self, weight: Tensor, mask: Tensor | None, configs: dict[int, dict[str, int]] | None = None) -> Handle:
+        _check_sparse_dtype(weight)
+        packed = torch._cslt_compress(self._masked(weight, mask).contiguous())
+        return self._handle(weight, packed, configs)
+
+    def linear(self, x: Tensor, handle: Handle) -> Tensor:
+        x2d = x.reshape(-1, handle.in_features)
+        tokens = x2d.shape[0]
+        config = handle.configs[nearest_bucket(tokens, list(handle.configs))] if handle.configs else {}
+        padded = _pad_rows(x2d, _PAD_TOKENS)
+        y = torch._cslt_sparse_mm(handle.data, padded.t(), transpose_result=True, alg_id=config.get("alg_id", 0))
+        if padded.shape[0] != tokens:
+            y = y[:tokens]
+        return y.reshape(*x.shape[:-1], handle.out_features)
+
+
+class CusparseltPlannedBackend(Backend):
+    """cuSPARSELt with plans kept per (shape, tokens, config); see `kernels.cslt`.
+
+    Token counts the library rejects unpadded are padded to a multiple of 8 (remembered per shape).
+    Plans are shared by every handle of one shape and kept in a bounded LRU owned by this backend.
+    """
+
+    name = "cusparselt-planned"
+
+    def __init__(self, max_plans: int = 512) -> None:
+        self._plans: OrderedDict[tuple, Any] = OrderedDict()
+        self._max_plans = max_plans
+        self._needs_pad: set[tuple[int, int, int, torch.dtype]] = set()
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        ok, why = _cuda_sm80(device)
+        if not ok:
+            return ok, why
+        try:
+            self._lib(device)
+        except Exception as error:  # noqa: BLE001 - any build/load failure makes the backend unavailable
+            return False, f"cuSPARSELt shim unavailable: {error}"
+        return True, ""
+
+    @staticmethod
+    def _lib(device: torch.device):
+        from kernels.cslt import Cslt
+
+        return Cslt.load(device)
+
+    def prepare(self, weight: Tensor, mask: Tensor | None, configs: dict[int, dict[str, int]] | None = None) -> Handle:
+        _check_sparse_dtype(weight)
+        packed = self._lib(weight.device).compress(self._masked(weight, mask).contiguous())
+        return self._handle(weight, packed, configs)
+
+    def plan_for(self, handle: Handle, tokens: int, config: dict[str, int]) -> tuple[Any, int]:
+        """(plan, padded token count) for this shape at `tokens`, built on first use."""
+        from kernels.cslt import CsltError
+
+        shape = (handle.out_features, handle.in_features, tokens, handle.dtype)
+        rows = tokens + (-tokens) % _PAD_TOKENS if shape in self._needs_pad else tokens
+        cfg = (config.get("alg_id", 0), config.get("split_k", 1), config.get("split_k_mode", 0))
+        key = (*shape[:2], rows, handle.dtype, *cfg)
+        plan = self._plans.get(key)
+        if plan is None:
+            lib = self._lib(handle.device)
+            try:
+                plan = lib.plan(handle.out_features, handle.in_features, rows, handle.dtype, handle.device, *cfg)
+            except CsltError:
+                if rows % _PAD_TOKENS == 0:
+                    raise
+                self._needs_pad.add(shape)
+                return self.plan_for(handle, tokens, config)
+            self._plans[key] = plan
+            if len(self._plans) > self._max_plans:
+                self._plans.popitem(last=False)[1].close()
+        else:
+            self._plans.move_to_end(key)
+        return plan, rows
+
+    def linear(self, x: Tensor, handle: Handle) -> Tensor:
+        x2d = x.reshape(-1, handle.in_features)
+        if x2d.dtype != handle.dtype:
+            raise BackendError(f"{self.name}: input {x2d.dtype} but weight {handle.dtype}")
+        tokens = x2d.shape[0]
+        config = handle.configs[nearest_bucket(tokens, list(handle.configs))] if handle.configs else {}
+        plan, rows = self.plan_for(handle, tokens, config)
+        x2d = _pad_rows(x2d.contiguous(), rows) if rows != tokens else x2d.contiguous()
+        out = torch.empty(rows, handle.out_features, dtype=handle.dtype, device=x2d.device)
+        plan.matmul(handle.data, x2d, out)
+        if rows != tokens:
+            out = out[:tokens]
+        return out.reshape(*x.shape[:-1], handle.out_features)
+
+
+class ReferenceBackend(Backend):
+    """Pure-torch 2:4 reference: packs with `Packed24`, unpacks on every call. Correct, never fast."""
+
+    name = "sparse24-reference"
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        return True, ""
+
+    def prepare(self, weight: Tensor, mask: Tensor | None, configs: dict[int, dict[str, int]] | None = None) -> Handle:
+        return self._handle(weight, Packed24.from_dense(weight.detach(), mask))
+
+    def linear(self, x: Tensor, handle: Handle) -> Tensor:
+        return F.linear(x, handle.data.to_dense())
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    DenseBackend.name: DenseBackend,
+    TorchSemiStructuredBackend.name: TorchSemiStructuredBackend,
+    CsltDirectBackend.name: CsltDirectBackend,
+    CusparseltPlannedBackend.name: CusparseltPlannedBackend,
+    ReferenceBackend.name: ReferenceBackend,
+}
+
+# what tuning tries on a GPU, in order; `dense` is always the baseline
+GPU_CANDIDATES = ("dense", "torch-semi-structured", "cslt-direct", "cusparselt-planned")
+
+
+def make_backends(names: list[str] | tuple[str, ...]) -> dict[str, Backend]:
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise KeyError(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
+    return {name: BACKENDS[name]() for name in names}

@@ -1,0 +1,172 @@
+"""Evaluate: held-out perplexity, sparsity, parameter counts and size on disk.
+
+Perplexity is measured on the evaluation split of `data.evaluation` with consecutive 1024-token
+windows (see `pipelines.data`). With `compare_dense`, the job's original model (`base_model`) is
+measured on the same windows; that figure is cached under `<cache_dir>/dense_ppl/`, keyed by the
+base model's weights and the exact token windows, so it is computed once per model and data.
+
+Sparsity counts exact zeros: per decoder Linear, per decoder layer, in total over decoder Linears
+(the `sparsity` metric), and separately for the input embeddings and the LM head. Output (kind
+`report`): `report.json`. Recipe sample::
+
+    - stage: evaluate
+      seq_len: 1024
+      max_windows: 48
+      batch_size: 2
+      compare_dense: true
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipelines.data import eval_windows, perplexity
+from pipelines.modeling import decoder_layers
+from pipelines.modelio import load_model, load_tokenizer
+from pipelines.recipe import EvaluateStage
+from pipelines.sources import load_text
+from pipelines.stage import Metric, StageContext, StageResult
+from pipelines.stages.calibrate import decoder_linears
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.json"
+_DENSE_CACHE_VERSION = 1
+
+
+def _zero_stats(weight: torch.Tensor) -> dict[str, float]:
+    numel = weight.numel()
+    zeros = numel - int(torch.count_nonzero(weight))
+    return {"zeros": zeros, "numel": numel, "sparsity": zeros / numel if numel else 0.0}
+
+
+def sparsity_report(model: nn.Module) -> dict[str, Any]:
+    """Exact zero counts: per decoder Linear, per decoder layer, total over decoder Linears, embeddings, head."""
+    prefix, layers = decoder_layers(model)
+    linears = {name: _zero_stats(lin.weight) for name, lin in decoder_linears(model).items()}
+    per_layer: dict[str, dict[str, float]] = {}
+    for i in range(len(layers)):
+        layer = f"{prefix}.{i}"
+        members = [s for n, s in linears.items() if n.startswith(layer + ".")]
+        zeros, numel = sum(s["zeros"] for s in members), sum(s["numel"] for s in members)
+        per_layer[layer] = {"zeros": zeros, "numel": numel, "sparsity": zeros / numel if numel else 0.0}
+    zeros, numel = sum(s["zeros"] for s in linears.values()), sum(s["numel"] for s in linears.values())
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return {
+        "total": {"zeros": zeros, "numel": numel, "sparsity": zeros / numel if numel else 0.0},
+        "layers": per_layer,
+        "linears": linears,
+        "embeddings": _zero_stats(embeddings.weight),
+        "lm_head": _zero_stats(head.weight) if head is not None else None,
+        "lm_head_tied": head is not None and head.weight is embeddings.weight,
+    }
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters); a tied tensor is counted once."""
+    params = list(model.parameters())  # deduplicated by identity
+    return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of all files under `path` (recursively)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _hash_files(paths: list[Path], digest: Any) -> None:
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+
+
+def dense_cache_key(base_dir: Path, data_ref: str, windows: torch.Tensor) -> str:
+    """Hash of the base model's safetensors, the data reference and the exact evaluation windows."""
+    digest = hashlib.sha256(f"v{_DENSE_CACHE_VERSION}|{data_ref}|{tuple(windows.shape)}|".encode())
+    _hash_files(list(Path(base_dir).glob("*.safetensors")), digest)
+    digest.update(windows.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def dense_perplexity(
+    base_dir: Path, windows: torch.Tensor, spec: EvaluateStage, ctx: StageContext
+) -> tuple[float, bool]:
+    """Perplexity of the dense base model on `windows`; (value, whether it came from the cache)."""
+    cache_file = None
+    if ctx.cache_dir is not None:
+        key = dense_cache_key(base_dir, ctx.data.evaluation, windows)
+        cache_file = Path(ctx.cache_dir) / "dense_ppl" / f"{key}.json"
+        if cache_file.is_file():
+            return float(json.loads(cache_file.read_text())["perplexity"]), True
+    base = load_model(base_dir, device=ctx.device)
+    value = perplexity(base, windows, spec.batch_size, lambda d, t, m: ctx.progress(d, t, f"dense {m}"))
+    del base
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"perplexity": value, "base_model": str(base_dir), "windows": list(windows.shape)}))
+        os.replace(tmp, cache_file)
+    return value, False
+
+
+def run(spec: EvaluateStage, ctx: StageContext) -> StageResult:
+    model_dir = ctx.require("model")
+    tokenizer = load_tokenizer(model_dir)
+    text = load_text(ctx.data.evaluation, "evaluation", ctx.cache_dir)
+    windows = eval_windows(tokenizer, text, spec.seq_len, spec.max_windows)
+    model = load_model(model_dir, device=ctx.device)
+    ppl = perplexity(model, windows, spec.batch_size, ctx.progress)
+    sparsity = sparsity_report(model)
+    params, nonzero = parameter_counts(model)
+    size = dir_size(model_dir)
+    del model
+
+    notes: list[str] = []
+    dense_ppl, cached = None, False
+    if spec.compare_dense:
+        dense_ppl, cached = dense_perplexity(ctx.require("base_model"), windows, spec, ctx)
+        if cached:
+            notes.append("dense perplexity taken from the cache")
+
+    report = {
+        "perplexity": ppl,
+        "dense_perplexity": dense_ppl,
+        "eval": {
+            "source": ctx.data.evaluation,
+            "windows": windows.shape[0],
+            "seq_len": spec.seq_len,
+            "tokens_scored": windows.shape[0] * (spec.seq_len - 1),
+        },
+        "sparsity": sparsity,
+        "param_count": params,
+        "nonzero_params": nonzero,
+        "model_size_bytes": size,
+    }
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    out = ctx.workdir / REPORT_FILE
+    out.write_text(json.dumps(report, indent=2))
+
+    metrics = [
+        Metric("perplexity", ppl),
+        Metric("sparsity", sparsity["total"]["sparsity"]),
+        Metric("param_count", float(params)),
+        Metric("nonzero_params", float(nonzero)),
+        Metric("model_size_bytes", float(size)),
+    ]
+    if dense_ppl is not None:
+        metrics.append(Metric("dense_perplexity", dense_ppl))
+    for group in ("layers", "linears"):
+        metrics += [Metric(f"sparsity.{name}", s["sparsity"]) for name, s in sparsity[group].items()]
+    logger.info("perplexity %.3f (dense %s), sparsity %.4f", ppl, dense_ppl, sparsity["total"]["sparsity"])
+    summary = {k: report[k] for k in ("perplexity", "dense_perplexity", "param_count", "nonzero_params")}
+    summary["sparsity"] = sparsity["total"]["sparsity"]
+    return StageResult(outputs={"report": out}, metrics=metrics, summary=summary, notes=notes)

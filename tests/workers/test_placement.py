@@ -1,0 +1,64 @@
+"""Ray placement: resources from the recipe, GPU fallback, a real stage on a worker with progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from pipelines.recipe import Resources
+from workers import placement
+from workers.runner import SOURCE_PREFIX, StageRequest
+
+
+def test_gpu_request_on_a_cpu_cluster_falls_back_with_a_note() -> None:
+    options, note = placement.fit_resources(Resources(num_gpus=1), {"CPU": 2.0})
+    assert "num_gpus" not in options
+    assert note and "ran on CPU" in note
+
+
+def test_resources_map_to_ray_options() -> None:
+    options, note = placement.fit_resources(Resources(num_cpus=1, num_gpus=0.5, memory_gb=2), {"CPU": 8, "GPU": 2})
+    assert options == {"num_cpus": 1, "num_gpus": 0.5, "memory": 2 * 1024**3}
+    assert note is None
+
+
+def test_default_cpus_take_the_whole_node() -> None:
+    options, _ = placement.fit_resources(Resources(), {"CPU": 6.0})
+    assert options["num_cpus"] == 6.0
+
+
+def _request(tmp_path: Path, model_dir: Path, text: Path, stage_run_id: str = "sr1") -> StageRequest:
+    return StageRequest(
+        job_id="job1", stage_run_id=stage_run_id, label="00-calibrate",
+        spec={"stage": "calibrate", "samples": 4, "seq_len": 32, "batch_size": 1},
+        data={"calibration": str(text), "evaluation": str(text)}, seed=0,
+        inputs={"model": SOURCE_PREFIX + str(model_dir), "base_model": SOURCE_PREFIX + str(model_dir)},
+        artifact_root=(tmp_path / "artifacts").as_uri(), cache_dir=str(tmp_path / "cache"),
+    )
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_stage_runs_on_a_logical_gpu_and_reports_progress(tmp_path: Path, tiny_model_dir: Path,
+                                                          text_file: Path) -> None:
+    placed = placement.submit(_request(tmp_path, tiny_model_dir, text_file), Resources(num_gpus=1))
+    assert placed.num_gpus == 1 and placed.note is None
+    outcome = ray.get(placed.ref, timeout=300)
+    events = placed.drain()
+    assert len(outcome.gpu_ids) == 1
+    assert outcome.device == "cpu", "no real GPU here: the stage computes on the CPU"
+    assert events and events[-1]["done"] == events[-1]["total"]
+    (calibration,) = outcome.artifacts
+    assert calibration["kind"] == "calibration" and calibration["uri"].startswith("file://")
+    assert Path(calibration["uri"][len("file://"):]).is_file()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_stage_error_reaches_the_caller_unretried(tmp_path: Path, tiny_model_dir: Path) -> None:
+    request = _request(tmp_path, tiny_model_dir, tmp_path / "missing.txt")
+    placed = placement.submit(request, Resources(num_cpus=1))
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(placed.ref, timeout=300)
+    assert "missing.txt" in str(raised.value)
