@@ -16,7 +16,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="sparseflow: compress language models. Run jobs, serve the API, inspect and download results.",
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -176,6 +179,30 @@ def resume(job_id: str) -> None:
     print_summary(console, orchestrator, job_id)
     orchestrator.close()
     raise typer.Exit(0 if final == "succeeded" else 1)
+
+
+@app.command()
+def nightly(
+    zoo: Annotated[Path, typer.Argument(help="Model zoo file (models, recipe template, cron).")],
+    now: Annotated[bool, typer.Option("--now", help="Run once now instead of serving the schedule.")] = False,
+) -> None:
+    """Submit one job per model of a zoo: now, or every night on the zoo's cron schedule."""
+    from pipelines.recipe import RecipeError
+
+    _quiet_frameworks()
+    from orchestrator.schedules import load_zoo, nightly as nightly_flow, serve_nightly
+
+    try:
+        load_zoo(zoo)
+    except RecipeError as error:
+        _fail(str(error))
+    if not now:
+        serve_nightly(str(zoo))
+        return
+    outcomes = nightly_flow(str(zoo))
+    for job_id, final in outcomes.items():
+        console.print(f"{job_id}  {final}")
+    raise typer.Exit(0 if all(s == "succeeded" for s in outcomes.values()) else 1)
 
 
 def main() -> None:

@@ -141,7 +141,8 @@ class CsltPlan:
 class Cslt:
     """The loaded shim. One per process and device: create it through `Cslt.load()`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, device: torch.device) -> None:
+        self.device = device
         fn = ctypes.CDLL(str(path))
         vp, i64, i32, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_size_t
         fn.sf_init.restype = i32
@@ -171,10 +172,11 @@ class Cslt:
 
     @classmethod
     def load(cls, device: torch.device, cache_dir: Path | None = None) -> Cslt:
-        index = torch.device(device).index or 0
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
         if index not in cls._loaded:
             with torch.cuda.device(index):
-                cls._loaded[index] = cls(build_shim(cache_dir))
+                cls._loaded[index] = cls(build_shim(cache_dir), torch.device("cuda", index))
         return cls._loaded[index]
 
     def error(self, status: int) -> str:

@@ -8,7 +8,7 @@ Built-ins need no network; they are read from files that installed packages ship
 - `builtin:enwiki`: the shortened English Wikipedia dump shipped in gensim's test data (pages 10 to
   30302, 271 pages of which 137 are articles with text). Converted once to plain text under
   `<cache>/data/` and split by article: an article whose title hashes to 0 mod 10 is held out for
-  evaluation. Result (cache format v1): 123 calibration articles, 3,387,049 characters; 14
+  evaluation. Result (cache format v2): 123 calibration articles, 3,387,049 characters; 14
   evaluation articles, 457,963 characters (~100k SmolLM2 tokens, 97 windows of 1024 tokens).
 
 A local `.txt` file, or a directory of them (read in sorted name order), is split by paragraph
@@ -44,7 +44,7 @@ ENWIKI_BZ2 = (
     "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
 )
 EVAL_EVERY = 10
-_ENWIKI_CACHE = "enwiki-v1.json"
+_ENWIKI_CACHE = "enwiki-v2.json"
 _MIN_ARTICLE_CHARS = 500
 
 
@@ -232,12 +232,11 @@ def wiki_to_text(markup: str) -> str:
         if heading:
             line = heading.group(2)
         line = _SPACES.sub(" ", _LINE_PREFIX.sub("", _EMPHASIS.sub("", line))).strip()
-        if not line or line.startswith(("{{", "}}", "|", "!")):
-            if lines and lines[-1]:
-                lines.append("")
-            continue
-        lines.append(line)
-    return "\n".join(lines).strip()
+        if line and not line.startswith(("{{", "}}", "|", "!")):
+            lines += ["", line, ""] if heading else [line]
+        else:
+            lines.append("")
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
 def _iter_pages(path: Path) -> Iterator[tuple[str, str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from orchestrator.store import db
+from orchestrator.store import db, queries
 
 
 def test_database_url_defaults_to_sqlite_in_data_dir(tmp_path, monkeypatch):
@@ -38,8 +38,6 @@ def test_sqlite_connection_can_move_between_threads(tmp_path):
 
 
 def test_sessions_keep_attributes_after_commit(engine):
-    from orchestrator.store import queries
-
     with db.session_factory(engine)() as session:
         job = queries.create_job(session, name="n", recipe={}, stages=[], code_version="v", package_versions={})
         session.commit()

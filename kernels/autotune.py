@@ -1,0 +1,176 @@
+"""Pick, per Linear shape and token count, the fastest correct kernel: check first, then time.
+
+For each distinct (out, in) shape: prepare every available backend on the same 2:4 weight, compare
+each backend's output with dense on fresh random inputs (max error relative to the output's largest
+magnitude), time the ones that pass with rotating weight copies, and choose the fastest per token
+count. A sparse backend wins only if it beats dense by `min_gain`; otherwise, and wherever nothing
+sparse is correct, the choice is dense, with the reason written down.
+
+The result is the `shapes` part of a kernel plan (see `kernels.plan`); nothing is cached in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kernels.backends import GPU_CANDIDATES, Backend, make_backends
+from kernels.sparse24 import mask_24
+from kernels.timing import copies_to_defeat_l2, time_calls
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    tokens: tuple[int, ...] = (1, 16, 512, 2048)
+    dtype: torch.dtype = torch.float16
+    repeats: int = 50
+    warmup: int = 5
+    max_rel_error: float = 2e-2
+    min_gain: float = 1.02
+    backends: tuple[str, ...] = GPU_CANDIDATES
+    search_configs: bool = True
+
+
+def shape_key(out_features: int, in_features: int) -> str:
+    """Plan key of a Linear: its weight shape, out x in."""
+    return f"{out_features}x{in_features}"
+
+
+def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if y.shape != ref.shape:
+        return float("inf")
+    err = (y.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-6)
+    return err if err == err else float("inf")  # NaN fails
+
+
+def _planned_configs(cases: list[tuple[int, int, int]], settings: TuneSettings, device: torch.device):
+    from kernels.cslt_search import search_configs
+
+    return search_configs(cases, settings.dtype, device)
+
+
+def tune_shape(
+    weight: torch.Tensor,
+    mask: torch.Tensor | None,
+    settings: TuneSettings,
+    backends: dict[str, Backend],
+    configs: dict[int, dict[str, Any]] | None = None,
+) -> dict[int, dict[str, Any]]:
+    """Choices for one shape: tokens -> {backend, config, times_ms, max_rel_error, speedup, reason}."""
+    device, dtype = weight.device, settings.dtype
+    weight = weight.detach().to(device=device, dtype=dtype)
+    if mask is not None:
+        weight = weight * mask.to(device)
+    out_f, in_f = weight.shape
+    copies = copies_to_defeat_l2(weight.numel() * weight.element_size() // 2, device)
+    handles: dict[str, list[Any]] = {}
+    failures: dict[str, str] = {}
+    for name, backend in backends.items():
+        cfg = {t: c for t, c in (configs or {}).items() if "error" not in c} if name == "cusparselt-planned" else None
+        try:
+            first = backend.prepare(weight, None, cfg)
+            # rotate over distinct weight copies (same values) so repeats do not read L2
+            handles[name] = [first] + [backend.prepare(weight.clone(), None, cfg) for _ in range(copies - 1)]
+        except Exception as error:  # noqa: BLE001 - a backend that cannot take this weight is skipped, with reason
+            failures[name] = f"prepare failed: {error}"
+    choices: dict[int, dict[str, Any]] = {}
+    for tokens in settings.tokens:
+        xs = [torch.randn(tokens, in_f, device=device, dtype=dtype) for _ in range(copies)]
+        ref = F.linear(xs[0], weight)
+        times: dict[str, float] = {}
+        errors: dict[str, float] = {}
+        notes: dict[str, str] = dict(failures)
+        for name, hs in handles.items():
+            backend = backends[name]
+            try:
+                errors[name] = _rel_error(backend.linear(xs[0], hs[0]), ref)
+                if errors[name] > settings.max_rel_error:
+                    notes[name] = f"max rel error {errors[name]:.3g} > {settings.max_rel_error}"
+                    continue
+                timing = time_calls(lambda i, b=backend, hs=hs: b.linear(xs[i], hs[i]), copies,
+                                    warmup=settings.warmup, repeats=settings.repeats)
+                times[name] = timing.median_ms
+            except Exception as error:  # noqa: BLE001 - recorded in the plan as this backend's reason
+                notes[name] = f"failed: {error}"
+        choices[tokens] = _choose(tokens, times, errors, notes, settings, configs)
+        log.info("%s tokens=%d -> %s", shape_key(out_f, in_f), tokens, choices[tokens]["backend"])
+    return choices
+
+
+def _choose(tokens, times, errors, notes, settings, configs) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "times_ms": {k: round(v, 6) for k, v in times.items()},
+        "max_rel_error": {k: (round(v, 6) if v != float("inf") else None) for k, v in errors.items()},
+    }
+    if notes:
+        entry["rejected"] = notes
+    dense = times.get("dense")
+    if dense is None:
+        return {**entry, "backend": "dense", "config": {}, "speedup": None,
+                "reason": "dense baseline could not be timed: " + notes.get("dense", "unknown")}
+    sparse = {k: v for k, v in times.items() if k != "dense"}
+    if not sparse:
+        return {**entry, "backend": "dense", "config": {}, "speedup": 1.0, "reason": "no correct sparse backend"}
+    best = min(sparse, key=sparse.get)
+    gain = dense / sparse[best]
+    if gain < settings.min_gain:
+        return {**entry, "backend": "dense", "config": {}, "speedup": 1.0,
+                "reason": f"best sparse ({best}) {gain:.2f}x, below {settings.min_gain:.2f}x"}
+    config: dict[str, Any] = {}
+    if best == "cusparselt-planned" and configs and "error" not in configs.get(tokens, {"error": 1}):
+        config = {k: configs[tokens][k] for k in ("alg_id", "split_k", "split_k_mode")}
+    return {**entry, "backend": best, "config": config, "speedup": round(gain, 4), "reason": "fastest"}
+
+
+def tune(
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    settings: TuneSettings,
+    device: torch.device,
+    progress: ProgressFn | None = None,
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """shape key -> tokens -> choice, for one representative (weight, mask) per shape key.
+
+    `mask` None means: derive the 2:4 mask by magnitude (the weight is pruned here).
+    """
+    backends = make_backends(list(settings.backends))
+    usable: dict[str, Backend] = {}
+    skipped: dict[str, str] = {}
+    for name, backend in backends.items():
+        ok, why = backend.available(device)
+        if ok:
+            usable[name] = backend
+        else:
+            skipped[name] = why
+    if skipped:
+        log.info("backends skipped: %s", skipped)
+    configs: dict[tuple[int, int, int], dict[str, Any]] = {}
+    if settings.search_configs and "cusparselt-planned" in usable:
+        cases = [(w.shape[0], w.shape[1], t) for w, _ in weights.values() for t in settings.tokens]
+        configs = _planned_configs(cases, settings, device)
+    plan: dict[str, dict[int, dict[str, Any]]] = {}
+    for i, (key, (weight, mask)) in enumerate(weights.items()):
+        if progress:
+            progress(i, len(weights), f"tuning {key}")
+        weight = weight.to(device=device, dtype=settings.dtype)
+        mask = mask_24(weight) if mask is None else mask.to(device)
+        shape_cfg = {t: configs.get((weight.shape[0], weight.shape[1], t), {}) for t in settings.tokens}
+        plan[key] = tune_shape(weight, mask, settings, usable, shape_cfg)
+        for tokens, choice in plan[key].items():
+            if skipped:
+                choice.setdefault("rejected", {}).update({k: f"unavailable: {v}" for k, v in skipped.items()})
+            cfg = shape_cfg.get(tokens, {})
+            if "error" in cfg:
+                choice.setdefault("rejected", {})["cusparselt-planned config search"] = cfg["error"]
+        torch.cuda.empty_cache()
+    if progress:
+        progress(len(weights), len(weights), "tuning done")
+    return plan

@@ -1,0 +1,245 @@
+"""The kernel plan: which kernel each Linear shape uses at each token count, on which GPU.
+
+A plan is a JSON artifact (kind `kernel_plan`), validated by pydantic models that forbid unknown
+keys. It is keyed by the environment it was measured in (GPU name and capability, CUDA, driver,
+torch, cuSPARSELt), the dtype, and the weight shape `"<out>x<in>"`; under each shape, by the token
+counts that were tuned. Sample (abridged)::
+
+    {"format": "sparseflow.kernel_plan", "version": 1, "dtype": "float16", "tokens": [1, 2048],
+     "environment": {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "cuda": "13.0", ...},
+     "shapes": {"11008x4096": {"out_features": 11008, "in_features": 4096, "layers": ["model.layers.0.mlp.up_proj"],
+                "choices": {"1": {"backend": "dense", "reason": "best sparse (...) 0.93x, below 1.02x", ...},
+                            "2048": {"backend": "cusparselt-planned", "config": {"alg_id": 1, ...},
+                                     "times_ms": {"dense": 0.61, "cusparselt-planned": 0.43}, "speedup": 1.42}}}}}
+
+`apply_plan` swaps each 2:4 Linear whose shape has a sparse choice for a `SparseLinear`, which picks
+the backend by the runtime token count (nearest tuned count, log scale) and runs dense elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from kernels.backends import Backend, Handle, make_backends, nearest_bucket
+from kernels.sparse24 import is_24, mask_from_zero_pattern
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = "sparseflow.kernel_plan"
+PLAN_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan file that cannot be read, or one that does not fit the model or machine."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Environment(_Strict):
+    gpu: str | None = Field(None, description="GPU name as CUDA reports it; None: not measured on a GPU.")
+    capability: str | None = None
+    cuda: str | None = None
+    driver: str | None = None
+    torch: str
+    cusparselt: int | None = None
+
+
+class KernelChoice(_Strict):
+    backend: str = "dense"
+    config: dict[str, int] = Field(default_factory=dict)
+    times_ms: dict[str, float] = Field(default_factory=dict, description="Median per-call time per backend.")
+    max_rel_error: dict[str, float | None] = Field(default_factory=dict)
+    speedup: float | None = Field(None, description="Dense time over the chosen backend's; None: not measured.")
+    reason: str = ""
+    rejected: dict[str, str] = Field(default_factory=dict, description="Backend -> why it was not a candidate.")
+
+
+class ShapePlan(_Strict):
+    out_features: int = Field(ge=1)
+    in_features: int = Field(ge=1)
+    layers: list[str] = Field(default_factory=list)
+    choices: dict[int, KernelChoice]
+
+
+class KernelPlan(_Strict):
+    format: Literal["sparseflow.kernel_plan"] = PLAN_FORMAT
+    version: Literal[1] = PLAN_VERSION
+    environment: Environment
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    tokens: list[int]
+    shapes: dict[str, ShapePlan] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+    def sparse_shapes(self) -> dict[str, ShapePlan]:
+        return {k: s for k, s in self.shapes.items() if any(c.backend != "dense" for c in s.choices.values())}
+
+
+def environment_of(device: torch.device | None) -> Environment:
+    from kernels.timing import device_info
+
+    info = device_info(device)
+    return Environment(gpu=info.get("gpu"), capability=info.get("capability"), cuda=info.get("cuda"),
+                       driver=info.get("driver"), torch=info["torch"], cusparselt=info.get("cusparselt"))
+
+
+def save_plan(plan: KernelPlan, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan.model_dump(mode="json"), indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def load_plan(path: str | Path) -> KernelPlan:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PlanError(f"{path}: cannot read kernel plan: {error}") from error
+    if isinstance(data, dict) and data.get("version") not in (None, PLAN_VERSION):
+        raise PlanError(f"{path}: kernel plan version {data.get('version')!r}, this code reads {PLAN_VERSION}")
+    try:
+        return KernelPlan.model_validate(data)
+    except ValidationError as error:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise PlanError(f"{path}: invalid kernel plan: {fields}") from error
+
+
+class SparseLinear(nn.Module):
+    """A Linear whose forward runs the plan's backend for the runtime token count.
+
+    Holds one handle per backend its choices name (the dense one is the masked weight). The weight
+    is not a trainable parameter any more: this module is for inference.
+    """
+
+    def __init__(self, linear: nn.Linear, mask: torch.Tensor | None, choices: Mapping[int, KernelChoice],
+                 backends: Mapping[str, Backend]) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.choices = {int(t): c for t, c in choices.items()}
+        self.buckets = sorted(self.choices)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self._backends = {c.backend: backends[c.backend] for c in self.choices.values()}
+        self._handles: dict[str, Handle] = {}
+        for name, backend in self._backends.items():
+            configs = {t: c.config for t, c in self.choices.items() if c.backend == name and c.config}
+            self._handles[name] = backend.prepare(linear.weight, mask, configs)
+
+    def backend_for(self, tokens: int) -> str:
+        return self.choices[nearest_bucket(tokens, self.buckets)].backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // self.in_features
+        name = self.backend_for(tokens)
+        y = self._backends[name].linear(x, self._handles[name])
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        picks = ", ".join(f"{t}:{self.choices[t].backend}" for t in self.buckets)
+        return f"in_features={self.in_features}, out_features={self.out_features}, tokens->backend {{{picks}}}"
+
+
+@dataclass
+class ApplyReport:
+    replaced: dict[str, str] = field(default_factory=dict)  # module name -> shape key
+    dense: dict[str, str] = field(default_factory=dict)  # module name -> why it stayed nn.Linear
+
+
+def check_environment(plan: KernelPlan, device: torch.device) -> None:
+    """Raise `PlanError` when a plan with sparse choices was measured on another GPU or torch."""
+    if not plan.sparse_shapes():
+        return
+    here = environment_of(device)
+    for attr in ("gpu", "torch"):
+        if getattr(here, attr) != getattr(plan.environment, attr):
+            raise PlanError(
+                f"kernel plan measured with {attr}={getattr(plan.environment, attr)!r}, "
+                f"this process has {getattr(here, attr)!r}: tune again on this machine"
+            )
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: KernelPlan,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    *,
+    backends: Mapping[str, Backend] | None = None,
+    check_env: bool = True,
+) -> ApplyReport:
+    """Swap 2:4 Linears for `SparseLinear` where the plan has a sparse choice for their shape.
+
+    `masks` maps module names to boolean 2:4 masks; None reads the masks off the weights' zero
+    pattern (a Linear whose weight is not 2:4 stays dense). The model must already be on the
+    device and in the dtype the plan was tuned for.
+    """
+    report = ApplyReport()
+    sparse = plan.sparse_shapes()
+    if not sparse:
+        return report
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if check_env:
+        check_environment(plan, device)
+    needed = {c.backend for s in sparse.values() for c in s.choices.values()}
+    backends = dict(backends) if backends is not None else make_backends(sorted(needed))
+    for name in needed:
+        if name not in backends:
+            raise PlanError(f"plan names backend {name!r}, which is not available here")
+        ok, why = backends[name].available(device)
+        if not ok:
+            raise PlanError(f"plan names backend {name!r}, unavailable on {device}: {why}")
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in targets:
+        key = f"{linear.out_features}x{linear.in_features}"
+        if key not in sparse:
+            continue
+        if masks is not None:
+            if name not in masks:
+                report.dense[name] = "no mask given"
+                continue
+            mask = masks[name].to(device=linear.weight.device, dtype=torch.bool)
+        elif is_24(linear.weight):
+            mask = mask_from_zero_pattern(linear.weight)
+        else:
+            report.dense[name] = "weight does not follow 2:4"
+            continue
+        if linear.weight.dtype != getattr(torch, plan.dtype):
+            raise PlanError(f"{name}: weight is {linear.weight.dtype}, plan was tuned for {plan.dtype}")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SparseLinear(linear, mask, sparse[key].choices, backends))
+        report.replaced[name] = key
+    log.info("kernel plan applied: %d Linears sparse, %d kept dense", len(report.replaced), len(report.dense))
+    return report
+
+
+def dense_plan(shapes: Mapping[str, tuple[int, int, list[str]]], tokens: list[int], dtype: str, reason: str,
+               environment: Environment, notes: list[str] | None = None) -> KernelPlan:
+    """A plan that marks every shape dense for every token count, with `reason` and no timings."""
+    return KernelPlan(
+        environment=environment, dtype=dtype, tokens=list(tokens), notes=list(notes or []),
+        shapes={k: ShapePlan(out_features=o, in_features=i, layers=layers,
+                             choices={t: KernelChoice(backend="dense", reason=reason) for t in tokens})
+                for k, (o, i, layers) in shapes.items()},
+    )
+
+
+def plan_from_tuning(tuned: Mapping[str, Mapping[int, Mapping[str, Any]]], layers: Mapping[str, list[str]],
+                     tokens: list[int], dtype: str, environment: Environment,
+                     notes: list[str] | None = None) -> KernelPlan:
+    """Wrap `kernels.autotune.tune` output into a validated plan."""
+    shapes = {}
+    for key, choices in tuned.items():
+        out_f, in_f = (int(v) for v in key.split("x"))
+        shapes[key] = ShapePlan(out_features=out_f, in_features=in_f, layers=list(layers.get(key, [])),
+                                choices={int(t): KernelChoice(**c) for t, c in choices.items()})
+    return KernelPlan(environment=environment, dtype=dtype, tokens=list(tokens), shapes=shapes, notes=list(notes or []))

@@ -1,0 +1,233 @@
+"""The one layer-sequential driver: every method and the OWL pass run through `run_sequential`.
+
+1. Capture: the decoder stack is swapped for recorders and the base model runs on the calibration
+   token ids, so the embeddings, rotary tables and attention masks are computed by the model's own
+   code. Recorder 0 keeps the hidden states (on the CPU); each recorder keeps the arguments its
+   layer would have received (on the device; they are shared by all layers).
+2. For each decoder layer: move it to the device, run every batch through it with forward
+   pre-hooks on its targeted Linears accumulating input statistics (one `InputStats` per distinct
+   input tensor, so q/k/v share one and gate/up share one), call `on_layer`, then run the batches
+   again so the next layer sees the outputs of the modified layer (`propagate="pruned"`), or keep
+   the outputs of the first run (`propagate="dense"`). Move the layer back and free its statistics.
+
+Only the current layer, its statistics and one batch of activations live on the device; the
+activations of all samples stay in (pinned) CPU memory. The only host syncs are one per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from pipelines.modeling import decoder_layers
+from pipelines.pruning.stats import InputStats, accumulate
+from pipelines.stage import ProgressFn, StageError
+
+logger = logging.getLogger(__name__)
+
+
+class CalibrationError(StageError, ValueError):
+    """Calibration data that cannot drive the pruning (empty, wrong shape, or a Linear never reached)."""
+
+
+@dataclass
+class LayerWork:
+    """What `on_layer` gets: one decoder layer (on the device) and the statistics of its inputs.
+
+    `groups` lists the targeted Linears that received the same input tensor, in call order; the
+    statistics of a group are stored under its first name (`stats[group[0]]`).
+    """
+
+    index: int
+    layer: nn.Module
+    linears: dict[str, nn.Linear]
+    groups: list[list[str]]
+    stats: dict[str, InputStats]
+
+
+@dataclass
+class _Call:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class _Capture:
+    calls: list[list[_Call]] = field(default_factory=list)  # [layer][batch]
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `index` during capture: records its arguments, passes x through."""
+
+    def __init__(self, index: int, capture: _Capture, hidden_sink: Callable[[Tensor], None] | None, source: nn.Module):
+        super().__init__()
+        self.index, self._capture, self._hidden_sink = index, capture, hidden_sink
+        if hasattr(source, "attention_type"):  # models with sliding-window layers pick masks by this
+            self.attention_type = source.attention_type
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._capture.calls[self.index].append(_Call(args, kwargs))
+        if self._hidden_sink is not None:
+            self._hidden_sink(hidden_states)
+        return hidden_states
+
+
+class _Collector:
+    """Forward pre-hooks that accumulate input statistics once per distinct input tensor."""
+
+    def __init__(self, linears: dict[str, nn.Linear], full: bool, device: torch.device):
+        self.linears, self.full, self.device = linears, full, device
+        self.groups: list[list[str]] = []
+        self.stats: dict[str, InputStats] = {}
+        self._leader: dict[str, str] = {}
+        self._seen: dict[int, tuple[Tensor, str]] = {}  # id -> (tensor kept alive, leader) within one batch
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _Collector:
+        for name, linear in self.linears.items():
+            self._handles.append(linear.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def end_batch(self) -> None:
+        self._seen.clear()
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            leader = self._leader.get(name)
+            if leader is None:  # first batch: group Linears that receive the very same tensor
+                seen = self._seen.get(id(x))
+                if seen is not None and seen[0] is x:
+                    leader = seen[1]
+                    self._leader[name] = leader
+                    next(g for g in self.groups if g[0] == leader).append(name)
+                    return
+                leader = self._leader[name] = name
+                self.groups.append([name])
+                self.stats[name] = InputStats.empty(x.shape[-1], self.device, self.full)
+                self._seen[id(x)] = (x, name)
+            if leader == name:
+                accumulate(self.stats[name], x.detach())
+
+        return hook
+
+    def check_complete(self, index: int) -> None:
+        missing = sorted(set(self.linears) - set(self._leader))
+        if missing:
+            raise CalibrationError(f"calibration: {missing[0]} (decoder layer {index}) received no input")
+
+
+def _batches(samples: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, samples)) for i in range(0, samples, batch_size)]
+
+
+def _first_tensor(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def _capture(
+    model: nn.Module, prefix: str, layers: nn.ModuleList, input_ids: Tensor, batches: list[slice],
+    device: torch.device, hidden: Tensor,
+) -> _Capture:
+    parent_name, _, attr = prefix.rpartition(".")
+    base = model.get_submodule(parent_name) if parent_name else model
+    capture = _Capture(calls=[[] for _ in layers])
+    cursor = {"batch": 0}
+
+    def keep_hidden(states: Tensor) -> None:
+        hidden[batches[cursor["batch"]]].copy_(states, non_blocking=True)
+
+    recorders = nn.ModuleList(
+        _Recorder(i, capture, keep_hidden if i == 0 else None, layer) for i, layer in enumerate(layers)
+    )
+    home = next(base.parameters()).device
+    setattr(base, attr, recorders)
+    try:
+        base.to(device)
+        for b, rows in enumerate(batches):
+            cursor["batch"] = b
+            base(input_ids=input_ids[rows].to(device), use_cache=False)
+    finally:
+        base.to(home)
+        setattr(base, attr, layers)
+    return capture
+
+
+def run_sequential(
+    model: nn.Module,
+    input_ids: Tensor,
+    targets: dict[int, dict[str, nn.Linear]],
+    on_layer: Callable[[LayerWork], None],
+    *,
+    device: torch.device,
+    batch_size: int = 4,
+    full_stats: bool = True,
+    propagate: Literal["pruned", "dense"] = "pruned",
+    progress: ProgressFn | None = None,
+) -> int:
+    """Run the calibration tokens through the decoder layer by layer, calling `on_layer` on each
+    layer that has targeted Linears. Returns the peak device memory allocated (0 on the CPU).
+
+    `full_stats=False` keeps only per-column sums of squares (enough for Wanda and OWL).
+    """
+    if input_ids.ndim != 2 or input_ids.numel() == 0:
+        raise CalibrationError(f"calibration: input_ids must be a non-empty [samples, seq_len] tensor, got "
+                               f"shape {tuple(input_ids.shape)}")
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    prefix, layers = decoder_layers(model)
+    batches = _batches(input_ids.shape[0], batch_size)
+    width = model.config.hidden_size
+    dtype = next(layers[0].parameters()).dtype
+    shape = (input_ids.shape[0], input_ids.shape[1], width)
+    inputs = torch.empty(shape, dtype=dtype, pin_memory=on_cuda)
+    outputs = torch.empty(shape, dtype=dtype, pin_memory=on_cuda)
+
+    with torch.no_grad():
+        capture = _capture(model, prefix, layers, input_ids, batches, device, inputs)
+        for index, layer in enumerate(layers):
+            home = next(layer.parameters()).device
+            layer.to(device)
+            linears = targets.get(index, {})
+            last = index == len(layers) - 1
+
+            def forward_all(store: bool, collector: _Collector | None = None, layer: nn.Module = layer,
+                            calls: list[_Call] = capture.calls[index]) -> None:
+                for b, rows in enumerate(batches):
+                    x = inputs[rows].to(device, non_blocking=True)
+                    out = _first_tensor(layer(x, *calls[b].args, **calls[b].kwargs))
+                    if collector is not None:
+                        collector.end_batch()
+                    if store:
+                        outputs[rows].copy_(out, non_blocking=True)
+
+            if linears:
+                with _Collector(linears, full_stats, device) as collector:
+                    forward_all(store=propagate == "dense" and not last, collector=collector)
+                collector.check_complete(index)
+                on_layer(LayerWork(index, layer, linears, collector.groups, collector.stats))
+                del collector
+                if propagate == "pruned" and not last:
+                    forward_all(store=True)
+            elif not last:
+                forward_all(store=True)
+            layer.to(home)
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            inputs, outputs = outputs, inputs
+            if progress is not None:
+                progress(index + 1, len(layers), f"decoder layer {index + 1}/{len(layers)}")
+    return int(torch.cuda.max_memory_allocated(device)) if on_cuda else 0

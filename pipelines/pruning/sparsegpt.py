@@ -1,0 +1,135 @@
+"""SparseGPT: prune with Optimal Brain Surgeon updates of the remaining weights (Frantar & Alistarh, 2023).
+
+Given the input Hessian H = XᵀX of a Linear, the inverse of H + λI is factored once (upper Cholesky
+U), then the columns are visited in blocks: each block chooses its mask from w² / U_jj², prunes
+column by column while spreading each column's error over the block's later columns (rank-1
+updates), and finally pushes the block's accumulated error onto all later columns with one GEMM.
+
+Differences from the reference implementation, on purpose:
+
+- A Cholesky that fails (H not numerically positive definite) is retried with 10x more damping, up
+  to `retries` times, and the damping used is returned; it never falls back to the identity.
+- Unstructured masks keep an exact count per output row: block b drops
+  `prune_count(i2, s) - prune_count(i1, s)` weights of every row, so each row loses exactly
+  `prune_count(columns, s)`. Rows are then independent, so Linears sharing one input (q/k/v,
+  gate/up) can be pruned in one call on their row-stacked weights, with one factorization.
+- Inputs that were always zero ("dead" columns) score 0, so they are pruned first, but their
+  weights are not zeroed when kept, which would break the exact count.
+- The work runs on Wᵀ, so the column being pruned is a contiguous row of memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipelines.pruning.patterns import check_nm, keep_all_but_lowest, prune_count
+from pipelines.pruning.result import PruneResult
+from pipelines.stage import StageError
+
+
+class HessianNotPositiveDefiniteError(StageError):
+    """The damped Hessian could not be factored even after raising the damping `retries` times."""
+
+
+def inverse_hessian_factor(hessian: Tensor, dampening: float, retries: int = 4) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damping · mean(diag H), and the damping used.
+
+    Starts at `dampening` and multiplies it by 10 after each failed factorization (non-positive
+    pivot or non-finite result), at most `retries` times. `hessian` is not modified. One host sync
+    per attempt.
+    """
+    if hessian.dtype != torch.float32:
+        hessian = hessian.float()
+    mean_diag = hessian.diagonal().mean()
+    damping = dampening
+    for _ in range(retries + 1):
+        damped = hessian.clone()
+        damped.diagonal().add_(damping * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        upper, info_inv = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
+        ok = (info == 0) & (info_inv == 0) & torch.isfinite(upper).all()
+        if bool(ok):
+            return upper, damping
+        damping *= 10.0
+    raise HessianNotPositiveDefiniteError(
+        f"Hessian is not positive definite even with damping {damping / 10.0:g} x mean diagonal "
+        f"(dampening {dampening:g}, {retries} retries); use more calibration samples or raise dampening"
+    )
+
+
+def _block_bounds(columns: int, block_size: int, nm: tuple[int, int] | None) -> list[tuple[int, int]]:
+    if nm is not None:  # an N:M group must not straddle two blocks
+        block_size = max(nm[1], block_size - block_size % nm[1])
+    return [(i, min(i + block_size, columns)) for i in range(0, columns, block_size)]
+
+
+def prune_sparsegpt(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    retries: int = 4,
+) -> PruneResult:
+    """SparseGPT on `weight` [rows, columns] with input Hessian `hessian` [columns, columns].
+
+    Returns the pruned weight (input dtype), the keep-mask, the OBS loss estimate (fp32 scalar
+    tensor, on the device) and the damping used. No host sync inside the column loop.
+    """
+    rows, columns = weight.shape
+    if hessian.shape != (columns, columns):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({columns}, {columns})")
+    if nm is not None:
+        check_nm(columns, nm)
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0
+    h.diagonal().masked_fill_(dead, 1.0)
+    alive = (~dead).float().unsqueeze(1)
+    upper, damping = inverse_hessian_factor(h, dampening, retries)
+    del h
+
+    work = weight.float().t().contiguous()  # [columns, rows]: column j of W is row j here
+    keep = torch.ones_like(work, dtype=torch.bool)
+    loss = torch.zeros((), device=weight.device, dtype=torch.float32)
+    for i1, i2 in _block_bounds(columns, block_size, nm):
+        block = work[i1:i2]
+        u_block = upper[i1:i2, i1:i2]
+        diag = u_block.diagonal().unsqueeze(1)
+        block_keep = keep[i1:i2]
+        if nm is None:
+            drop = prune_count(i2, sparsity) - prune_count(i1, sparsity)
+            score = (block / diag).square_().mul_(alive[i1:i2])
+            block_keep.copy_(keep_all_but_lowest(score.t(), drop).t())
+            coef = (~block_keep).float().div_(diag)
+        else:
+            coef = torch.empty_like(block)
+        errors = torch.empty_like(block)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                _select_group(block, diag, alive[i1:i2], block_keep, coef, i, nm)
+            err = torch.mul(block[i], coef[i], out=errors[i])
+            block[i:].addr_(u_block[i, i:], err, alpha=-1.0)
+        block.mul_(block_keep)  # pruned entries are ~0 after their own update; make them exactly 0
+        loss += errors.square().sum() / 2
+        if i2 < columns:
+            work[i2:].addmm_(upper[i1:i2, i2:].t(), errors, alpha=-1.0)
+    pruned = work.t().to(weight.dtype)
+    return PruneResult(weight=pruned, mask=keep.t().contiguous(), loss=loss, damping=damping)
+
+
+def _select_group(
+    block: Tensor, diag: Tensor, alive: Tensor, block_keep: Tensor, coef: Tensor, i: int, nm: tuple[int, int]
+) -> None:
+    """Choose the N:M mask of columns i..i+M of the block from their current (updated) weights."""
+    n, m = nm
+    score = (block[i : i + m] / diag[i : i + m]).square_().mul_(alive[i : i + m])  # [m, rows]
+    kept = torch.topk(score, n, dim=0, sorted=False).indices
+    group_keep = torch.zeros_like(score, dtype=torch.bool).scatter_(0, kept, True)
+    block_keep[i : i + m] = group_keep
+    coef[i : i + m] = (~group_keep).float().div_(diag[i : i + m])
