@@ -156,7 +156,10 @@ def cancel(job_id: str, url: UrlOpt = None, token: TokenOpt = None) -> None:
 
 
 @app.command()
-def resume(job_id: str) -> None:
+def resume(
+    job_id: str,
+    force: Annotated[bool, typer.Option(help="Also resume a job still marked running whose process died.")] = False,
+) -> None:
     """Run a failed or cancelled job again here, from its first unfinished stage."""
     _quiet_frameworks()
     from api.display import JobDisplay, print_summary
@@ -170,7 +173,7 @@ def resume(job_id: str) -> None:
     orchestrator = Orchestrator(get_settings())
     try:
         with orchestrator.sessions.begin() as session:
-            requeue_job(session, job_id)
+            requeue_job(session, job_id, force=force)
             recipe = Recipe.model_validate(queries.get_job(session, job_id).recipe)
     except (NotFound, StoreError, InvalidTransition) as error:
         _fail(str(error))

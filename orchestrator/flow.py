@@ -136,6 +136,8 @@ def run_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, inputs: dict[
         recipe = Recipe.model_validate(job.recipe)
         spec = TypeAdapter(StageSpec).validate_python(stage_run.params)
         label = _label(stage_run.index, stage_run.kind)
+        if stage_run.status == Status.failed:  # a retry of a transient failure
+            queries.set_stage_status(session, stage_run_id, Status.queued)
         queries.set_stage_status(session, stage_run_id, Status.running)
         for item in inputs.values():
             queries.add_input_edge(session, stage_run_id, item.artifact_id)

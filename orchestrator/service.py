@@ -61,11 +61,19 @@ def submit_job(session: Session, recipe: Recipe, *, owner: str = "local") -> Job
     )
 
 
-def requeue_job(session: Session, job_id: str) -> Job:
-    """Make a failed or cancelled job runnable again; its succeeded stages will be skipped."""
+def requeue_job(session: Session, job_id: str, *, force: bool = False) -> Job:
+    """Make a failed or cancelled job runnable again; its succeeded stages will be skipped.
+
+    `force` also takes a job still marked running, for when the process that ran it died: its
+    unfinished stage runs are recorded as failed ("interrupted") before being queued again.
+    """
+    if force and queries.get_job(session, job_id).status == Status.running:
+        queries.set_job_status(session, job_id, Status.failed, error="interrupted: the runner process died")
     job = queries.set_job_status(session, job_id, Status.queued)
     for run in queries.stage_runs(session, job_id):
-        if run.status in (Status.failed, Status.cancelled, Status.running):
+        if run.status == Status.running:
+            queries.set_stage_status(session, run.id, Status.failed, error="interrupted")
+        if run.status in (Status.failed, Status.cancelled):
             queries.set_stage_status(session, run.id, Status.queued)
     return job
 

@@ -164,6 +164,20 @@ def _capture(
     return capture
 
 
+def _forward_all(
+    layer: nn.Module, calls: list[_Call], inputs: Tensor, outputs: Tensor | None, batches: list[slice],
+    device: torch.device, collector: _Collector | None = None,
+) -> None:
+    """Every batch through one layer; outputs (if given) written into the CPU buffer."""
+    for b, rows in enumerate(batches):
+        x = inputs[rows].to(device, non_blocking=True)
+        out = _first_tensor(layer(x, *calls[b].args, **calls[b].kwargs))
+        if collector is not None:
+            collector.end_batch()
+        if outputs is not None:
+            outputs[rows].copy_(out, non_blocking=True)
+
+
 def run_sequential(
     model: nn.Module,
     input_ids: Tensor,
@@ -204,26 +218,18 @@ def run_sequential(
             linears = targets.get(index, {})
             last = index == len(layers) - 1
 
-            def forward_all(store: bool, collector: _Collector | None = None, layer: nn.Module = layer,
-                            calls: list[_Call] = capture.calls[index]) -> None:
-                for b, rows in enumerate(batches):
-                    x = inputs[rows].to(device, non_blocking=True)
-                    out = _first_tensor(layer(x, *calls[b].args, **calls[b].kwargs))
-                    if collector is not None:
-                        collector.end_batch()
-                    if store:
-                        outputs[rows].copy_(out, non_blocking=True)
-
+            calls = capture.calls[index]
             if linears:
                 with _Collector(linears, full_stats, device) as collector:
-                    forward_all(store=propagate == "dense" and not last, collector=collector)
+                    keep = outputs if propagate == "dense" and not last else None
+                    _forward_all(layer, calls, inputs, keep, batches, device, collector)
                 collector.check_complete(index)
                 on_layer(LayerWork(index, layer, linears, collector.groups, collector.stats))
                 del collector
                 if propagate == "pruned" and not last:
-                    forward_all(store=True)
+                    _forward_all(layer, calls, inputs, outputs, batches, device)
             elif not last:
-                forward_all(store=True)
+                _forward_all(layer, calls, inputs, outputs, batches, device)
             layer.to(home)
             if on_cuda:
                 torch.cuda.synchronize(device)
