@@ -9,6 +9,7 @@ demo: setup
 
 test: setup
 	bash scripts/ensure-postgres.sh
+	bash scripts/get-helm.sh
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q
 

@@ -120,7 +120,9 @@ def main() -> None:
             x = torch.randn(t, in_f, device=dev, dtype=dtype)
             row = {"shape": f"{out_f}x{in_f}", "tokens": t}
             for n, h in handles.items():
-                fn = (lambda b=backends[n], h=h: b.linear(x, h))
+                def fn(b=backends[n], h=h, x=x):
+                    return b.linear(x, h)
+
                 try:
                     row[n] = time_calls(lambda _i, f=fn: f(), warmup=5, repeats=30).median_ms
                     row[n + "_host_us"] = host_us(fn)
@@ -133,8 +135,10 @@ def main() -> None:
             if "cslt-direct" in handles:
                 packed = handles["cslt-direct"].data
                 xp = F.pad(x, (0, 0, 0, (-t) % 8))
-                raw = (lambda: torch._cslt_sparse_mm(packed, xp.t(), transpose_result=True))
-                row["raw_cslt_mm"] = time_calls(lambda _i: raw(), warmup=5, repeats=30).median_ms
+                def raw(packed=packed, xp=xp):
+                    return torch._cslt_sparse_mm(packed, xp.t(), transpose_result=True)
+
+                row["raw_cslt_mm"] = time_calls(lambda _i, raw=raw: raw(), warmup=5, repeats=30).median_ms
                 row["raw_cslt_mm_host_us"] = host_us(raw)
             if "cusparselt-planned" in handles:
                 lib = Cslt.load(dev)

@@ -38,6 +38,7 @@ class TuneSettings:
     min_gain: float = 1.02
     backends: tuple[str, ...] = GPU_CANDIDATES
     search_configs: bool = True
+    search_budget_s: float = 300.0
 
 
 def shape_key(out_features: int, in_features: int) -> str:
@@ -55,7 +56,7 @@ def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 def _planned_configs(cases: list[tuple[int, int, int]], settings: TuneSettings, device: torch.device):
     from kernels.cslt_search import search_configs
 
-    return search_configs(cases, settings.dtype, device)
+    return search_configs(cases, settings.dtype, device, budget_s=settings.search_budget_s)
 
 
 def tune_shape(
@@ -96,7 +97,7 @@ def tune_shape(
                 if errors[name] > settings.max_rel_error:
                     notes[name] = f"max rel error {errors[name]:.3g} > {settings.max_rel_error}"
                     continue
-                timing = time_calls(lambda i, b=backend, hs=hs: b.linear(xs[i], hs[i]), copies,
+                timing = time_calls(lambda i, b=backend, hs=hs, xs=xs: b.linear(xs[i], hs[i]), copies,
                                     warmup=settings.warmup, repeats=settings.repeats)
                 times[name] = timing.median_ms
             except Exception as error:  # noqa: BLE001 - recorded in the plan as this backend's reason
@@ -127,7 +128,7 @@ def _choose(tokens, times, errors, notes, settings, configs) -> dict[str, Any]:
                 "reason": f"best sparse ({best}) {gain:.2f}x, below {settings.min_gain:.2f}x"}
     config: dict[str, Any] = {}
     if best == "cusparselt-planned" and configs and "error" not in configs.get(tokens, {"error": 1}):
-        config = {k: configs[tokens][k] for k in ("alg_id", "split_k", "split_k_mode")}
+        config = {k: configs[tokens][k] for k in ("layout", "alg_id", "split_k", "split_k_mode")}
     return {**entry, "backend": best, "config": config, "speedup": round(gain, 4), "reason": "fastest"}
 
 

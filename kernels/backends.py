@@ -6,10 +6,10 @@ why not. Backends, by name:
 
 - `dense`: cuBLAS through `F.linear` on the masked dense weight; the baseline and the fallback.
 - `torch-semi-structured`: PyTorch's stock path, `to_sparse_semi_structured` (cuSPARSELt) + `F.linear`.
-- `cslt-direct`: `torch._cslt_sparse_mm` called directly on a weight compressed once, with the
-  fused-transpose layout (x read as B^T, y written transposed), so no copies around the call.
+- `cslt-direct`: `torch._cslt_sparse_mm` called directly on a weight compressed once (diagnostic:
+  it still builds a cuSPARSELt plan on every call, which is where the stock path's time goes).
 - `cusparselt-planned`: cuSPARSELt through `kernels.cslt`: descriptors and plan built once per
-  (shape, token count, algorithm) and reused; one `cusparseLtMatmul` a call.
+  (shape, token count, layout, algorithm) and reused; one `cusparseLtMatmul` a call.
 - `sparse24-reference`: CPU-capable pure-torch reference over `Packed24`; for tests, never fast.
 """
 
@@ -77,7 +77,8 @@ class Backend(ABC):
         return weight if mask is None else weight * mask.to(weight.device)
 
     def _handle(self, weight: Tensor, data: Any, configs: dict[int, dict[str, int]] | None = None) -> Handle:
-        return Handle(self.name, weight.shape[0], weight.shape[1], weight.dtype, weight.device, data, dict(configs or {}))
+        out_f, in_f = weight.shape
+        return Handle(self.name, out_f, in_f, weight.dtype, weight.device, data, dict(configs or {}))
 
 
 def _cuda_sm80(device: torch.device) -> tuple[bool, str]:
@@ -139,7 +140,12 @@ class TorchSemiStructuredBackend(Backend):
 
 
 class CsltDirectBackend(Backend):
-    """`torch._cslt_sparse_mm` on a weight compressed once; config `alg_id` (and `split_k` where supported)."""
+    """`torch._cslt_sparse_mm` on a weight compressed once, no tensor subclass; config `alg_id`.
+
+    Same layout as the stock path (y^T written row-major, then transposed): `transpose_result=True`
+    asks cuSPARSELt 0.8 for a column-major output, whose plan took ~0.2 s to build on an H100, and
+    `_cslt_sparse_mm` builds its plan on every call. Kept as a diagnostic, not a tuning candidate.
+    """
 
     name = "cslt-direct"
 
@@ -156,25 +162,26 @@ class CsltDirectBackend(Backend):
         tokens = x2d.shape[0]
         config = handle.configs[nearest_bucket(tokens, list(handle.configs))] if handle.configs else {}
         padded = _pad_rows(x2d, _PAD_TOKENS)
-        y = torch._cslt_sparse_mm(handle.data, padded.t(), transpose_result=True, alg_id=config.get("alg_id", 0))
-        if padded.shape[0] != tokens:
-            y = y[:tokens]
-        return y.reshape(*x.shape[:-1], handle.out_features)
+        y_t = torch._cslt_sparse_mm(handle.data, padded.t(), alg_id=config.get("alg_id", 0))
+        y = y_t[:, :tokens].t()
+        return (y.contiguous() if tokens > 1 else y).reshape(*x.shape[:-1], handle.out_features)
 
 
 class CusparseltPlannedBackend(Backend):
     """cuSPARSELt with plans kept per (shape, tokens, config); see `kernels.cslt`.
 
-    Token counts the library rejects unpadded are padded to a multiple of 8 (remembered per shape).
-    Plans are shared by every handle of one shape and kept in a bounded LRU owned by this backend.
+    Config keys: `layout` (0, 1, 2; see the shim), `alg_id`, `split_k`, `split_k_mode`. Token counts
+    the library rejects unpadded are padded to a multiple of 8 (remembered per shape). Plans are
+    shared by every handle of one shape and kept in a bounded LRU owned by this backend instance.
     """
 
     name = "cusparselt-planned"
+    default_layout = 1  # the stock path's layout: cheap to plan, no tuning needed
 
     def __init__(self, max_plans: int = 512) -> None:
         self._plans: OrderedDict[tuple, Any] = OrderedDict()
         self._max_plans = max_plans
-        self._needs_pad: set[tuple[int, int, int, torch.dtype]] = set()
+        self._needs_pad: set[tuple[int, int, int, torch.dtype, int]] = set()
 
     def available(self, device: torch.device) -> tuple[bool, str]:
         ok, why = _cuda_sm80(device)
@@ -192,19 +199,27 @@ class CusparseltPlannedBackend(Backend):
 
         return Cslt.load(device)
 
+    @staticmethod
+    def _family(layout: int) -> int:
+        return 2 if layout == 2 else 0
+
     def prepare(self, weight: Tensor, mask: Tensor | None, configs: dict[int, dict[str, int]] | None = None) -> Handle:
         _check_sparse_dtype(weight)
-        packed = self._lib(weight.device).compress(self._masked(weight, mask).contiguous())
+        masked = self._masked(weight, mask).contiguous()
+        layouts = {c.get("layout", self.default_layout) for c in (configs or {}).values()} or {self.default_layout}
+        lib = self._lib(weight.device)
+        packed = {fam: lib.compress(masked, fam) for fam in {self._family(x) for x in layouts}}
         return self._handle(weight, packed, configs)
 
     def plan_for(self, handle: Handle, tokens: int, config: dict[str, int]) -> tuple[Any, int]:
         """(plan, padded token count) for this shape at `tokens`, built on first use."""
         from kernels.cslt import CsltError
 
-        shape = (handle.out_features, handle.in_features, tokens, handle.dtype)
+        layout = config.get("layout", self.default_layout)
+        shape = (handle.out_features, handle.in_features, tokens, handle.dtype, layout)
         rows = tokens + (-tokens) % _PAD_TOKENS if shape in self._needs_pad else tokens
-        cfg = (config.get("alg_id", 0), config.get("split_k", 1), config.get("split_k_mode", 0))
-        key = (*shape[:2], rows, handle.dtype, *cfg)
+        cfg = (layout, config.get("alg_id", 0), config.get("split_k", 1), config.get("split_k_mode", 0))
+        key = (handle.out_features, handle.in_features, rows, handle.dtype, *cfg)
         plan = self._plans.get(key)
         if plan is None:
             lib = self._lib(handle.device)
@@ -228,13 +243,22 @@ class CusparseltPlannedBackend(Backend):
             raise BackendError(f"{self.name}: input {x2d.dtype} but weight {handle.dtype}")
         tokens = x2d.shape[0]
         config = handle.configs[nearest_bucket(tokens, list(handle.configs))] if handle.configs else {}
+        layout = config.get("layout", self.default_layout)
+        packed = handle.data.get(self._family(layout))
+        if packed is None:
+            raise BackendError(f"{self.name}: weight was not compressed for layout {layout}")
         plan, rows = self.plan_for(handle, tokens, config)
         x2d = _pad_rows(x2d.contiguous(), rows) if rows != tokens else x2d.contiguous()
-        out = torch.empty(rows, handle.out_features, dtype=handle.dtype, device=x2d.device)
-        plan.matmul(handle.data, x2d, out)
-        if rows != tokens:
-            out = out[:tokens]
-        return out.reshape(*x.shape[:-1], handle.out_features)
+        if layout == 1:
+            out = torch.empty(handle.out_features, rows, dtype=handle.dtype, device=x2d.device)
+            plan.matmul(packed, x2d, out)
+            y = out[:, :tokens].t()
+            y = y.contiguous() if tokens > 1 else y
+        else:
+            out = torch.empty(rows, handle.out_features, dtype=handle.dtype, device=x2d.device)
+            plan.matmul(packed, x2d, out)
+            y = out[:tokens] if rows != tokens else out
+        return y.reshape(*x.shape[:-1], handle.out_features)
 
 
 class ReferenceBackend(Backend):
@@ -261,7 +285,7 @@ BACKENDS: dict[str, type[Backend]] = {
 }
 
 # what tuning tries on a GPU, in order; `dense` is always the baseline
-GPU_CANDIDATES = ("dense", "torch-semi-structured", "cslt-direct", "cusparselt-planned")
+GPU_CANDIDATES = ("dense", "torch-semi-structured", "cusparselt-planned")
 
 
 def make_backends(names: list[str] | tuple[str, ...]) -> dict[str, Backend]:

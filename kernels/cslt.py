@@ -4,12 +4,15 @@ The shim is compiled on first use (a C++ compiler and the `cusparseLt.h` shipped
 library, from the `nvidia-cusparselt` wheel or `CUSPARSELT_PATH`) into a cache folder keyed by the
 source and header hashes. Nothing happens at import time.
 
-`Cslt.plan(out, in, tokens, dtype, alg_id, split_k, split_k_mode)` builds the descriptors and the
-plan once; `CsltPlan.matmul(w_packed, x, y)` is then one `cusparseLtMatmul` on the current stream.
+`Cslt.plan(out, in, tokens, dtype, device, layout, alg_id, split_k, split_k_mode)` builds the
+descriptors and the plan once; `CsltPlan.matmul(w_packed, x, out)` is then one `cusparseLtMatmul` on
+the current stream. Layouts (see the shim): 0 and 2 write y[T, N] in place; 1 writes y^T[N, T].
+A weight is compressed per layout family: `compress(w, layout)` (layouts 0 and 1 share one form).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -100,6 +103,7 @@ class CsltPlan:
     in_features: int
     tokens: int
     dtype: torch.dtype
+    layout: int
     alg_id: int
     split_k: int
     split_k_mode: int
@@ -107,7 +111,7 @@ class CsltPlan:
     max_alg: int
 
     def matmul(self, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out[T, N] = x[T, K] @ W^T, `packed` from `Cslt.compress`; x and out contiguous on this device."""
+        """out = x[T, K] @ W^T ([T, N]; [N, T] for layout 1), `packed` from `Cslt.compress(w, layout)`."""
         ws = self.workspace.data_ptr() if self.workspace is not None else None
         stream = torch.cuda.current_stream(x.device).cuda_stream
         status = self.lib.fn.sf_matmul(self.ptr, packed.data_ptr(), x.data_ptr(), out.data_ptr(), ws, stream)
@@ -132,10 +136,8 @@ class CsltPlan:
             self.ptr = ctypes.c_void_p()
 
     def __del__(self) -> None:  # plans hold descriptors in the library
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 class Cslt:
@@ -149,9 +151,9 @@ class Cslt:
         fn.sf_version.argtypes = [ctypes.POINTER(i32)]
         fn.sf_error_string.restype = ctypes.c_char_p
         fn.sf_error_string.argtypes = [i32]
-        fn.sf_compressed_size.argtypes = [i64, i64, i32, ctypes.POINTER(sz), ctypes.POINTER(sz)]
-        fn.sf_compress.argtypes = [i64, i64, i32, vp, vp, vp, vp]
-        fn.sf_plan_create.argtypes = [i64, i64, i64, i32, i32, i32, i32, ctypes.POINTER(vp)]
+        fn.sf_compressed_size.argtypes = [i64, i64, i32, i32, ctypes.POINTER(sz), ctypes.POINTER(sz)]
+        fn.sf_compress.argtypes = [i64, i64, i32, i32, vp, vp, vp, vp]
+        fn.sf_plan_create.argtypes = [i64, i64, i64, i32, i32, i32, i32, i32, ctypes.POINTER(vp)]
         fn.sf_plan_destroy.argtypes = [vp]
         fn.sf_plan_destroy.restype = None
         fn.sf_plan_workspace.argtypes = [vp]
@@ -183,38 +185,40 @@ class Cslt:
         text = self.fn.sf_error_string(status)
         return f"status {status} ({text.decode() if text else 'unknown'})"
 
-    def compress(self, weight: torch.Tensor) -> torch.Tensor:
+    def compress(self, weight: torch.Tensor, layout: int = 0) -> torch.Tensor:
         """Pack a 2:4-pruned (N, K) CUDA weight into cuSPARSELt's compressed form (values + metadata)."""
         if weight.dtype not in _DTYPES or not weight.is_cuda or weight.dim() != 2:
             raise CsltError(f"compress needs a 2-D fp16/bf16 CUDA tensor, got {weight.dtype} on {weight.device}")
         weight = weight.contiguous()
         n, k = weight.shape
         size, buf = ctypes.c_size_t(), ctypes.c_size_t()
-        status = self.fn.sf_compressed_size(n, k, _DTYPES[weight.dtype], ctypes.byref(size), ctypes.byref(buf))
+        sparse_b = 2 if layout == 2 else 0
+        status = self.fn.sf_compressed_size(n, k, _DTYPES[weight.dtype], sparse_b, ctypes.byref(size),
+                                            ctypes.byref(buf))
         if status:
             raise CsltError(f"cusparseLtSpMMACompressedSize2({n}x{k}): {self.error(status)}")
         out = torch.empty(size.value, dtype=torch.uint8, device=weight.device)
         scratch = torch.empty(max(buf.value, 1), dtype=torch.uint8, device=weight.device)
         stream = torch.cuda.current_stream(weight.device).cuda_stream
-        status = self.fn.sf_compress(n, k, _DTYPES[weight.dtype], weight.data_ptr(), out.data_ptr(),
+        status = self.fn.sf_compress(n, k, _DTYPES[weight.dtype], sparse_b, weight.data_ptr(), out.data_ptr(),
                                      scratch.data_ptr(), stream)
         if status:
             raise CsltError(f"cusparseLtSpMMACompress2({n}x{k}): {self.error(status)}")
         return out
 
     def plan(self, out_features: int, in_features: int, tokens: int, dtype: torch.dtype, device: torch.device,
-             alg_id: int = 0, split_k: int = 1, split_k_mode: int = 0) -> CsltPlan:
+             layout: int = 0, alg_id: int = 0, split_k: int = 1, split_k_mode: int = 0) -> CsltPlan:
         if dtype not in _DTYPES:
             raise CsltError(f"cuSPARSELt plan: unsupported dtype {dtype}")
         ptr = ctypes.c_void_p()
-        status = self.fn.sf_plan_create(out_features, in_features, tokens, _DTYPES[dtype], alg_id, split_k,
+        status = self.fn.sf_plan_create(out_features, in_features, tokens, _DTYPES[dtype], layout, alg_id, split_k,
                                         split_k_mode, ctypes.byref(ptr))
         if status:
             raise CsltError(
-                f"cusparseLt plan {out_features}x{in_features} tokens={tokens} alg={alg_id} "
+                f"cusparseLt plan {out_features}x{in_features} tokens={tokens} layout={layout} alg={alg_id} "
                 f"split_k={split_k}: {self.error(status)}"
             )
         size = self.fn.sf_plan_workspace(ptr)
         workspace = torch.empty(size, dtype=torch.uint8, device=device) if size else None
-        return CsltPlan(self, ptr, out_features, in_features, tokens, dtype, alg_id, split_k, split_k_mode,
+        return CsltPlan(self, ptr, out_features, in_features, tokens, dtype, layout, alg_id, split_k, split_k_mode,
                         workspace, self.fn.sf_plan_max_alg(ptr))

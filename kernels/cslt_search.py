@@ -5,8 +5,9 @@ searches in-process: `search_configs` writes a job file, runs `python -m kernels
 reads one JSON line per case back. The child writes a `start` line before each case, so when it dies
 the parent knows which case killed it, records that as a failure, and restarts on the rest.
 
-Per case (out, in, tokens): every algorithm id the plan admits, times split-k 1 (and 2, 4 for small
-token counts), each checked against dense first, then timed; the fastest correct one wins.
+Per case (out, in, tokens) and layout (see the shim): every algorithm id the plan admits, times
+split-k 1 (and 2, 4 for small token counts), each checked against dense first, then timed; the
+fastest correct one wins. A layout whose plans are slow to build is tried with its default only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _ROOT = Path(__file__).resolve().parent.parent
+LAYOUTS = (1, 2, 0)
+SLOW_PLAN_MS = 20.0
 
 
 def search_configs(
@@ -36,8 +40,12 @@ def search_configs(
     timeout_s: float = 600.0,
     max_restarts: int = 3,
     library_search: bool = False,
+    budget_s: float = 300.0,
 ) -> dict[tuple[int, int, int], dict[str, Any]]:
-    """(out, in, tokens) -> {"alg_id", "split_k", "split_k_mode", "ms", ...} or {"error": ...}."""
+    """(out, in, tokens) -> {"layout", "alg_id", "split_k", "split_k_mode", "ms", ...} or {"error": ...}.
+
+    `budget_s` bounds the whole search: cases past it keep their best so far, or report the cutoff.
+    """
     results: dict[tuple[int, int, int], dict[str, Any]] = {}
     todo = list(dict.fromkeys(cases))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -48,7 +56,7 @@ def search_configs(
             job, out = Path(tmp) / "job.json", Path(tmp) / "out.jsonl"
             job.write_text(json.dumps({"dtype": str(dtype).removeprefix("torch."), "cases": todo,
                                        "library_search": library_search,
-                                       "device": device.index or 0}))
+                                       "device": device.index or 0, "deadline": time.time() + budget_s}))
             try:
                 done = subprocess.run([sys.executable, "-m", "kernels.cslt_search", str(job), str(out)], env=env,
                                       capture_output=True, text=True, timeout=timeout_s)
@@ -79,7 +87,8 @@ def search_configs(
     return results
 
 
-def _search_case(lib, out_f: int, in_f: int, tokens: int, dtype: torch.dtype, library_search: bool) -> dict[str, Any]:
+def _search_case(lib, out_f: int, in_f: int, tokens: int, dtype: torch.dtype, library_search: bool,
+                 deadline: float) -> dict[str, Any]:
     from kernels.cslt import CsltError
     from kernels.sparse24 import mask_24
     from kernels.timing import time_calls
@@ -87,49 +96,67 @@ def _search_case(lib, out_f: int, in_f: int, tokens: int, dtype: torch.dtype, li
     device = lib.device
     weight = torch.randn(out_f, in_f, device=device, dtype=dtype)
     weight = weight * mask_24(weight)
-    packed = lib.compress(weight)
+    packed = {fam: lib.compress(weight, fam) for fam in (0, 2)}
     rows = tokens + (-tokens) % 8
     x = torch.randn(rows, in_f, device=device, dtype=dtype)
     ref = torch.nn.functional.linear(x, weight)
     scale = ref.abs().max().item() or 1.0
-    y = torch.empty(rows, out_f, device=device, dtype=dtype)
-    probe = lib.plan(out_f, in_f, rows, dtype, device)
     tried: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"padded_tokens": rows, "plan_ms": {}, "max_alg": {}}
     split_ks = (1, 2, 4) if tokens <= 128 else (1,)
-    for alg in range(probe.max_alg + 1):
-        for split_k in split_ks:
-            for mode in ((0,) if split_k == 1 else (1, 2)):
-                entry: dict[str, Any] = {"alg_id": alg, "split_k": split_k, "split_k_mode": mode}
-                try:
-                    plan = lib.plan(out_f, in_f, rows, dtype, device, alg, split_k, mode)
-                    y.fill_(float("nan"))
-                    plan.matmul(packed, x, y)
-                    err = ((y - ref).abs().max().item()) / scale
-                    if not err < 2e-2:
-                        entry["error"] = f"max rel error {err:.3g}"
-                    else:
-                        entry["ms"] = time_calls(lambda _i, p=plan: p.matmul(packed, x, y), warmup=3,
-                                                 repeats=7, target_ms=0.3).median_ms
-                    plan.close()
-                except CsltError as error:
-                    entry["error"] = str(error)
-                tried.append(entry)
-    good = [t for t in tried if "ms" in t]
-    result: dict[str, Any] = {"max_alg": probe.max_alg, "padded_tokens": rows, "tried": len(tried)}
-    if library_search:
+    for layout in LAYOUTS:
+        out = torch.empty((out_f, rows) if layout == 1 else (rows, out_f), device=device, dtype=dtype)
+        want = ref.t() if layout == 1 else ref
+        t0 = time.perf_counter()
         try:
-            alg, split_k, mode = probe.search(packed, x, y)
-            result["library_choice"] = {"alg_id": alg, "split_k": split_k, "split_k_mode": mode}
+            probe = lib.plan(out_f, in_f, rows, dtype, device, layout)
         except CsltError as error:
-            result["library_choice"] = {"error": str(error)}
-    probe.close()
+            tried.append({"layout": layout, "error": str(error)})
+            continue
+        plan_ms = (time.perf_counter() - t0) * 1e3
+        result["plan_ms"][layout], result["max_alg"][layout] = round(plan_ms, 3), probe.max_alg
+        # plans that take long to build (layout 0 on some builds: ~0.2 s) get the default algorithm only
+        algs = range(probe.max_alg + 1) if plan_ms < SLOW_PLAN_MS else range(1)
+        if library_search and layout == LAYOUTS[0]:
+            try:
+                result["library_choice"] = dict(zip(("alg_id", "split_k", "split_k_mode"),
+                                                    probe.search(packed[2 if layout == 2 else 0], x, out),
+                                                    strict=True))
+            except CsltError as error:
+                result["library_choice"] = {"error": str(error)}
+        probe.close()
+        for alg in algs:
+            for split_k in split_ks if plan_ms < SLOW_PLAN_MS else (1,):
+                for mode in ((0,) if split_k == 1 else (1, 2)):
+                    if time.time() > deadline:
+                        result["truncated"] = "search time budget exhausted"
+                        break
+                    entry: dict[str, Any] = {"layout": layout, "alg_id": alg, "split_k": split_k,
+                                             "split_k_mode": mode}
+                    try:
+                        plan = lib.plan(out_f, in_f, rows, dtype, device, layout, alg, split_k, mode)
+                        w = packed[2 if layout == 2 else 0]
+                        out.fill_(float("nan"))
+                        plan.matmul(w, x, out)
+                        err = (out - want).abs().max().item() / scale
+                        if not err < 2e-2:
+                            entry["error"] = f"max rel error {err:.3g}"
+                        else:
+                            entry["ms"] = time_calls(lambda _i, p=plan, w=w, o=out: p.matmul(w, x, o), warmup=3,
+                                                     repeats=7, target_ms=0.3).median_ms
+                        plan.close()
+                    except CsltError as error:
+                        entry["error"] = str(error)
+                    tried.append(entry)
+    good = [t for t in tried if "ms" in t]
+    result["tried"] = len(tried)
+    result["by_layout_ms"] = {lay: min((t["ms"] for t in good if t["layout"] == lay), default=None)
+                              for lay in LAYOUTS}
     if not good:
         result["error"] = "no correct configuration: " + "; ".join(t.get("error", "") for t in tried[:3])
         return result
     best = min(good, key=lambda t: t["ms"])
-    default = next((t for t in good if t["alg_id"] == 0 and t["split_k"] == 1), None)
     result.update(best)
-    result["default_ms"] = default["ms"] if default else None
     return result
 
 
@@ -146,7 +173,8 @@ def main(argv: list[str]) -> int:
             head = {"out": out_f, "in": in_f, "tokens": tokens}
             sink.write(json.dumps({**head, "start": True}) + "\n")
             sink.flush()
-            result = _search_case(lib, out_f, in_f, tokens, dtype, job.get("library_search", False))
+            result = _search_case(lib, out_f, in_f, tokens, dtype, job.get("library_search", False),
+                                  job.get("deadline", float("inf")))
             sink.write(json.dumps({**head, "result": result}) + "\n")
             sink.flush()
             torch.cuda.empty_cache()

@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import TypeAdapter
 from sqlalchemy.orm import Session, sessionmaker
 
+from orchestrator.caching import reuse_cached, stage_cache_key
 from orchestrator.settings import Settings
 from orchestrator.states import Status
 from orchestrator.store import queries
@@ -138,9 +139,20 @@ def run_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, inputs: dict[
         label = _label(stage_run.index, stage_run.kind)
         if stage_run.status == Status.failed:  # a retry of a transient failure
             queries.set_stage_status(session, stage_run_id, Status.queued)
+        input_rows = {kind: queries.get_artifact(session, item.artifact_id) for kind, item in inputs.items()}
+        cache_key = stage_cache_key(kind=spec.stage, params=stage_run.params, data=job.recipe["data"],
+                                    seed=recipe.seed, inputs=input_rows, code_version=job.code_version)
         queries.set_stage_status(session, stage_run_id, Status.running)
         for item in inputs.values():
             queries.add_input_edge(session, stage_run_id, item.artifact_id)
+        reused = reuse_cached(session, job_id=job_id, stage_run_id=stage_run_id, cache_key=cache_key) \
+            if recipe.reuse_cached else None
+        if reused is not None:
+            queries.set_stage_status(session, stage_run_id, Status.succeeded, cache_key=cache_key)
+    if reused is not None:
+        runtime.on_event({"type": "stage", "job_id": job_id, "stage_run_id": stage_run_id, "label": label,
+                          "status": "succeeded", "notes": ["cached: same inputs, parameters and code"]})
+        return {a.kind: Input(a.id, a.uri) for a in reused}
     runtime.on_event({"type": "stage", "job_id": job_id, "stage_run_id": stage_run_id, "label": label,
                       "status": "running"})
     request = StageRequest(
@@ -168,7 +180,7 @@ def run_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, inputs: dict[
         raise TransientStageError(f"stage {label}: {type(error).__name__}") from error
     with runtime.sessions.begin() as session:
         produced = _record_outcome(session, job_id, stage_run_id, outcome)
-        queries.set_stage_status(session, stage_run_id, Status.succeeded)
+        queries.set_stage_status(session, stage_run_id, Status.succeeded, cache_key=cache_key)
     runtime.on_event({"type": "stage", "job_id": job_id, "stage_run_id": stage_run_id, "label": label,
                       "status": "succeeded", "seconds": outcome.seconds, "notes": outcome.notes})
     return produced

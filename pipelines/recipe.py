@@ -211,6 +211,9 @@ class Recipe(_Strict):
     model: str = Field("builtin:smollm2-135m", min_length=1)
     data: DataSpec = DataSpec()
     seed: int = 0
+    reuse_cached: bool = Field(
+        True, description="Reuse outputs of an earlier identical stage run (same inputs, parameters, code)."
+    )
     stages: list[StageSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

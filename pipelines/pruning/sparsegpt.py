@@ -37,7 +37,7 @@ def inverse_hessian_factor(hessian: Tensor, dampening: float, retries: int = 4) 
 
     Starts at `dampening` and multiplies it by 10 after each failed factorization (non-positive
     pivot or non-finite result), at most `retries` times. `hessian` is not modified. One host sync
-    per attempt.
+    or two per attempt.
     """
     if hessian.dtype != torch.float32:
         hessian = hessian.float()
@@ -48,13 +48,10 @@ def inverse_hessian_factor(hessian: Tensor, dampening: float, retries: int = 4) 
         damped.diagonal().add_(damping * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
-        inverse = torch.cholesky_inverse(lower)
-        del lower
-        upper, info_inv = torch.linalg.cholesky_ex(inverse, upper=True)
-        del inverse
-        ok = (info == 0) & (info_inv == 0) & torch.isfinite(upper).all()
-        if bool(ok):
-            return upper, damping
+        if int(info) == 0:  # cholesky_inverse refuses a factor with a zero pivot, so check first
+            upper, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if bool((info_inv == 0) & torch.isfinite(upper).all()):
+                return upper, damping
         damping *= 10.0
     raise HessianNotPositiveDefiniteError(
         f"Hessian is not positive definite even with damping {damping / 10.0:g} x mean diagonal "

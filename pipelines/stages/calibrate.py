@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines.data import calibration_samples
@@ -62,7 +62,7 @@ def read_calibration(path: Path) -> Calibration:
     """Load a `calibration.safetensors` written by this stage."""
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    tensors = load_file(str(path))
     return Calibration(
         input_ids=tensors.pop("input_ids"),
         sq_norms={k.removeprefix(SQ_NORM_PREFIX): v for k, v in tensors.items() if k.startswith(SQ_NORM_PREFIX)},

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from pipelines.modeling import decoder_layers
 from pipelines.modelio import load_model, load_tokenizer
 from pipelines.recipe import EvaluateStage
 from pipelines.sources import load_text
-from pipelines.stage import Metric, StageContext, StageResult
+from pipelines.stage import Metric, ProgressFn, StageContext, StageResult
 from pipelines.stages.calibrate import decoder_linears
 
 logger = logging.getLogger(__name__)
@@ -97,25 +98,22 @@ def dense_cache_key(base_dir: Path, data_ref: str, windows: torch.Tensor) -> str
     return digest.hexdigest()[:32]
 
 
-def dense_perplexity(
-    base_dir: Path, windows: torch.Tensor, spec: EvaluateStage, ctx: StageContext
-) -> tuple[float, bool]:
-    """Perplexity of the dense base model on `windows`; (value, whether it came from the cache)."""
-    cache_file = None
-    if ctx.cache_dir is not None:
-        key = dense_cache_key(base_dir, ctx.data.evaluation, windows)
-        cache_file = Path(ctx.cache_dir) / "dense_ppl" / f"{key}.json"
-        if cache_file.is_file():
-            return float(json.loads(cache_file.read_text())["perplexity"]), True
-    base = load_model(base_dir, device=ctx.device)
-    value = perplexity(base, windows, spec.batch_size, lambda d, t, m: ctx.progress(d, t, f"dense {m}"))
-    del base
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"perplexity": value, "base_model": str(base_dir), "windows": list(windows.shape)}))
-        os.replace(tmp, cache_file)
-    return value, False
+def _dense_cache_file(base_dir: Path, windows: torch.Tensor, ctx: StageContext) -> Path | None:
+    if ctx.cache_dir is None:
+        return None
+    return Path(ctx.cache_dir) / "dense_ppl" / f"{dense_cache_key(base_dir, ctx.data.evaluation, windows)}.json"
+
+
+def _store_dense(cache_file: Path, value: float, base_dir: Path, windows: torch.Tensor) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"perplexity": value, "base_model": str(base_dir), "windows": list(windows.shape)}))
+    os.replace(tmp, cache_file)
+
+
+def _offset(progress: ProgressFn, done_before: int, total: int, label: str) -> ProgressFn:
+    """A progress sink for one phase of a stage whose bar spans all phases."""
+    return lambda done, _total, message: progress(done_before + done, total, f"{label}: {message}")
 
 
 def run(spec: EvaluateStage, ctx: StageContext) -> StageResult:
@@ -123,19 +121,35 @@ def run(spec: EvaluateStage, ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(model_dir)
     text = load_text(ctx.data.evaluation, "evaluation", ctx.cache_dir)
     windows = eval_windows(tokenizer, text, spec.seq_len, spec.max_windows)
+    batches = math.ceil(windows.shape[0] / spec.batch_size)
+
+    notes: list[str] = []
+    dense_ppl, dense_file, base_dir = None, None, None
+    if spec.compare_dense:
+        base_dir = ctx.require("base_model")
+        dense_file = _dense_cache_file(base_dir, windows, ctx)
+        if dense_file is not None and dense_file.is_file():
+            dense_ppl = float(json.loads(dense_file.read_text())["perplexity"])
+            notes.append("dense perplexity taken from the cache")
+    same_model = base_dir is not None and Path(base_dir).resolve() == Path(model_dir).resolve()
+    total = batches * (2 if spec.compare_dense and dense_ppl is None and not same_model else 1)
+
     model = load_model(model_dir, device=ctx.device)
-    ppl = perplexity(model, windows, spec.batch_size, ctx.progress)
+    ppl = perplexity(model, windows, spec.batch_size, _offset(ctx.progress, 0, total, "model"))
     sparsity = sparsity_report(model)
     params, nonzero = parameter_counts(model)
     size = dir_size(model_dir)
     del model
-
-    notes: list[str] = []
-    dense_ppl, cached = None, False
-    if spec.compare_dense:
-        dense_ppl, cached = dense_perplexity(ctx.require("base_model"), windows, spec, ctx)
-        if cached:
-            notes.append("dense perplexity taken from the cache")
+    if spec.compare_dense and dense_ppl is None:
+        if same_model:
+            dense_ppl = ppl
+            notes.append("the evaluated model is the base model: dense perplexity not recomputed")
+        else:
+            base = load_model(base_dir, device=ctx.device)
+            dense_ppl = perplexity(base, windows, spec.batch_size, _offset(ctx.progress, batches, total, "dense"))
+            del base
+        if dense_file is not None:
+            _store_dense(dense_file, dense_ppl, base_dir, windows)
 
     report = {
         "perplexity": ppl,

@@ -93,3 +93,25 @@ def test_failed_stage_leaves_job_resumable(settings: Any, tiny_model_dir: Path, 
         assert [r.attempt for r in runs] == [1, 1, 2], "finished stages are not re-run"
         assert all(r.status == "succeeded" for r in runs)
     orchestrator.close()
+
+
+def test_identical_stage_is_reused_from_the_cache(settings: Any, tiny_model_dir: Path, text_file: Path) -> None:
+    recipe = tiny_recipe(tiny_model_dir, text_file)
+    recipe["stages"] = recipe["stages"][:2]
+    first, first_id, status, _ = _run(settings, recipe)
+    assert status == "succeeded"
+    first.close()
+    second, second_id, status, events = _run(settings, recipe)
+    assert status == "succeeded"
+    with second.sessions() as session:
+        cached = {t.stage_run_id: t.value for t in queries.job_tags(session, second_id) if t.key == "cached_from"}
+        runs = queries.stage_runs(session, second_id)
+        assert set(cached) == {r.id for r in runs}
+        assert {a.sha256 for a in queries.list_artifacts(session, second_id) if a.stage_run_id} == {
+            a.sha256 for a in queries.list_artifacts(session, first_id) if a.stage_run_id}
+    assert not any(e["type"] == "progress" for e in events), "nothing ran on Ray"
+    second.close()
+    third, third_id, status, _ = _run(settings, {**recipe, "reuse_cached": False})
+    with third.sessions() as session:
+        assert not [t for t in queries.job_tags(session, third_id) if t.key == "cached_from"]
+    third.close()

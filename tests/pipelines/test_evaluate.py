@@ -61,7 +61,10 @@ def test_perplexity_matches_data_module_and_dense_is_cached(sparse_model_dir: Pa
                                                             tiny_text_file: Path, tmp_path: Path) -> None:
     spec = EvaluateStage(seq_len=32, max_windows=4, batch_size=3, compare_dense=True)
     ctx = _ctx(tmp_path, sparse_model_dir, tiny_model_dir, tiny_text_file)
+    calls = []
+    ctx.progress = lambda d, t, m: calls.append((d, t))
     first = {m.name: m.value for m in run(spec, ctx).metrics}
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]  # model then dense, one bar
 
     from pipelines.sources import load_text
 

@@ -1,0 +1,219 @@
+{{/*
+Names. Kubernetes names are DNS labels of at most 63 characters, so every name is truncated; a
+component name keeps its suffix and truncates the prefix instead, so two components never collide.
+*/}}
+{{- define "sparseflow.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "sparseflow.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"<fullname>-<component>" within `max` characters (default 63): the prefix is cut, the suffix kept.
+Usage: include "sparseflow.componentName" (dict "ctx" $ "component" "api")
+*/}}
+{{- define "sparseflow.componentName" -}}
+{{- $max := .max | default 63 | int -}}
+{{- $room := sub $max (add1 (len .component)) | int -}}
+{{- $prefix := include "sparseflow.fullname" .ctx | trunc $room | trimSuffix "-" -}}
+{{- printf "%s-%s" $prefix .component -}}
+{{- end -}}
+
+{{- define "sparseflow.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels. Usage: include "sparseflow.labels" (dict "ctx" $ "component" "api") */}}
+{{- define "sparseflow.labels" -}}
+helm.sh/chart: {{ include "sparseflow.chart" .ctx }}
+{{ include "sparseflow.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "sparseflow.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sparseflow.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/*
+Image reference. An empty repository or tag falls back to `image.*`, then the tag to appVersion.
+Usage: include "sparseflow.image" (dict "ctx" $ "image" .Values.rayCluster.image)
+*/}}
+{{- define "sparseflow.image" -}}
+{{- $img := .image | default dict -}}
+{{- $repo := $img.repository | default .ctx.Values.image.repository -}}
+{{- $tag := $img.tag | default .ctx.Values.image.tag | default .ctx.Chart.AppVersion -}}
+{{- printf "%s:%s" $repo (toString $tag) -}}
+{{- end -}}
+
+{{- define "sparseflow.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Lineage database: the Secret and key holding SPARSEFLOW_DATABASE_URL (external database only). */}}
+{{- define "sparseflow.database.secretName" -}}
+{{- .Values.database.external.existingSecret | default (include "sparseflow.componentName" (dict "ctx" . "component" "database")) -}}
+{{- end -}}
+
+{{- define "sparseflow.database.secretKey" -}}
+{{- if .Values.database.external.existingSecret -}}
+{{- .Values.database.external.existingSecretKey -}}
+{{- else -}}
+url
+{{- end -}}
+{{- end -}}
+
+{{- define "sparseflow.postgresql.secretName" -}}
+{{- .Values.database.postgresql.auth.existingSecret | default (include "sparseflow.componentName" (dict "ctx" . "component" "postgresql")) -}}
+{{- end -}}
+
+{{- define "sparseflow.postgresql.secretKey" -}}
+{{- if .Values.database.postgresql.auth.existingSecret -}}
+{{- .Values.database.postgresql.auth.existingSecretKey -}}
+{{- else -}}
+password
+{{- end -}}
+{{- end -}}
+
+{{/* Env entries for SPARSEFLOW_DATABASE_URL (the bundled PostgreSQL URL is assembled with $(VAR)). */}}
+{{- define "sparseflow.databaseEnv" -}}
+{{- if .Values.database.postgresql.enabled }}
+{{- $pg := .Values.database.postgresql.auth }}
+- name: SPARSEFLOW_DATABASE_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "sparseflow.postgresql.secretName" . }}
+      key: {{ include "sparseflow.postgresql.secretKey" . }}
+- name: SPARSEFLOW_DATABASE_URL
+  value: {{ printf "postgresql+psycopg://%s:$(SPARSEFLOW_DATABASE_PASSWORD)@%s:5432/%s" $pg.username (include "sparseflow.componentName" (dict "ctx" . "component" "postgresql")) $pg.database | quote }}
+{{- else }}
+- name: SPARSEFLOW_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "sparseflow.database.secretName" . }}
+      key: {{ include "sparseflow.database.secretKey" . }}
+{{- end }}
+{{- end -}}
+
+{{/* Artifact store: env, envFrom, volumes and mounts shared by API, worker and Ray pods. */}}
+{{- define "sparseflow.artifactsEnv" -}}
+{{- $a := .Values.artifacts }}
+{{- if eq $a.type "s3" }}
+- name: SPARSEFLOW_ARTIFACT_ROOT
+  value: {{ printf "s3://%s/%s" $a.s3.bucket ($a.s3.prefix | trimAll "/") | trimSuffix "/" | quote }}
+{{- with $a.s3.region }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with $a.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- else }}
+- name: SPARSEFLOW_ARTIFACT_ROOT
+  value: {{ $a.pvc.mountPath | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "sparseflow.artifactsEnvFrom" -}}
+{{- if and (eq .Values.artifacts.type "s3") .Values.artifacts.s3.credentialsSecret }}
+envFrom:
+  - secretRef:
+      name: {{ .Values.artifacts.s3.credentialsSecret }}
+{{- end }}
+{{- end -}}
+
+{{- define "sparseflow.artifactsClaimName" -}}
+{{- .Values.artifacts.pvc.existingClaim | default (include "sparseflow.componentName" (dict "ctx" . "component" "artifacts")) -}}
+{{- end -}}
+
+{{- define "sparseflow.artifactsVolumes" -}}
+{{- if eq .Values.artifacts.type "pvc" }}
+- name: artifacts
+  persistentVolumeClaim:
+    claimName: {{ include "sparseflow.artifactsClaimName" . }}
+{{- end }}
+{{- end -}}
+
+{{- define "sparseflow.artifactsVolumeMounts" -}}
+{{- if eq .Values.artifacts.type "pvc" }}
+- name: artifacts
+  mountPath: {{ .Values.artifacts.pvc.mountPath }}
+{{- end }}
+{{- end -}}
+
+{{/* Service endpoints. */}}
+{{- define "sparseflow.prefectApiUrl" -}}
+{{- if .Values.prefectServer.enabled -}}
+{{- printf "http://%s:%d/api" (include "sparseflow.componentName" (dict "ctx" . "component" "prefect-server")) (int .Values.prefectServer.service.port) -}}
+{{- else -}}
+{{- .Values.prefectServer.externalApiUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{/* KubeRay limits RayCluster names to 53 characters (it appends "-serve-svc" and the like). */}}
+{{- define "sparseflow.rayClusterName" -}}
+{{- include "sparseflow.componentName" (dict "ctx" . "component" "ray" "max" 53) -}}
+{{- end -}}
+
+{{- define "sparseflow.rayAddress" -}}
+{{- if .Values.rayCluster.enabled -}}
+{{- printf "ray://%s-head-svc:10001" (include "sparseflow.rayClusterName" .) -}}
+{{- else -}}
+{{- .Values.rayCluster.externalAddress -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment of the processes that run sparseflow code (API, Prefect worker). */}}
+{{- define "sparseflow.appEnv" -}}
+- name: SPARSEFLOW_HOME
+  value: /var/lib/sparseflow
+- name: PREFECT_HOME
+  value: /var/lib/sparseflow/prefect
+- name: HOME
+  value: /var/lib/sparseflow
+{{- include "sparseflow.databaseEnv" . }}
+{{- include "sparseflow.artifactsEnv" . }}
+{{- with (include "sparseflow.rayAddress" .) }}
+- name: SPARSEFLOW_RAY_ADDRESS
+  value: {{ . | quote }}
+{{- end }}
+{{- with (include "sparseflow.prefectApiUrl" .) }}
+- name: PREFECT_API_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Writable scratch volumes for containers with a read-only root filesystem. */}}
+{{- define "sparseflow.scratchVolumes" -}}
+- name: home
+  emptyDir: {}
+- name: tmp
+  emptyDir: {}
+{{- end -}}
+
+{{- define "sparseflow.scratchVolumeMounts" -}}
+- name: home
+  mountPath: /var/lib/sparseflow
+- name: tmp
+  mountPath: /tmp
+{{- end -}}

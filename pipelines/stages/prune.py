@@ -1,0 +1,176 @@
+"""The prune stage: magnitude, Wanda or SparseGPT, unstructured or N:M, uniform or OWL, layer by layer.
+
+Inputs: `model` (a model directory) and, for wanda/sparsegpt or the OWL profile, `calibration`
+(a safetensors file with `input_ids` [samples, seq_len]; its `sq_norm.*` statistics are not used,
+since each layer's statistics are recomputed on the outputs of the already pruned layers).
+Outputs: `model`, `masks`, `compressed_model` (unless `export: none`) and `report`. Sample::
+
+    - stage: prune
+      method: sparsegpt
+      sparsity: 0.5
+      pattern: "2:4"
+      block_size: 128
+      dampening: 0.01
+      batch_size: 4
+
+Everything that can be checked is checked before the first forward pass: target patterns that
+match nothing, N:M groups that do not divide a Linear's input, empty calibration data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from pipelines.export import choose_format, export_compressed
+from pipelines.masks import save_masks
+from pipelines.modeling import decoder_layers
+from pipelines.modelio import load_model, save_model
+from pipelines.pruning.engine import LinearOutcome, MethodConfig, prune_layer, prune_layer_without_data
+from pipelines.pruning.owl import outlier_ratio, owl_sparsities
+from pipelines.pruning.patterns import pattern_sparsity
+from pipelines.pruning.sequential import CalibrationError, LayerWork, run_sequential
+from pipelines.pruning.targets import check_pattern_fits, resolve_targets
+from pipelines.recipe import PruneStage
+from pipelines.stage import Metric, StageContext, StageResult
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_calibration_ids(path: Path, vocab_size: int) -> torch.Tensor:
+    """`input_ids` of a calibration artifact, checked: non-empty, 2-D, integer, within the vocabulary."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            ids = handle.get_tensor("input_ids") if "input_ids" in handle.keys() else None  # noqa: SIM118
+    except (OSError, ValueError) as error:
+        raise CalibrationError(f"calibration: cannot read {path}: {error}") from error
+    if ids is None:
+        raise CalibrationError(f"calibration: {path.name} has no 'input_ids' tensor")
+    if ids.ndim != 2 or ids.numel() == 0:
+        raise CalibrationError(f"calibration: input_ids is empty or not [samples, seq_len] (shape {tuple(ids.shape)})")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise CalibrationError(f"calibration: input_ids must be integer token ids, got {ids.dtype}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise CalibrationError(f"calibration: token ids outside [0, {vocab_size}) for this model")
+    return ids.long()
+
+
+def _layer_sparsities(model, ids, targets, spec: PruneStage, ctx: StageContext, total: int) -> tuple[dict, int]:
+    """Per decoder layer sparsity: uniform, or OWL from one dense pass (Wanda scores per layer)."""
+    base = pattern_sparsity(spec.sparsity, spec.nm)
+    if spec.profile == "uniform":
+        return {index: base for index in targets}, 0
+    ratios: dict[int, float] = {}
+
+    def observe(work: LayerWork) -> None:
+        names = [n for group in work.groups for n in group]
+        leader = {n: group[0] for group in work.groups for n in group}
+        weights = [work.linears[n].weight for n in names]
+        norms = [work.stats[leader[n]].col_sq_norms for n in names]
+        ratios[work.index] = float(outlier_ratio(weights, norms, spec.owl_threshold))
+
+    peak = run_sequential(
+        model, ids, targets, observe, device=ctx.device, batch_size=spec.batch_size, full_stats=False,
+        propagate="dense", progress=lambda d, t, m: ctx.progress(d, total, f"OWL outliers: {m}"),
+    )
+    order = sorted(ratios)
+    values = owl_sparsities([ratios[i] for i in order], spec.sparsity, spec.owl_lambda)
+    return dict(zip(order, values, strict=True)), peak
+
+
+def run(spec: PruneStage, ctx: StageContext) -> StageResult:
+    """Prune the model of `ctx.inputs['model']` as `spec` says; see the module docstring."""
+    start = time.perf_counter()
+    model_dir = ctx.require("model")
+    model = load_model(model_dir, "cpu", _DTYPES[spec.dtype])
+    targets = resolve_targets(model, spec.targets, spec.ignore)
+    linears = {name: lin for found in targets.values() for name, lin in found.items()}
+    check_pattern_fits(linears, spec.nm)
+    config = MethodConfig(spec.method, spec.nm, spec.block_size, spec.dampening, spec.damping_retries)
+    needs_data = config.needs_data or spec.profile == "owl"
+    ids = None
+    if needs_data or "calibration" in ctx.inputs:
+        ids = read_calibration_ids(ctx.require("calibration"), model.config.vocab_size)
+    torch.manual_seed(ctx.seed)
+
+    n_layers = len(decoder_layers(model)[1])
+    total = n_layers * (2 if spec.profile == "owl" else 1)
+    sparsities, peak = _layer_sparsities(model, ids, targets, spec, ctx, total)
+    offset = total - n_layers
+    outcomes: list[LinearOutcome] = []
+    if ids is not None:
+        peak = max(peak, run_sequential(
+            model, ids, targets, lambda work: outcomes.extend(prune_layer(work, config, sparsities[work.index])),
+            device=ctx.device, batch_size=spec.batch_size, full_stats=True,
+            propagate="pruned" if spec.sequential else "dense",
+            progress=lambda d, t, m: ctx.progress(offset + d, total, f"pruning: {m}"),
+        ))
+    else:
+        for done, (index, found) in enumerate(sorted(targets.items()), 1):
+            outcomes.extend(prune_layer_without_data(found, config, sparsities[index]))
+            ctx.progress(done, len(targets), f"pruning layer {index} by magnitude")
+    prune_time = time.perf_counter() - start
+    return _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time, peak)
+
+
+def _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time, peak) -> StageResult:
+    workdir = Path(ctx.workdir)
+    outputs = {"model": save_model(model, model_dir, workdir / "model")}
+    outputs["masks"] = save_masks(
+        {o.name: o.packed_mask for o in outcomes},
+        {o.name: o.shape for o in outcomes},
+        workdir / "masks.safetensors",
+        meta={"method": spec.method, "pattern": spec.pattern, "sparsity": str(spec.sparsity)},
+    )
+    notes = []
+    if spec.export != "none":
+        fmt = choose_format(spec.nm) if spec.export == "auto" else spec.export
+        structure = "2:4" if fmt == "sparse-24-bitmask" else spec.pattern
+        outputs["compressed_model"] = export_compressed(
+            model, workdir / "compressed", fmt, [o.name for o in outcomes], sparsity_structure=structure,
+            tokenizer_source=model_dir,
+        )
+    raised = [o for o in outcomes if o.damping is not None and o.damping > spec.dampening * 1.0001]
+    for o in raised:
+        notes.append(f"sparsegpt: {o.name} needed damping {o.damping:g} (asked {spec.dampening:g})")
+    params = sum(o.shape[0] * o.shape[1] for o in outcomes)
+    overall = sum(o.sparsity * o.shape[0] * o.shape[1] for o in outcomes) / max(params, 1)
+    metrics = [Metric("sparsity", overall), Metric("prune_time_s", prune_time), Metric("peak_gpu_mem_bytes", peak)]
+    for o in outcomes:
+        metrics.append(Metric(f"sparsity.{o.name}", o.sparsity))
+        metrics.append(Metric(f"time_s.{o.name}", o.time_s))
+        if o.recon_error is not None:
+            metrics.append(Metric(f"recon_error.{o.name}", o.recon_error))
+        if o.damping is not None:
+            metrics.append(Metric(f"damping.{o.name}", o.damping))
+    summary = {
+        "method": spec.method,
+        "pattern": spec.pattern,
+        "profile": spec.profile,
+        "target_sparsity": pattern_sparsity(spec.sparsity, spec.nm),
+        "sparsity": overall,
+        "pruned_linears": len(outcomes),
+        "pruned_params": params,
+        "layer_sparsity": {str(k): v for k, v in sorted(sparsities.items())},
+        "prune_time_s": prune_time,
+        "peak_gpu_mem_bytes": peak,
+        "device": str(ctx.device),
+        "linears": {
+            o.name: {"shape": list(o.shape), "target_sparsity": o.target_sparsity, "sparsity": o.sparsity,
+                     "recon_error": o.recon_error, "time_s": o.time_s, "damping": o.damping}
+            for o in outcomes
+        },
+        "notes": notes,
+    }
+    report = workdir / "prune_report.json"
+    report.write_text(json.dumps(summary, indent=2))
+    outputs["report"] = report
+    headline = {k: v for k, v in summary.items() if k != "linears"}
+    return StageResult(outputs=outputs, metrics=metrics, summary=headline, notes=notes)
