@@ -164,11 +164,22 @@ class FinetuneStage(_StageBase):
     temperature: float = Field(2.0, gt=0)
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm (0: no clipping).")
+    gamma_hidden: float = Field(0.0, ge=0, description="Weight of the per-layer hidden-state MSE to the teacher.")
+    teacher_topk: int = Field(0, ge=0, description="Distil from the teacher's top-k logits only (0: all).")
+    teacher_cache: bool = Field(False, description="Cache teacher logits on disk, once per model and data.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, else fp32.")
+    gradient_checkpointing: bool = False
+    lora_rank: int = Field(0, ge=0, description="Train rank-r LoRA on the kept weights, merged at the end (0: full).")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale is lora_alpha / lora_rank.")
 
     @model_validator(mode="after")
     def _check_loss(self) -> FinetuneStage:
-        if self.steps > 0 and self.alpha_ce == 0 and self.beta_kd == 0:
-            raise ValueError("alpha_ce and beta_kd are both 0: the loss would be zero")
+        if self.steps > 0 and self.alpha_ce == 0 and self.beta_kd == 0 and self.gamma_hidden == 0:
+            raise ValueError("alpha_ce, beta_kd and gamma_hidden are all 0: the loss would be zero")
+        if self.teacher_cache and self.gamma_hidden > 0:
+            raise ValueError("teacher_cache stores logits only; gamma_hidden > 0 needs the live teacher")
+        if self.teacher_cache and self.beta_kd == 0:
+            raise ValueError("teacher_cache is set but beta_kd is 0: there is no teacher to cache")
         return self
 
 

@@ -166,6 +166,15 @@ def _download_hub(repo_id: str, cache: Path) -> Path:
         ) from error
 
 
+def hash_weights(model_dir: Path, digest: hashlib._Hash) -> None:
+    """Feed the content of a model directory's safetensors files into `digest` (the model's identity)."""
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+
+
 # ----------------------------------------------------------------------------------------- text
 
 _NESTED_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")

@@ -33,7 +33,7 @@ from pipelines.data import eval_windows, perplexity
 from pipelines.modeling import decoder_layers
 from pipelines.modelio import load_model, load_tokenizer
 from pipelines.recipe import EvaluateStage
-from pipelines.sources import load_text
+from pipelines.sources import hash_weights, load_text
 from pipelines.stage import Metric, ProgressFn, StageContext, StageResult
 from pipelines.stages.calibrate import decoder_linears
 
@@ -82,18 +82,10 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def _hash_files(paths: list[Path], digest: Any) -> None:
-    for path in sorted(paths):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-
-
 def dense_cache_key(base_dir: Path, data_ref: str, windows: torch.Tensor) -> str:
     """Hash of the base model's safetensors, the data reference and the exact evaluation windows."""
     digest = hashlib.sha256(f"v{_DENSE_CACHE_VERSION}|{data_ref}|{tuple(windows.shape)}|".encode())
-    _hash_files(list(Path(base_dir).glob("*.safetensors")), digest)
+    hash_weights(base_dir, digest)
     digest.update(windows.numpy().tobytes())
     return digest.hexdigest()[:32]
 

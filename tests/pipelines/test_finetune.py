@@ -72,5 +72,5 @@ def test_zero_steps_copies_the_model_through(pruned_model_dir: Path, tiny_model_
 
 
 def test_both_loss_weights_zero_is_rejected() -> None:
-    with pytest.raises(ValueError, match="alpha_ce and beta_kd are both 0"):
+    with pytest.raises(ValueError, match="alpha_ce, beta_kd and gamma_hidden are all 0"):
         FinetuneStage(steps=5, alpha_ce=0.0, beta_kd=0.0)

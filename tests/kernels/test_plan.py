@@ -1,0 +1,144 @@
+"""Kernel plan format, load/save, and applying a plan (CPU: dense fallback and dispatch by tokens)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from kernels.backends import DenseBackend, ReferenceBackend, nearest_bucket
+from kernels.plan import (
+    PLAN_FORMAT,
+    Environment,
+    KernelChoice,
+    KernelPlan,
+    PlanError,
+    ShapePlan,
+    SparseLinear,
+    apply_plan,
+    dense_plan,
+    load_plan,
+    plan_from_tuning,
+    save_plan,
+)
+from kernels.sparse24 import mask_24
+
+ENV = Environment(gpu=None, torch=torch.__version__)
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(16, 32, bias=False)
+        self.down = nn.Linear(32, 16, bias=True)
+        self.other = nn.Linear(16, 32, bias=False)  # same shape as `up`, not pruned
+        with torch.no_grad():
+            self.up.weight.mul_(mask_24(self.up.weight))
+            self.down.weight.mul_(mask_24(self.down.weight))
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))) + self.other(x).sum(-1, keepdim=True)
+
+
+def _plan(backend_by_tokens: dict[int, str]) -> KernelPlan:
+    choices = {t: KernelChoice(backend=b, reason="test") for t, b in backend_by_tokens.items()}
+    return KernelPlan(environment=ENV, dtype="float16", tokens=sorted(choices),
+                      shapes={"32x16": ShapePlan(out_features=32, in_features=16, choices=choices),
+                              "16x32": ShapePlan(out_features=16, in_features=32, choices=choices)})
+
+
+def _backends():
+    return {"dense": DenseBackend(), "sparse24-reference": ReferenceBackend()}
+
+
+def test_save_load_round_trip(tmp_path):
+    plan = _plan({1: "dense", 512: "sparse24-reference"})
+    path = save_plan(plan, tmp_path / "kernel_plan.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == PLAN_FORMAT and data["version"] == 1
+    assert set(data["shapes"]["32x16"]["choices"]) == {"1", "512"}  # JSON keys are token counts
+    assert load_plan(path) == plan
+
+
+def test_load_rejects_other_version_and_unknown_keys(tmp_path):
+    data = _plan({1: "dense"}).model_dump(mode="json")
+    (tmp_path / "v2.json").write_text(json.dumps({**data, "version": 2}))
+    with pytest.raises(PlanError, match="version 2"):
+        load_plan(tmp_path / "v2.json")
+    data["shapes"]["32x16"]["choices"]["1"]["backnd"] = "dense"
+    (tmp_path / "typo.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=r"shapes\.32x16\.choices\.1\.backnd"):
+        load_plan(tmp_path / "typo.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(PlanError, match="cannot read"):
+        load_plan(tmp_path / "bad.json")
+
+
+def test_dense_plan_marks_every_shape_dense_with_reason_and_no_timing():
+    plan = dense_plan({"32x16": (32, 16, ["up"])}, [1, 2048], "float16", "no CUDA GPU", ENV)
+    choices = plan.shapes["32x16"].choices
+    assert {c.backend for c in choices.values()} == {"dense"}
+    assert all(c.reason == "no CUDA GPU" and c.times_ms == {} and c.speedup is None for c in choices.values())
+    assert plan.sparse_shapes() == {}
+
+
+def test_apply_dense_plan_leaves_model_untouched():
+    model = Tiny()
+    report = apply_plan(model, _plan({1: "dense", 64: "dense"}), backends=_backends())
+    assert report.replaced == {}
+    assert all(type(m) is nn.Linear for m in (model.up, model.down, model.other))
+
+
+def test_apply_plan_swaps_only_24_linears_and_keeps_outputs():
+    model = Tiny().to(torch.float16)
+    x = torch.randn(3, 16, dtype=torch.float16)
+    before = model(x)
+    report = apply_plan(model, _plan({1: "dense", 64: "sparse24-reference"}), backends=_backends())
+    assert set(report.replaced) == {"up", "down"}
+    assert report.dense == {"other": "weight does not follow 2:4"}
+    assert isinstance(model.up, SparseLinear) and type(model.other) is nn.Linear
+    torch.testing.assert_close(model(x), before, rtol=2e-3, atol=2e-3)  # bias added after, not fused
+
+
+def test_sparse_linear_picks_backend_by_runtime_tokens():
+    model = Tiny().to(torch.float16)
+    apply_plan(model, _plan({1: "dense", 64: "sparse24-reference"}), backends=_backends())
+    assert model.up.backend_for(1) == "dense"
+    assert model.up.backend_for(3) == "dense"
+    assert model.up.backend_for(16) == "sparse24-reference"
+    assert model.up.backend_for(10_000) == "sparse24-reference"
+    assert nearest_bucket(8, [1, 64]) == 64  # equal log distance: the larger bucket
+
+
+def test_apply_plan_with_explicit_masks():
+    model = Tiny().to(torch.float16)
+    mask = mask_24(model.up.weight) | True  # keeps everything: not 2:4, but masks are taken as given
+    report = apply_plan(model, _plan({1: "sparse24-reference"}), masks={"down": mask_24(model.down.weight)},
+                        backends=_backends())
+    assert set(report.replaced) == {"down"} and report.dense["up"] == "no mask given"
+    assert mask.all()
+
+
+def test_apply_plan_refuses_plan_from_another_gpu():
+    plan = _plan({1: "sparse24-reference"})
+    plan = plan.model_copy(update={"environment": ENV.model_copy(update={"gpu": "Some Other GPU"})})
+    with pytest.raises(PlanError, match="tune again"):
+        apply_plan(Tiny(), plan, backends=_backends())
+
+
+def test_apply_plan_refuses_unknown_backend():
+    with pytest.raises(PlanError, match="not available"):
+        apply_plan(Tiny().to(torch.float16), _plan({1: "warp-drive"}), backends=_backends())
+
+
+def test_plan_from_tuning_validates_choices():
+    tuned = {"32x16": {1: {"backend": "dense", "config": {}, "times_ms": {"dense": 0.01}, "speedup": 1.0,
+                           "reason": "no correct sparse backend", "max_rel_error": {"dense": 0.0}}}}
+    plan = plan_from_tuning(tuned, {"32x16": ["up"]}, [1], "float16", ENV)
+    assert plan.shapes["32x16"].layers == ["up"] and plan.shapes["32x16"].choices[1].times_ms == {"dense": 0.01}
+
+
+def test_apply_plan_refuses_a_dtype_it_was_not_tuned_for():
+    with pytest.raises(PlanError, match="tuned for float16"):
+        apply_plan(Tiny(), _plan({1: "sparse24-reference"}), backends=_backends())
