@@ -116,14 +116,17 @@ def _run_ours(method: str, pattern: str, args, model_dir: Path, calibration: Pat
 
     spec = PruneStage(method=method, sparsity=0.5, pattern=pattern, block_size=args.block_size,
                       dampening=args.dampening, batch_size=args.batch_size, export="none")
-    ctx = StageContext(workdir=work, inputs={"model": model_dir, "calibration": calibration}, data=DataSpec(),
+    inputs = {"model": model_dir} if method == "magnitude" else {"model": model_dir, "calibration": calibration}
+    ctx = StageContext(workdir=work, inputs=inputs, data=DataSpec(),
                        seed=args.seed, device=torch.device("cpu"))
     start = time.perf_counter()
     run(spec, ctx)
     return work / "model", time.perf_counter() - start
 
 
-def _run_llmc(method: str, pattern: str, args, model_dir: Path, calibration: Path, work: Path) -> tuple[Path, float, dict]:
+def _run_llmc(
+    method: str, pattern: str, args, model_dir: Path, calibration: Path, work: Path
+) -> tuple[Path, float, dict]:
     payload = {"model": str(model_dir), "calibration": str(calibration), "out": str(work / "model"),
                "method": method, "pattern": pattern, "sparsity": 0.5, "block_size": args.block_size,
                "dampening": args.dampening, "seed": args.seed}
@@ -132,7 +135,8 @@ def _run_llmc(method: str, pattern: str, args, model_dir: Path, calibration: Pat
                           text=True, env=env, cwd=work, check=False)
     (work / "llmc.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"llm-compressor failed ({proc.returncode}); see {work / 'llmc.log'}:\n{proc.stderr[-2000:]}")
+        log = work / "llmc.log"
+        raise RuntimeError(f"llm-compressor failed ({proc.returncode}); see {log}:\n{proc.stderr[-2000:]}")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("LLMC_RESULT "))
     result = json.loads(line.removeprefix("LLMC_RESULT "))
     return work / "model", result["prune_s"], result["versions"]
@@ -164,10 +168,10 @@ def _table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llmc-python", default="/tmp/llmc-venv/bin/python")
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-seq-len", type=int, default=1024)
-    parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--dampening", type=float, default=0.01)

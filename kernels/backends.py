@@ -15,6 +15,7 @@ why not. Backends, by name:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,8 +38,6 @@ def nearest_bucket(tokens: int, buckets: list[int]) -> int:
     """The tuned token count closest to `tokens` in log scale (ties go to the larger bucket)."""
     if not buckets:
         raise ValueError("no token buckets")
-    import math
-
     return min(sorted(buckets, reverse=True), key=lambda b: abs(math.log2(b) - math.log2(max(tokens, 1))))
 
 

@@ -61,6 +61,7 @@ class KernelChoice(_Strict):
     times_ms: dict[str, float] = Field(default_factory=dict, description="Median per-call time per backend.")
     max_rel_error: dict[str, float | None] = Field(default_factory=dict)
     speedup: float | None = Field(None, description="Dense time over the chosen backend's; None: not measured.")
+    confirmed_speedups: list[float] = Field(default_factory=list, description="Paired dense/sparse re-timings.")
     reason: str = ""
     rejected: dict[str, str] = Field(default_factory=dict, description="Backend -> why it was not a candidate.")
 

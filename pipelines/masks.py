@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -25,6 +26,8 @@ def pack_mask(mask: Tensor) -> Tensor:
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {tuple(mask.shape)}")
     rows, cols = mask.shape
+    if mask.device.type == "cpu":  # numpy's packbits is a single C loop
+        return torch.from_numpy(np.packbits(mask.numpy(), axis=-1, bitorder="little"))
     pad = (-cols) % _BITS
     bits = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).reshape(rows, -1, _BITS)
     weights = torch.tensor([1 << j for j in range(_BITS)], dtype=torch.uint8, device=mask.device)

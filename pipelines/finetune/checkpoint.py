@@ -4,7 +4,8 @@ A checkpoint directory holds::
 
     trainable.safetensors   the trainable parameters (all weights, or only the LoRA factors)
     optimizer.pt            the AdamW state (moments and step counts)
-    trainer.json            next step, the metrics so far, RNG state, and the spec's fingerprint
+    rng.pt                  torch's CPU RNG state
+    trainer.json            steps done, the metrics so far, and the spec's fingerprint
 
 Masks are not stored: a resumed run recaptures them from its input model, the same pruned model the
 interrupted run started from. A checkpoint is written to a sibling temp dir and renamed over the old

@@ -3,9 +3,15 @@
 Masks are `weight == 0` of every decoder-layer Linear, captured before training; masked gradients are
 zeroed before and masked weights re-zeroed after every optimizer step. Data: random windows of the
 calibration split, drawn per step from a seed derived from (job seed, step), so a run is reproducible.
-Loss: `alpha_ce * CE + beta_kd * T^2 * KL(teacher || student)`, the teacher being the job's dense
-`base_model` (only loaded when `beta_kd > 0`). AdamW, linear warmup then cosine decay to zero.
-Output (kind `model`): `model/`. Recipe sample::
+Loss: `alpha_ce * CE + beta_kd * T^2 * KL(teacher || student) + gamma_hidden * hidden-state MSE`, the
+teacher being the job's dense `base_model` (loaded only when needed; with `teacher_cache` its logits
+are stored on disk once per model and data, see `pipelines.finetune.teacher`). AdamW, linear warmup
+then cosine decay to zero, global-norm clipping. Options: bf16 autocast (`precision`, on by default
+on CUDA), gradient checkpointing, LoRA on the kept weights only (`lora_rank`, merged at the end).
+
+Outputs: `model/` (kind `model`); with `checkpoint_every: N`, `checkpoint/` (kind `checkpoint`),
+rewritten every N steps. Given a `checkpoint` input, the stage resumes from it and returns the whole
+metric series. Recipe sample::
 
     - stage: finetune
       steps: 20
@@ -14,6 +20,9 @@ Output (kind `model`): `model/`. Recipe sample::
       seq_len: 256
       beta_kd: 1.0        # 0 turns distillation off
       temperature: 2.0
+      teacher_topk: 64    # distil from the teacher's top-64 logits (0: all)
+      teacher_cache: true
+      checkpoint_every: 10
 """
 
 from __future__ import annotations
@@ -41,9 +50,8 @@ def run(spec: FinetuneStage, ctx: StageContext) -> StageResult:
         return StageResult(outputs={"model": out}, summary={"steps": 0}, notes=["finetune: steps=0, model copied"])
 
     model = load_model(model_dir, device=ctx.device)
-    teacher = load_model(ctx.require("base_model"), device=ctx.device) if spec.beta_kd > 0 else None
-    outcome = train(model, teacher, spec, ctx)
+    outcome = train(model, spec, ctx)
     save_model(model, model_dir, out)
-    logger.info("fine-tuned %d steps, final loss %.4f -> %s", spec.steps, outcome.summary["final_loss"], out)
+    logger.info("fine-tuned %d steps, final loss %s -> %s", spec.steps, outcome.summary["final_loss"], out)
     return StageResult(outputs={"model": out, **outcome.outputs}, metrics=outcome.metrics,
                        summary=outcome.summary, notes=outcome.notes)

@@ -142,3 +142,12 @@ def test_plan_from_tuning_validates_choices():
 def test_apply_plan_refuses_a_dtype_it_was_not_tuned_for():
     with pytest.raises(PlanError, match="tuned for float16"):
         apply_plan(Tiny(), _plan({1: "sparse24-reference"}), backends=_backends())
+
+
+def test_documented_plan_sample_validates():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "kernels.md").read_text()
+    sample = doc.split("```json", 1)[1].split("```", 1)[0]
+    plan = KernelPlan.model_validate(json.loads(sample))
+    assert plan.shapes["4096x14336"].choices[2048].backend == "cusparselt-planned"

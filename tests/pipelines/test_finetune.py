@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,127 @@ def test_zero_steps_copies_the_model_through(pruned_model_dir: Path, tiny_model_
 def test_both_loss_weights_zero_is_rejected() -> None:
     with pytest.raises(ValueError, match="alpha_ce, beta_kd and gamma_hidden are all 0"):
         FinetuneStage(steps=5, alpha_ce=0.0, beta_kd=0.0)
+
+
+def _curve(result, names=("loss", "loss_ce", "loss_kd", "lr")) -> list[tuple[str, int, float]]:
+    return [(m.name, m.step, m.value) for m in result.metrics if m.name in names]
+
+
+def test_kd_loss_matches_hand_computation() -> None:
+    from pipelines.finetune.losses import kd_kl, kd_kl_topk
+
+    torch.manual_seed(0)
+    student, teacher, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7), 2.0
+    expected = 0.0
+    for b in range(2):
+        for pos in range(3):
+            p_t = [math.exp(v / t) for v in teacher[b, pos].tolist()]
+            p_s = [math.exp(v / t) for v in student[b, pos].tolist()]
+            p_t = [v / sum(p_t) for v in p_t]
+            p_s = [v / sum(p_s) for v in p_s]
+            expected += sum(a * math.log(a / c) for a, c in zip(p_t, p_s, strict=True))
+    expected = expected / 6 * t * t
+    assert kd_kl(student, teacher, t).item() == pytest.approx(expected, rel=1e-5)
+    values, indices = teacher.topk(7, dim=-1)
+    assert kd_kl_topk(student, values, indices, t).item() == pytest.approx(expected, rel=1e-5)
+    assert kd_kl(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_resume_from_checkpoint_gives_the_same_loss_curve(pruned_model_dir: Path, tiny_model_dir: Path,
+                                                          tiny_text_file: Path, tmp_path: Path) -> None:
+    spec = FinetuneStage(steps=6, lr=3e-3, warmup_steps=2, batch_size=2, seq_len=32, weight_decay=0.1,
+                         beta_kd=0.5, checkpoint_every=2)
+    whole = run(spec, _ctx(tmp_path / "whole", pruned_model_dir, tiny_model_dir, tiny_text_file))
+    assert whole.outputs["checkpoint"].is_dir()
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_4(done: int, total: int, message: str) -> None:
+        if done == 5:
+            raise Killed
+
+    ctx = _ctx(tmp_path / "killed", pruned_model_dir, tiny_model_dir, tiny_text_file)
+    ctx.progress = kill_after_step_4
+    with pytest.raises(Killed):
+        run(spec, ctx)
+    resumed_ctx = _ctx(tmp_path / "resumed", pruned_model_dir, tiny_model_dir, tiny_text_file)
+    resumed_ctx.inputs["checkpoint"] = tmp_path / "killed" / "w" / "checkpoint"
+    resumed = run(spec, resumed_ctx)
+    assert "resumed from a checkpoint after step 4" in resumed.notes
+
+    a, b = _curve(whole), _curve(resumed)
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    assert [x[2] for x in b] == pytest.approx([x[2] for x in a], rel=1e-5)
+    w1 = load_model(whole.outputs["model"]).model.layers[1].mlp.up_proj.weight
+    w2 = load_model(resumed.outputs["model"]).model.layers[1].mlp.up_proj.weight
+    torch.testing.assert_close(w1, w2)
+
+
+def test_checkpoint_from_other_settings_is_refused(pruned_model_dir: Path, tiny_model_dir: Path,
+                                                   tiny_text_file: Path, tmp_path: Path) -> None:
+    from pipelines.stage import StageInputError
+
+    spec = FinetuneStage(steps=2, batch_size=2, seq_len=32, checkpoint_every=1)
+    first = run(spec, _ctx(tmp_path / "a", pruned_model_dir, tiny_model_dir, tiny_text_file))
+    ctx = _ctx(tmp_path / "b", pruned_model_dir, tiny_model_dir, tiny_text_file)
+    ctx.inputs["checkpoint"] = first.outputs["checkpoint"]
+    with pytest.raises(StageInputError, match="different settings: lr"):
+        run(spec.model_copy(update={"lr": 1e-3}), ctx)
+
+
+def test_lora_trains_only_kept_weights_and_merges(pruned_model_dir: Path, tiny_model_dir: Path,
+                                                  tiny_text_file: Path, tmp_path: Path) -> None:
+    spec = FinetuneStage(steps=8, lr=1e-2, batch_size=2, seq_len=32, weight_decay=0.1, lora_rank=4)
+    result = run(spec, _ctx(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file))
+    before, after = load_model(pruned_model_dir), load_model(result.outputs["model"])
+    assert result.summary["masked_weights_changed"] == 0
+    modules_before, modules_after = dict(before.named_modules()), dict(after.named_modules())
+    for name, mask in capture_masks(before).items():
+        w_before, w_after = modules_before[name].weight, modules_after[name].weight
+        assert torch.count_nonzero(w_after[mask]) == 0, name
+        assert not torch.equal(w_after[~mask], w_before[~mask]), name
+    torch.testing.assert_close(after.model.embed_tokens.weight, before.model.embed_tokens.weight)  # frozen
+    assert not any("lora" in key for key in after.state_dict())
+
+
+def test_teacher_logits_cache_is_reused_and_gives_the_same_losses(pruned_model_dir: Path, tiny_model_dir: Path,
+                                                                  tiny_text_file: Path, tmp_path: Path) -> None:
+    live_spec = FinetuneStage(steps=3, lr=1e-3, batch_size=2, seq_len=32, beta_kd=1.0, teacher_topk=16)
+    cached_spec = live_spec.model_copy(update={"teacher_cache": True})
+    live = run(live_spec, _ctx(tmp_path / "live", pruned_model_dir, tiny_model_dir, tiny_text_file))
+    ctx = _ctx(tmp_path / "c1", pruned_model_dir, tiny_model_dir, tiny_text_file)
+    first = run(cached_spec, ctx)
+    second = run(cached_spec, StageContext(**{**ctx.__dict__, "workdir": tmp_path / "c2"}))
+    assert "teacher logits: 0 cached, 3 computed" in first.notes
+    assert "teacher logits: 3 cached, 0 computed" in second.notes
+    assert [x[2] for x in _curve(first)] == pytest.approx([x[2] for x in _curve(live)], rel=1e-6)
+    assert [x[2] for x in _curve(second)] == pytest.approx([x[2] for x in _curve(live)], rel=1e-6)
+
+
+def test_hidden_mse_bf16_and_gradient_checkpointing_keep_masks(pruned_model_dir: Path, tiny_model_dir: Path,
+                                                               tiny_text_file: Path, tmp_path: Path) -> None:
+    spec = FinetuneStage(steps=3, lr=1e-3, batch_size=2, seq_len=32, beta_kd=1.0, gamma_hidden=0.5,
+                         precision="bf16", gradient_checkpointing=True, weight_decay=0.1)
+    result = run(spec, _ctx(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file))
+    assert result.summary["bf16"] and result.summary["masked_weights_changed"] == 0
+    hidden = [m.value for m in result.metrics if m.name == "loss_hidden"]
+    assert len(hidden) == 3 and all(v > 0 for v in hidden)
+    after = load_model(result.outputs["model"])
+    modules = dict(after.named_modules())
+    masks = capture_masks(load_model(pruned_model_dir))
+    assert all(torch.count_nonzero(modules[name].weight[mask]) == 0 for name, mask in masks.items())
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_on_cuda_keeps_masks(pruned_model_dir: Path, tiny_model_dir: Path, tiny_text_file: Path,
+                                           tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    spec = FinetuneStage(steps=20, lr=3e-3, batch_size=4, seq_len=64, beta_kd=1.0, weight_decay=0.1)
+    ctx = _ctx(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file)
+    ctx.device = torch.device("cuda")
+    result = run(spec, ctx)
+    assert result.summary["bf16"] and result.summary["masked_weights_changed"] == 0
+    losses = [m.value for m in result.metrics if m.name == "loss"]
+    assert losses[-1] < losses[0]
