@@ -33,6 +33,7 @@ def _quiet_frameworks() -> None:
     from orchestrator.settings import get_settings
 
     home = get_settings().home
+    (home / "prefect").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -193,7 +194,8 @@ def nightly(
     from pipelines.recipe import RecipeError
 
     _quiet_frameworks()
-    from orchestrator.schedules import load_zoo, nightly as nightly_flow, serve_nightly
+    from orchestrator.schedules import load_zoo, serve_nightly
+    from orchestrator.schedules import nightly as nightly_flow
 
     try:
         load_zoo(zoo)

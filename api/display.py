@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich.console import Console
@@ -114,8 +115,11 @@ def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, A
         ("achieved sparsity (decoder linears)", _fmt(metrics.get("sparsity"), ".2%")),
         ("parameters", _fmt(metrics.get("param_count"), ",.0f")),
         ("non-zero parameters", _fmt(metrics.get("nonzero_params"), ",.0f")),
-        ("size on disk", _fmt_bytes(metrics.get("model_size_bytes"))),
+        ("size on disk (safetensors)", _fmt_bytes(metrics.get("model_size_bytes"))),
     ]
+    compressed = [a for a in artifacts if a.get("kind") == "compressed_model"]
+    if compressed:
+        rows.append(("size on disk (compressed-tensors)", _fmt_bytes(compressed[-1].get("size_bytes"))))
     for name, value in rows:
         results.add_row(name, value)
     console.print(results)
@@ -132,13 +136,17 @@ def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, A
 
     produced = [a for a in artifacts if a.get("stage_run_id")]
     if produced:
-        table = Table(title="artifacts")
-        for column in ("id", "kind", "size", "uri"):
+        prefix = os.path.commonprefix([a["uri"] for a in produced])
+        root = prefix[: prefix.rfind("/")] if len(produced) > 1 else ""
+        table = Table(title=f"artifacts under {root}/" if root else "artifacts")
+        for column in ("id", "kind", "size", "path"):
             table.add_column(column, overflow="fold")
         for art in produced:
-            table.add_row(art["id"], art["kind"], _fmt_bytes(art.get("size_bytes")), art["uri"])
+            table.add_row(art["id"], art["kind"], _fmt_bytes(art.get("size_bytes")),
+                          art["uri"][len(root) + 1:] if root else art["uri"])
         console.print(table)
-    console.print(f"job id: [bold]{job['id']}[/bold]   download: sparseflow download <artifact id> -o DIR")
+    console.print(f"job id: [bold]{job['id']}[/bold]")
+    console.print("download: sparseflow download ARTIFACT_ID -o DIR   (verifies sha256)")
 
 
 def print_jobs(console: Console, jobs: list[dict[str, Any]]) -> None:

@@ -52,10 +52,23 @@ def build(work: Path, dims: dict, device: str, seed: int) -> tuple[Path, Path]:
     model = model.to(torch.bfloat16).cpu().eval()
     model_dir = work / "model"
     model.save_pretrained(model_dir)
-    ids = torch.randint(0, dims["vocab"], (dims["samples"], dims["seq_len"]), generator=torch.Generator().manual_seed(seed))
+    _save_tokenizer(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, dims["vocab"], (dims["samples"], dims["seq_len"]), generator=generator)
     calibration = work / "calibration.safetensors"
     save_file({"input_ids": ids}, str(calibration))
     return model_dir, calibration
+
+
+def _save_tokenizer(model_dir: Path) -> None:
+    """A stand-in word-level tokenizer: llm-compressor wants a processor beside a dataset, even a tokenized one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>", eos_token="<unk>")
+    fast.save_pretrained(model_dir)
 
 
 def _warm_up(device) -> None:
@@ -88,12 +101,13 @@ def worker_ours(args) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from safetensors.torch import load_file
+
     from pipelines.modelio import load_model
     from pipelines.pruning.engine import MethodConfig, prune_layer
     from pipelines.pruning.patterns import pattern_sparsity
     from pipelines.pruning.sequential import run_sequential
     from pipelines.pruning.targets import resolve_targets
-    from safetensors.torch import load_file
 
     device = torch.device(args.device)
     model = load_model(args.model, "cpu", torch.bfloat16)
@@ -168,8 +182,9 @@ def _table(rows: list[dict]) -> str:
         theirs = next((r for r in rows if r["tool"] == "llm-compressor" and r["pattern"] == pattern and "wall_s" in r),
                       None)
         if ours and theirs:
+            speedup = theirs["wall_s"] / ours["wall_s"]
             lines.append(f"{pattern}: sparseflow {ours['wall_s']:.1f} s vs llm-compressor {theirs['wall_s']:.1f} s "
-                         f"({theirs['wall_s'] / ours['wall_s']:.2f}x); peak {ours['peak_gpu_mem_bytes'] / 2**30:.2f} vs "
+                         f"({speedup:.2f}x); peak {ours['peak_gpu_mem_bytes'] / 2**30:.2f} vs "
                          f"{theirs['peak_gpu_mem_bytes'] / 2**30:.2f} GiB")
     return "\n".join(lines)
 

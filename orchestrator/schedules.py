@@ -48,10 +48,7 @@ def load_zoo(path: str | Path) -> tuple[ModelZoo, Recipe]:
         zoo = ModelZoo.model_validate(yaml.safe_load(path.read_text()))
     except ValidationError as error:
         raise RecipeError(f"{path}: {format_validation_error(error)}") from error
-    if isinstance(zoo.recipe, str):
-        template = load_recipe(path.parent / zoo.recipe)
-    else:
-        template = parse_recipe(zoo.recipe)
+    template = load_recipe(path.parent / zoo.recipe) if isinstance(zoo.recipe, str) else parse_recipe(zoo.recipe)
     return zoo, template
 
 
