@@ -125,7 +125,22 @@ def worker_ours(args) -> dict:
         device=device, batch_size=args.batch_size,
     )
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "peak_gpu_mem_bytes": peak, "max_damping": max(damping), **_check(model, args.pattern)}
+    return {"wall_s": wall, "peak_gpu_mem_bytes": peak, "max_damping": max(damping), "gram": _gram_path(device),
+            **_check(model, args.pattern)}
+
+
+def _gram_path(device) -> str:
+    """Whether xᵀx of bf16 inputs ran as a bf16 GEMM with fp32 output (else upcast to fp32 first)."""
+    import torch
+
+    if device.type != "cuda":
+        return "fp32"
+    try:
+        a = torch.ones(8, 8, device=device, dtype=torch.bfloat16)
+        torch.mm(a, a, out_dtype=torch.float32)
+        return "bf16 GEMM, fp32 output"
+    except (RuntimeError, TypeError):
+        return "fp32 (upcast)"
 
 
 def worker_llmc(args) -> dict:
@@ -204,6 +219,7 @@ def main() -> None:
     parser.add_argument("--llmc-python", default=sys.executable)
     parser.add_argument("--tools", default="sparseflow,llm-compressor")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per worker")
+    parser.add_argument("--deadline", type=float, default=1e9, help="seconds for all workers together")
     args = parser.parse_args()
 
     if args.worker:
@@ -228,32 +244,35 @@ def main() -> None:
                      "timed": "pruning call only (model already loaded on the CPU, GPU warmed up)"},
         "versions": _versions(), "rows": rows,
     }
-    tools = args.tools.split(",")
-    for pattern in ("unstructured", "2:4"):
-        for tool in tools:
-            python, worker = (args.ours_python, "ours") if tool == "sparseflow" else (args.llmc_python, "llmc")
-            cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--model", str(model_dir),
-                   "--calibration", str(calibration), "--pattern", pattern, "--device", args.device,
-                   "--batch-size", str(args.batch_size)]
-            row = {"tool": tool, "pattern": pattern}
-            began = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if proc.returncode == 0 and line:
-                    row.update(json.loads(line.removeprefix("RESULT ")), status="ok")
-                else:
-                    row.update(status=f"failed rc={proc.returncode}", error=proc.stderr[-1500:])
-            except subprocess.TimeoutExpired:
-                row.update(status=f"timeout after {args.timeout:.0f} s")
-            row["process_s"] = time.perf_counter() - began
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
-            if "error" in row:
-                print(row["error"], flush=True)
-            report["table"] = _table(rows).splitlines()
-            args.out_dir.mkdir(parents=True, exist_ok=True)
-            (args.out_dir / "pruning_speed.json").write_text(json.dumps(report, indent=2))
+    runs = [(tool, pattern) for tool in args.tools.split(",") for pattern in ("unstructured", "2:4")]
+    for tool, pattern in runs:
+        python, worker = (args.ours_python, "ours") if tool == "sparseflow" else (args.llmc_python, "llmc")
+        cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--model", str(model_dir),
+               "--calibration", str(calibration), "--pattern", pattern, "--device", args.device,
+               "--batch-size", str(args.batch_size)]
+        row = {"tool": tool, "pattern": pattern}
+        began = time.perf_counter()
+        timeout = min(args.timeout, args.deadline - (began - start))
+        if timeout < 20:
+            rows.append({**row, "status": "skipped: deadline"})
+            continue
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode == 0 and line:
+                row.update(json.loads(line.removeprefix("RESULT ")), status="ok")
+            else:
+                row.update(status=f"failed rc={proc.returncode}", error=proc.stderr[-1500:])
+        except subprocess.TimeoutExpired:
+            row.update(status=f"timeout after {timeout:.0f} s")
+        row["process_s"] = time.perf_counter() - began
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
+        if "error" in row:
+            print(row["error"], flush=True)
+        report["table"] = _table(rows).splitlines()
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "pruning_speed.json").write_text(json.dumps(report, indent=2))
     print(f"device: {device_name}")
     print(_table(rows))
 

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Ray, Prefect and job fixtures shared by tests/api, tests/workers and tests/orchestrator (one Ray per run).
+pytest_plugins = ["service_fixtures"]
+
 TINY_VOCAB = 512
 
 _CORPUS = [

@@ -92,7 +92,8 @@ def _teacher(spec: FinetuneStage, ctx: StageContext, ids: torch.Tensor, autocast
         else:
             cache_root = Path(ctx.cache_dir) / "teacher_logits"
     digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
-    data_digest = f"{digest}|seed={ctx.seed}|batch={spec.batch_size}|seq={spec.seq_len}"
+    bf16 = autocast is not nullcontext
+    data_digest = f"{digest}|seed={ctx.seed}|batch={spec.batch_size}|seq={spec.seq_len}|bf16={bf16}"
     return Teacher(ctx.require("base_model"), lambda d: load_model(d, device=ctx.device), spec.teacher_topk,
                    hidden=spec.gamma_hidden > 0, autocast=autocast, cache_root=cache_root, data_digest=data_digest)
 

@@ -1,17 +1,16 @@
 """The dense teacher for distillation: live, or its logits cached on disk once per model and data.
 
 Fine-tuning draws the windows of micro-batch (step, micro) from a pure function of the seed, so the
-teacher's output for it is a pure function of (teacher weights, token ids, seed, batch shape). The
-cache directory is keyed by a hash of exactly those; each micro-batch is one safetensors file:
-`top_values` (fp32) and `top_indices` (int32) when `teacher_topk > 0`, else full `logits` stored
-in fp16 (half the size; ~1e-3 relative error). A second fine-tune on the same data (another lr,
+teacher's output for it is a pure function of (teacher weights, token ids, seed, batch shape,
+precision). The cache directory is keyed by a hash of exactly those; each micro-batch is one
+safetensors file: `top_values` (fp32) and `top_indices` (int32) when `teacher_topk > 0`, else full
+`logits` stored in fp16 (half the size; ~1e-3 relative error). A second fine-tune on the same data (another lr,
 a resume) reads the files and never loads the teacher.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -23,8 +22,6 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from pipelines.sources import hash_weights
-
-logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
 
