@@ -198,7 +198,10 @@ def main() -> None:
         weights[shape_key(out_f, in_f)] = (w, mask_24(w))
     tuned = tune(weights, settings, dev)
     log.info("tuned in %.0f s", time.time() - t0)
-    result = {"device": info, "command": " ".join(sys.argv), "settings": {"tokens": TOKENS, "repeats": args.repeats},
+    result = {"device": info, "versions": {k: info.get(k) for k in ("torch", "cuda", "cusparselt", "driver", "python")},
+              "command": " ".join(sys.argv),
+              "settings": {"tokens": TOKENS, "repeats": args.repeats, "search_budget_s": args.search_budget_s,
+                           "min_gain": settings.min_gain, "confirm_rounds": settings.confirm_rounds},
               "tuned": tuned}
     rows = []
     for key, (w, m) in weights.items():

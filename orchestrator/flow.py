@@ -23,12 +23,14 @@ from pydantic import TypeAdapter
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.caching import reuse_cached, stage_cache_key
+from orchestrator.kernel_cache import provide_kernel_cache, remember_kernel_plan
 from orchestrator.settings import Settings
 from orchestrator.states import Status
 from orchestrator.store import queries
 from pipelines.recipe import Recipe, StageSpec
 from workers import placement
 from workers.runner import SOURCE_PREFIX, StageRequest
+from workers.storage import ArtifactStorage
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,9 @@ def run_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, inputs: dict[
         label = _label(stage_run.index, stage_run.kind)
         if stage_run.status == Status.failed:  # a retry of a transient failure
             queries.set_stage_status(session, stage_run_id, Status.queued)
+        if spec.stage == "kernel_tune":  # choices measured by earlier runs, as an input for lineage
+            cache = provide_kernel_cache(session, _storage(runtime), job_id=job_id, label=label)
+            inputs = {**inputs, "kernel_cache": Input(cache.id, cache.uri)}
         input_rows = {kind: queries.get_artifact(session, item.artifact_id) for kind, item in inputs.items()}
         cache_key = stage_cache_key(kind=spec.stage, params=stage_run.params, data=job.recipe["data"],
                                     seed=recipe.seed, inputs=input_rows, code_version=job.code_version)
@@ -180,10 +185,17 @@ def run_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, inputs: dict[
         raise TransientStageError(f"stage {label}: {type(error).__name__}") from error
     with runtime.sessions.begin() as session:
         produced = _record_outcome(session, job_id, stage_run_id, outcome)
+        if spec.stage == "kernel_tune" and "kernel_plan" in produced:
+            remember_kernel_plan(session, _storage(runtime), stage_run_id=stage_run_id,
+                                 plan_uri=produced["kernel_plan"].uri)
         queries.set_stage_status(session, stage_run_id, Status.succeeded, cache_key=cache_key)
     runtime.on_event({"type": "stage", "job_id": job_id, "stage_run_id": stage_run_id, "label": label,
                       "status": "succeeded", "seconds": outcome.seconds, "notes": outcome.notes})
     return produced
+
+
+def _storage(runtime: JobRuntime) -> ArtifactStorage:
+    return ArtifactStorage(runtime.settings.artifacts_url, runtime.settings.cache_dir / "artifacts")
 
 
 def _finish(runtime: JobRuntime, job_id: str, stage_run_id: str, label: str, status: Status, error: str) -> None:

@@ -6,7 +6,8 @@ ORM and must stay in step with the migrations (tests/orchestrator/test_migration
 A job is a recipe run; its stage runs are the recipe's stages in order. Artifacts are files a job
 reads or writes (the input model reference has no producing stage run). A lineage edge says that a
 stage run read ("input") or wrote ("output") an artifact. Metrics are append-only time series per
-stage run; tags are free-form key/value notes, e.g. a recorded degradation.
+stage run; tags are free-form key/value notes, e.g. a recorded degradation. Kernel plan rows cache
+the `kernel_tune` stage's measured choices per environment, dtype, weight shape and token count.
 """
 
 from __future__ import annotations
@@ -242,3 +243,45 @@ class LineageEdge(Base):
 
     stage_run: Mapped[StageRun] = relationship(back_populates="edges")
     artifact: Mapped[Artifact] = relationship(back_populates="edges")
+
+
+KERNEL_ENVIRONMENT_FIELDS = ("gpu", "capability", "cuda", "driver", "torch", "cusparselt")
+"""What a kernel measurement depends on besides dtype and shape (`kernels.plan.Environment`'s fields)."""
+
+
+class KernelPlanRow(Base):
+    """One measured kernel choice, reused by later `kernel_tune` runs in the same environment.
+
+    Environment fields are strings, "" where unknown (a NULL would make the unique key never match
+    on PostgreSQL); `queries` converts them to and from `kernels.plan.Environment`'s values.
+    """
+
+    __tablename__ = "kernel_plans"
+    __table_args__ = (
+        UniqueConstraint(*KERNEL_ENVIRONMENT_FIELDS, "dtype", "shape", "tokens", name="uq_kernel_plans_key"),
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    gpu: Mapped[str] = mapped_column(String(200))
+    capability: Mapped[str] = mapped_column(String(16))
+    cuda: Mapped[str] = mapped_column(String(32))
+    driver: Mapped[str] = mapped_column(String(32))
+    torch: Mapped[str] = mapped_column(String(64))
+    cusparselt: Mapped[str] = mapped_column(String(32))
+    dtype: Mapped[str] = mapped_column(String(16))
+    shape: Mapped[str] = mapped_column(String(32))
+    tokens: Mapped[int]
+    choice: Mapped[dict[str, Any]]
+    stage_run_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("stage_runs.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    stage_run: Mapped[StageRun] = relationship()
+
+    def environment(self) -> dict[str, str | int | None]:
+        """The environment as `kernels.plan.Environment` spells it (None where unknown)."""
+        values: dict[str, str | int | None] = {f: getattr(self, f) or None for f in KERNEL_ENVIRONMENT_FIELDS}
+        if values["cusparselt"] is not None:
+            values["cusparselt"] = int(values["cusparselt"])
+        return values

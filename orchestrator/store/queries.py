@@ -10,8 +10,9 @@ and its `succeeded` status together::
 
 Lookups by id raise `NotFound`; status changes outside the transition table raise
 `InvalidTransition`; inconsistent arguments (a stage run of another job, a negative progress count,
-a non-finite metric) raise `ValueError`. Status changes lock the row (`SELECT ... FOR UPDATE`) on
-PostgreSQL, so the API cancelling a job and the runner finishing it cannot both win.
+a non-finite metric, a kernel choice measured without a GPU) raise `ValueError`. Status changes lock
+the row (`SELECT ... FOR UPDATE`) on PostgreSQL, so the API cancelling a job and the runner
+finishing it cannot both win.
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import insert, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, selectinload
 
 from orchestrator.states import Status, check_transition
 from orchestrator.store.errors import NotFound
 from orchestrator.store.models import (
+    KERNEL_ENVIRONMENT_FIELDS,
     Artifact,
     Direction,
     Job,
+    KernelPlanRow,
     LineageEdge,
     Metric,
     StageRun,
@@ -296,6 +301,67 @@ def find_cached_stage(session: Session, cache_key: str) -> StageRun | None:
         .limit(1)
     )
     return session.scalar(query)
+
+
+def upsert_kernel_choices(
+    session: Session,
+    *,
+    stage_run_id: str,
+    environment: dict[str, Any],
+    dtype: str,
+    entries: Iterable[tuple[str, int, dict[str, Any]]],
+) -> int:
+    """Store measured kernel choices `(shape "<out>x<in>", tokens, choice)` of one environment and dtype.
+
+    An entry with the key of a stored one replaces its choice, measuring stage run and time (one
+    `INSERT ... ON CONFLICT DO UPDATE`, so concurrent jobs cannot collide); within `entries` the last
+    one of a key wins. Return how many entries were written.
+    """
+    _require(session, StageRun, stage_run_id)
+    env = _environment_key(environment)
+    if not env["gpu"]:
+        raise ValueError("kernel choices measured without a GPU are not cached: environment has no 'gpu'")
+    now = utcnow()
+    rows = {
+        (shape, int(tokens)): {**env, "dtype": dtype, "shape": shape, "tokens": int(tokens), "choice": dict(choice),
+                               "stage_run_id": stage_run_id, "created_at": now}
+        for shape, tokens, choice in entries
+    }
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    make_insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}.get(dialect)
+    if make_insert is None:
+        raise ValueError(f"upsert_kernel_choices supports PostgreSQL and SQLite, not {dialect!r}")
+    statement = make_insert(KernelPlanRow).values(list(rows.values()))
+    statement = statement.on_conflict_do_update(
+        index_elements=[*KERNEL_ENVIRONMENT_FIELDS, "dtype", "shape", "tokens"],
+        set_={c: statement.excluded[c] for c in ("choice", "stage_run_id", "created_at")},
+    )
+    session.execute(statement)
+    return len(rows)
+
+
+def cached_kernel_choices(
+    session: Session, *, environment: dict[str, Any] | None = None, dtype: str | None = None
+) -> list[KernelPlanRow]:
+    """Cached kernel choices, optionally of one environment and/or dtype, by shape then token count."""
+    query = select(KernelPlanRow)
+    if environment is not None:
+        query = query.where(*(getattr(KernelPlanRow, f) == v for f, v in _environment_key(environment).items()))
+    if dtype is not None:
+        query = query.where(KernelPlanRow.dtype == dtype)
+    order = (KernelPlanRow.gpu, KernelPlanRow.dtype, KernelPlanRow.shape, KernelPlanRow.tokens, KernelPlanRow.id)
+    # populate_existing: an upsert in this session bypasses the identity map
+    return list(session.scalars(query.order_by(*order).execution_options(populate_existing=True)))
+
+
+def _environment_key(environment: dict[str, Any]) -> dict[str, str]:
+    """Environment fields as stored: strings, "" for unknown; other keys are refused."""
+    unknown = set(environment) - set(KERNEL_ENVIRONMENT_FIELDS)
+    if unknown:
+        raise ValueError(f"environment has unknown fields {sorted(unknown)}; known: {list(KERNEL_ENVIRONMENT_FIELDS)}")
+    return {f: "" if environment.get(f) is None else str(environment[f]) for f in KERNEL_ENVIRONMENT_FIELDS}
 
 
 def _require(session: Session, model: type[_Row], ident: str, *, lock: bool = False) -> _Row:

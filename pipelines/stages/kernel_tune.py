@@ -3,7 +3,13 @@
 Reads the `model` artifact, finds the decoder layers' Linears whose weights follow 2:4 (a Linear
 that does not is dense by definition), groups them by weight shape and, on a CUDA device, tunes each
 shape with `kernels.autotune` (check against dense, then time). Writes `kernel_plan.json` (kind
-`kernel_plan`) and metrics `kernel_speedup.<out>x<in>.<tokens>` and `kernel_tuned_shapes`.
+`kernel_plan`) and metrics `kernel_speedup.<out>x<in>.<tokens>`, `kernel_tuned_shapes` (timed in this
+run) and `kernel_cached_shapes` (reused).
+
+An optional `kernel_cache` input (written by the orchestrator from the lineage store; format
+`KernelCache` below) holds choices measured earlier. A shape whose every requested token count is
+cached for this environment (GPU, capability, CUDA, driver, torch, cuSPARSELt) and dtype reuses
+those choices without timing; the other shapes are tuned. The plan is complete either way.
 
 Without a CUDA device nothing is timed: the plan marks every shape dense with reason "no CUDA GPU"
 and the result's notes say that tuning was skipped. Sample recipe entry::
@@ -16,22 +22,65 @@ and the result's notes say that tuning was skipped. Sample recipe entry::
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kernels.autotune import TuneSettings, shape_key, tune
-from kernels.plan import dense_plan, environment_of, plan_from_tuning, save_plan
+from kernels.plan import Environment, KernelChoice, KernelPlan, dense_plan, environment_of, plan_from_tuning, save_plan
 from kernels.sparse24 import is_24, mask_from_zero_pattern
 from pipelines.modeling import decoder_layers
 from pipelines.modelio import load_model
 from pipelines.recipe import KernelTuneStage
-from pipelines.stage import Metric, StageContext, StageError, StageResult
+from pipelines.stage import Metric, StageContext, StageError, StageInputError, StageResult
 
 log = logging.getLogger(__name__)
 
 NO_GPU = "no CUDA GPU"
+CACHE_FORMAT = "sparseflow.kernel_cache"
+
+
+class KernelCacheEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    environment: Environment
+    dtype: Literal["float16", "bfloat16"]
+    shape: str = Field(pattern=r"^[0-9]+x[0-9]+$", description='Weight shape "<out>x<in>".')
+    tokens: int = Field(ge=1)
+    choice: KernelChoice
+
+
+class KernelCache(BaseModel):
+    """The `kernel_cache` input: choices measured by earlier runs, any environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["sparseflow.kernel_cache"] = CACHE_FORMAT
+    version: Literal[1] = 1
+    entries: list[KernelCacheEntry] = Field(default_factory=list)
+
+
+def load_kernel_cache(path: Path) -> KernelCache:
+    try:
+        return KernelCache.model_validate(json.loads(Path(path).read_text()))
+    except (OSError, json.JSONDecodeError) as error:
+        raise StageInputError(f"kernel_cache {path}: cannot read: {error}") from error
+    except ValidationError as error:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise StageInputError(f"kernel_cache {path}: invalid: {fields}") from error
+
+
+def cached_choices(cache: KernelCache, environment: Environment, dtype: str, shapes: list[str],
+                   tokens: list[int]) -> dict[str, dict[int, dict[str, Any]]]:
+    """shape -> tokens -> choice dump, for the shapes whose every token count is cached here."""
+    found = {(e.shape, e.tokens): e.choice for e in cache.entries if e.environment == environment and e.dtype == dtype}
+    return {key: {t: found[key, t].model_dump(mode="json") for t in tokens}
+            for key in shapes if all((key, t) in found for t in tokens)}
 
 
 def find_24_linears(model: torch.nn.Module) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -77,14 +126,17 @@ def run(spec: KernelTuneStage, ctx: StageContext) -> StageResult:
     if not cuda:
         notes.append(f"kernel tuning skipped: {NO_GPU} is present (device {ctx.device}); every shape is dense")
         plan = dense_plan(shapes, spec.tokens, spec.dtype, NO_GPU, environment_of(None), notes)
-        metrics.append(Metric("kernel_tuned_shapes", 0.0))
+        metrics += [Metric("kernel_tuned_shapes", 0.0), Metric("kernel_cached_shapes", 0.0)]
     else:
-        plan = _tune(model, groups, spec, ctx, dtype, notes)
+        cache = load_kernel_cache(ctx.inputs["kernel_cache"]) if "kernel_cache" in ctx.inputs else KernelCache()
+        plan, reused = _tune(model, groups, spec, ctx, dtype, cache, notes)
         for key, shape in plan.shapes.items():
             for tokens, choice in shape.choices.items():
                 if choice.speedup is not None:
                     metrics.append(Metric(f"kernel_speedup.{key}.{tokens}", float(choice.speedup)))
-        metrics.append(Metric("kernel_tuned_shapes", float(len(plan.shapes))))
+        metrics += [Metric("kernel_tuned_shapes", float(len(plan.shapes) - reused)),
+                    Metric("kernel_cached_shapes", float(reused))]
+        summary["cached_shapes"] = reused
         summary["sparse_choices"] = {
             key: {t: c.backend for t, c in s.choices.items()} for key, s in plan.shapes.items()
         }
@@ -94,17 +146,25 @@ def run(spec: KernelTuneStage, ctx: StageContext) -> StageResult:
     return StageResult(outputs={"kernel_plan": path}, metrics=metrics, summary=summary, notes=notes)
 
 
-def _tune(model, groups, spec, ctx, dtype, notes) -> object:
-    settings = TuneSettings(tokens=tuple(spec.tokens), dtype=dtype, repeats=spec.repeats)
+def _tune(model, groups, spec, ctx, dtype, cache: KernelCache, notes: list[str]) -> tuple[KernelPlan, int]:
+    """(the plan, how many shapes came from `cache`)."""
+    env = environment_of(ctx.device)
+    tokens = list(spec.tokens)
+    reused = cached_choices(cache, env, spec.dtype, list(groups), tokens)
+    if reused:
+        notes.append(f"reused {len(reused)} cached shape(s) measured earlier on {env.gpu}: {', '.join(reused)}")
     # one representative weight per shape: the first Linear of that shape, with its own 2:4 mask
     weights = {}
     for key, names in groups.items():
-        weight = model.get_submodule(names[0]).weight.detach()
-        weights[key] = (weight, mask_from_zero_pattern(weight))
+        if key not in reused:
+            weight = model.get_submodule(names[0]).weight.detach()
+            weights[key] = (weight, mask_from_zero_pattern(weight))
     del model
-    tuned = tune(weights, settings, ctx.device, progress=ctx.progress)
-    env = environment_of(ctx.device)
+    settings = TuneSettings(tokens=tuple(tokens), dtype=dtype, repeats=spec.repeats)
+    tuned = tune(weights, settings, ctx.device, progress=ctx.progress) if weights else {}
     wins = sum(c["backend"] != "dense" for s in tuned.values() for c in s.values())
-    notes.append(f"tuned {len(tuned)} shapes x {len(spec.tokens)} token counts on {env.gpu}; "
-                 f"{wins} choices sparse, the rest dense")
-    return plan_from_tuning(tuned, groups, list(spec.tokens), spec.dtype, env, notes)
+    if weights:
+        notes.append(f"tuned {len(tuned)} shapes x {len(tokens)} token counts on {env.gpu}; "
+                     f"{wins} choices sparse, the rest dense")
+    merged = {key: reused[key] if key in reused else tuned[key] for key in groups}
+    return plan_from_tuning(merged, groups, tokens, spec.dtype, env, notes), len(reused)

@@ -11,7 +11,7 @@ from sqlalchemy import inspect
 from orchestrator.store import db
 from orchestrator.store.models import Base
 
-TABLES = {"jobs", "stage_runs", "artifacts", "metrics", "tags", "lineage_edges"}
+TABLES = {"jobs", "stage_runs", "artifacts", "metrics", "tags", "lineage_edges", "kernel_plans"}
 
 
 def _tables(engine) -> set[str]:

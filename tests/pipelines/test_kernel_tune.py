@@ -1,16 +1,21 @@
-"""Stage `kernel_tune` without a GPU: a plan that is dense everywhere, says why, and times nothing."""
+"""Stage `kernel_tune` without a GPU: a plan that is dense everywhere, says why, and times nothing.
 
+The kernel cache tests simulate a GPU (environment and tuner replaced) to check which shapes are timed.
+"""
+
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from kernels.plan import apply_plan, load_plan
+from kernels.plan import Environment, apply_plan, load_plan
 from kernels.sparse24 import mask_24
 from pipelines.modelio import load_model
 from pipelines.recipe import DataSpec, KernelTuneStage
 from pipelines.stage import StageContext, StageInputError
-from pipelines.stages.kernel_tune import NO_GPU, find_24_linears, run
+from pipelines.stages import kernel_tune
+from pipelines.stages.kernel_tune import NO_GPU, KernelCache, find_24_linears, run
 
 PRUNED = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj",
           "model.layers.1.mlp.down_proj")
@@ -62,7 +67,7 @@ def test_cpu_run_writes_a_dense_plan_with_reason(pruned_model_dir, tmp_path):
 def test_cpu_run_notes_and_metrics_say_tuning_was_skipped(pruned_model_dir, tmp_path):
     result = run(KernelTuneStage(), _ctx(tmp_path, pruned_model_dir))
     assert any("skipped" in n and NO_GPU in n for n in result.notes)
-    assert {m.name: m.value for m in result.metrics} == {"kernel_tuned_shapes": 0.0}
+    assert {m.name: m.value for m in result.metrics} == {"kernel_tuned_shapes": 0.0, "kernel_cached_shapes": 0.0}
     assert result.summary["sparse_24_linears"] == 4
     assert result.summary["dense_linears"] == 10  # 2 layers x 7 Linears, 4 of them pruned
 
@@ -93,3 +98,79 @@ def test_missing_model_input_is_a_clear_error(tmp_path):
     ctx = StageContext(workdir=tmp_path, inputs={}, data=DataSpec())
     with pytest.raises(StageInputError, match="'model'"):
         run(KernelTuneStage(), ctx)
+
+
+H100 = Environment(gpu="NVIDIA H100 80GB HBM3", capability="9.0", cuda="13.0", driver="580.159.04",
+                   torch="2.11.0+cu130", cusparselt=800)
+CACHED = {"backend": "cusparselt-planned", "config": {"layout": 1, "alg_id": 7}, "speedup": 1.4,
+          "times_ms": {"dense": 1.4, "cusparselt-planned": 1.0}, "reason": "fastest"}
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch) -> list[set[str]]:
+    """A CUDA device that is an H100 to the stage; the tuner records the shapes it was asked to time."""
+    calls: list[set[str]] = []
+
+    def fake_tune(weights, settings, device, progress=None):
+        calls.append(set(weights))
+        return {key: {t: {"backend": "dense", "times_ms": {"dense": 0.01}, "speedup": 1.0, "reason": "timed"}
+                      for t in settings.tokens} for key in weights}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernel_tune, "environment_of", lambda device: H100)
+    monkeypatch.setattr(kernel_tune, "tune", fake_tune)
+    return calls
+
+
+def _cache(path: Path, entries: list[tuple[Environment, str, str, int]]) -> Path:
+    cache = KernelCache(entries=[{"environment": env, "dtype": dtype, "shape": shape, "tokens": t, "choice": CACHED}
+                                 for env, dtype, shape, t in entries])
+    path.write_text(json.dumps(cache.model_dump(mode="json")))
+    return path
+
+
+def test_fully_cached_shape_is_reused_without_timing(pruned_model_dir, tmp_path, fake_gpu):
+    cache = _cache(tmp_path / "cache.json", [(H100, "float16", "128x64", 1), (H100, "float16", "128x64", 16),
+                                             (H100, "float16", "64x64", 1)])  # 64x64 lacks 16 tokens
+    ctx = _ctx(tmp_path / "work", pruned_model_dir, "cuda")
+    ctx.inputs["kernel_cache"] = cache
+    result = run(KernelTuneStage(tokens=[1, 16]), ctx)
+    assert fake_gpu == [{"64x64", "64x128"}]  # the partly cached shape is tuned again
+    plan = load_plan(result.outputs["kernel_plan"])
+    assert set(plan.shapes) == {"64x64", "128x64", "64x128"}
+    assert {t: c.backend for t, c in plan.shapes["128x64"].choices.items()} == {1: "cusparselt-planned",
+                                                                                16: "cusparselt-planned"}
+    assert plan.shapes["128x64"].choices[16].config == {"layout": 1, "alg_id": 7}
+    assert plan.shapes["128x64"].layers == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    assert plan.shapes["64x64"].choices[1].reason == "timed"
+    metrics = {m.name: m.value for m in result.metrics}
+    assert metrics["kernel_cached_shapes"] == 1.0 and metrics["kernel_tuned_shapes"] == 2.0
+    assert any("reused 1 cached shape(s)" in n for n in result.notes)
+
+
+def test_cache_of_another_environment_or_dtype_is_not_used(pruned_model_dir, tmp_path, fake_gpu):
+    other = H100.model_copy(update={"driver": "570.86.15"})
+    cache = _cache(tmp_path / "cache.json", [(other, "float16", "64x64", 1), (H100, "bfloat16", "128x64", 1)])
+    ctx = _ctx(tmp_path / "work", pruned_model_dir, "cuda")
+    ctx.inputs["kernel_cache"] = cache
+    result = run(KernelTuneStage(tokens=[1]), ctx)
+    assert fake_gpu == [{"64x64", "128x64", "64x128"}]
+    assert {m.name: m.value for m in result.metrics}["kernel_cached_shapes"] == 0.0
+
+
+def test_everything_cached_times_nothing(pruned_model_dir, tmp_path, fake_gpu):
+    cache = _cache(tmp_path / "cache.json", [(H100, "float16", s, 1) for s in ("64x64", "128x64", "64x128")])
+    ctx = _ctx(tmp_path / "work", pruned_model_dir, "cuda")
+    ctx.inputs["kernel_cache"] = cache
+    result = run(KernelTuneStage(tokens=[1]), ctx)
+    assert fake_gpu == []
+    assert len(load_plan(result.outputs["kernel_plan"]).sparse_shapes()) == 3
+
+
+def test_invalid_kernel_cache_is_a_clear_error(pruned_model_dir, tmp_path, fake_gpu):
+    bad = tmp_path / "cache.json"
+    bad.write_text(json.dumps({"format": "sparseflow.kernel_cache", "entries": [{"shape": "64x64"}]}))
+    ctx = _ctx(tmp_path / "work", pruned_model_dir, "cuda")
+    ctx.inputs["kernel_cache"] = bad
+    with pytest.raises(StageInputError, match="kernel_cache .*entries.0.environment"):
+        run(KernelTuneStage(tokens=[1]), ctx)
