@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
     help="sparseflow: compress language models. Run jobs, serve the API, inspect and download results.",
 )
 console = Console()
@@ -211,12 +211,18 @@ def nightly(
 
 
 def main() -> None:
+    import httpx
+
     from api.client import ApiError
 
     try:
         app()
     except ApiError as error:
         err.print(f"[red]error:[/red] {error}", highlight=False)
+        sys.exit(1)
+    except httpx.TransportError as error:
+        where = error.request.url if error.request else "the API"
+        err.print(f"[red]error:[/red] cannot reach {where}: {error}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

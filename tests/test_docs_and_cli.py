@@ -49,3 +49,14 @@ def test_cli_wanda_without_calibration_is_rejected(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", str(bad)])
     assert result.exit_code == 2
     assert "needs a 'calibrate' stage" in result.output
+
+
+def test_cli_unreachable_api_is_one_clear_line() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "api.cli", "jobs", "--url", "http://127.0.0.1:9"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "cannot reach http://127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
