@@ -60,3 +60,13 @@ def test_cli_unreachable_api_is_one_clear_line() -> None:
     assert result.returncode == 1
     assert "cannot reach http://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_documented_endpoint_exists() -> None:
+    from api.app import create_app
+
+    documented = re.findall(r"\| `(GET|POST)` \| `([^`]+)` \|", (ROOT / "docs" / "api.md").read_text())
+    paths = create_app().openapi()["paths"]
+    assert len(documented) >= 10
+    for method, path in documented:
+        assert method.lower() in paths.get(path, {}), f"{method} {path} is documented but not served"
