@@ -209,8 +209,80 @@ class KernelTuneStage(_StageBase):
         return value
 
 
+class ActivationProfileStage(_StageBase):
+    """Activation sparsity of the FFNs: perplexity vs sparsity overall and per layer, critical sparsity,
+    a per-layer allocation, and optionally a model whose FFNs skip inactive neurons.
+
+    A layer's threshold at sparsity s is the s-quantile of |input of down_proj| on the calibration
+    text; held-out perplexity is measured on the evaluation text. Sample::
+
+        - stage: activation_profile
+          sparsities: [0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9]
+          tolerances: [0.01, 0.05]       # critical sparsity: perplexity up by at most 1%, 5%
+          layer_sparsities: [0.5, 0.7, 0.9]
+          export: true                   # thresholds in config.json, at the critical sparsity
+    """
+
+    stage: Literal["activation_profile"] = "activation_profile"
+    sparsities: list[float] = Field(
+        default_factory=lambda: [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9],
+        description="Uniform activation sparsities measured on all layers at once, each in [0, 1).",
+    )
+    tolerances: list[float] = Field(
+        default_factory=lambda: [0.01, 0.05], description="Relative perplexity increases defining critical sparsity."
+    )
+    layer_sparsities: list[float] | None = Field(
+        None, description="Sparsities of the one-layer-at-a-time curves (None: the non-zero `sparsities`)."
+    )
+    allocate_at: list[float] | None = Field(
+        None, description="Mean sparsities at which the per-layer allocation is compared to uniform (None: all)."
+    )
+    samples: int = Field(16, ge=1, description="Calibration sequences.")
+    seq_len: int = Field(256, ge=8, description="Tokens per calibration sequence.")
+    eval_seq_len: int = Field(512, ge=8, description="Tokens per held-out perplexity window.")
+    eval_windows: int = Field(16, ge=1, description="Held-out windows for the uniform and allocated curves.")
+    layer_eval_windows: int = Field(4, ge=1, description="Held-out windows (the first ones) for per-layer curves.")
+    batch_size: int = Field(4, ge=1)
+    export: bool = Field(False, description="Also write a model whose config carries per-layer thresholds.")
+    export_sparsity: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Mean sparsity of the export (None: critical sparsity at tolerances[0])."
+    )
+    export_allocation: Literal["per_layer", "uniform"] = "per_layer"
+
+    @field_validator("sparsities", "layer_sparsities", "allocate_at")
+    @classmethod
+    def _sparsity_grid(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must list at least one sparsity")
+        bad = [s for s in value if not 0.0 <= s < 1.0]
+        if bad:
+            raise ValueError(f"every sparsity must be in [0, 1), got {bad}")
+        return sorted(set(value))
+
+    @field_validator("tolerances")
+    @classmethod
+    def _tolerances(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 < t < 10.0 for t in value):
+            raise ValueError(f"must be a non-empty list of relative increases in (0, 10), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> ActivationProfileStage:
+        if not any(s > 0 for s in self.sparsities):
+            raise ValueError("sparsities: needs at least one non-zero sparsity")
+        if self.layer_sparsities is not None and not any(s > 0 for s in self.layer_sparsities):
+            raise ValueError("layer_sparsities: needs at least one non-zero sparsity")
+        top = max(self.layer_sparsities or self.sparsities)
+        beyond = [s for s in (self.allocate_at or []) if s > top]
+        if beyond:
+            raise ValueError(f"allocate_at: {beyond} beyond the largest per-layer sparsity {top}")
+        return self
+
+
 StageSpec = Annotated[
-    CalibrateStage | PruneStage | FinetuneStage | EvaluateStage | KernelTuneStage,
+    CalibrateStage | PruneStage | FinetuneStage | EvaluateStage | KernelTuneStage | ActivationProfileStage,
     Field(discriminator="stage"),
 ]
 

@@ -14,6 +14,7 @@ Artifact kinds (the keys of `inputs` and `outputs`):
 - `report`: a JSON file with the stage's findings.
 - `kernel_plan`: a JSON file mapping Linear shapes to the chosen kernel.
 - `checkpoint`: a directory a stage can resume from.
+- `plot`: a PNG figure of the stage's findings.
 """
 
 from __future__ import annotations

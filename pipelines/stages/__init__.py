@@ -17,6 +17,7 @@ STAGE_MODULES: dict[str, str] = {
     "finetune": "pipelines.stages.finetune",
     "evaluate": "pipelines.stages.evaluate",
     "kernel_tune": "pipelines.stages.kernel_tune",
+    "activation_profile": "pipelines.stages.activation_profile",
 }
 
 

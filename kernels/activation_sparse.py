@@ -1,0 +1,201 @@
+"""Activation-sparse down projection: skip the FFN neurons whose activation is below a threshold.
+
+For a gated FFN, `y = down_proj(h)` with `h = act(gate(x)) * up(x)` [tokens, intermediate]. When
+entries of `h` with `|h| < threshold` are zeroed, the columns of `down_proj.weight` [hidden,
+intermediate] of neurons inactive for every token contribute nothing, and a decode step (1-16
+tokens) need not read them: it gathers the rows of the transposed weight `weight_t`
+[intermediate, hidden] of the active neurons and multiplies only those (the bytes read fall with
+the fraction of neurons no token needs).
+
+- `SparseDown.from_dense` holds the transposed weight a kernel consumes (`decompress` gives back the
+  dense weight), `active_columns` lists the active neurons without a host sync (the count stays on
+  the device, so the step can be captured in a CUDA graph).
+- `gather_down_reference` is the readable pure-torch version of the kernel; `dense_down` the dense
+  thresholded product every sparse path is checked against.
+- `sparse_down_proj` runs the Triton kernel on a CUDA tensor of at most `MAX_DECODE_TOKENS` tokens;
+  callers fall back to `dense_down` elsewhere (`can_use_kernel` says why not).
+
+This module imports only torch and (optionally) triton, so that GPU benchmarks can use it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # optional: the CPU machine has no triton; every caller checks `triton is not None`
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+MAX_DECODE_TOKENS = 16
+
+
+class ActivationSparseError(ValueError):
+    """Arguments the activation-sparse down projection cannot take (shape, dtype, device)."""
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of the gather kernel: output columns per program, neurons per step, split of the neurons."""
+
+    block_n: int = 128
+    block_k: int = 64
+    split_k: int = 8
+    num_warps: int = 4
+
+
+@dataclass
+class SparseDown:
+    """A down projection ready for the gather kernel: `weight_t` [intermediate, hidden], contiguous."""
+
+    weight_t: Tensor
+    bias: Tensor | None = None
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None) -> SparseDown:
+        """From `down_proj.weight` [hidden, intermediate] (and its bias)."""
+        if weight.dim() != 2:
+            raise ActivationSparseError(f"down_proj weight must be 2-D, got shape {tuple(weight.shape)}")
+        return cls(weight_t=weight.detach().t().contiguous(), bias=None if bias is None else bias.detach())
+
+    def decompress(self) -> Tensor:
+        """The dense `[hidden, intermediate]` weight again."""
+        return self.weight_t.t().contiguous()
+
+    @property
+    def intermediate(self) -> int:
+        return self.weight_t.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.weight_t.shape[1]
+
+
+def threshold_activations(h: Tensor, threshold: float) -> Tensor:
+    """`h` with entries `|h| < threshold` set to zero; `h` itself (no copy) for threshold 0."""
+    if threshold <= 0:
+        return h
+    return torch.where(h.abs() < threshold, torch.zeros((), dtype=h.dtype, device=h.device), h)
+
+
+def dense_down(h: Tensor, weight: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    """The dense reference: `F.linear(threshold_activations(h), weight, bias)`; bit-identical to dense at 0."""
+    return F.linear(threshold_activations(h, threshold), weight, bias)
+
+
+def active_columns(h2d: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Neurons active (`|h| >= threshold`) for at least one token, compacted in increasing order.
+
+    Returns `idx` int32 [intermediate + 1] whose first `count` entries are the active neurons (the
+    rest is scratch), and `count` int32 [1], on `h2d`'s device: no host synchronization.
+    """
+    intermediate = h2d.shape[-1]
+    active = (h2d.abs() >= threshold).any(dim=0)
+    position = torch.cumsum(active, dim=0, dtype=torch.int32)
+    slot = torch.where(active, position - 1, torch.full_like(position, intermediate))
+    idx = torch.empty(intermediate + 1, dtype=torch.int32, device=h2d.device)
+    idx.scatter_(0, slot.long(), torch.arange(intermediate, dtype=torch.int32, device=h2d.device))
+    return idx, position[-1:].clone()
+
+
+def gather_down_reference(h2d: Tensor, down: SparseDown, threshold: float) -> Tensor:
+    """What the kernel computes, in plain torch: gather the active rows of `weight_t`, multiply, add bias."""
+    idx, count = active_columns(h2d, threshold)
+    keep = idx[: int(count.item())].long()
+    h_active = threshold_activations(h2d[:, keep], threshold)
+    acc = torch.promote_types(h2d.dtype, torch.float32)
+    out = (h_active.to(acc) @ down.weight_t[keep].to(acc)).to(h2d.dtype)
+    return out if down.bias is None else out + down.bias
+
+
+def can_use_kernel(h: Tensor, down: SparseDown) -> tuple[bool, str]:
+    """Whether `sparse_down_proj` can run on these tensors, and if not, why."""
+    if triton is None:
+        return False, "triton is not installed"
+    if not (h.is_cuda and down.weight_t.is_cuda):
+        return False, "tensors are not on a CUDA device"
+    tokens = h.numel() // h.shape[-1] if h.numel() else 0
+    if not 1 <= tokens <= MAX_DECODE_TOKENS:
+        return False, f"{tokens} tokens: the gather kernel serves decode steps of 1-{MAX_DECODE_TOKENS} tokens"
+    if h.dtype != down.weight_t.dtype or h.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"needs matching fp16/bf16 activations and weight, got {h.dtype} and {down.weight_t.dtype}"
+    if h.shape[-1] != down.intermediate:
+        return False, f"activations have {h.shape[-1]} neurons, the weight {down.intermediate}"
+    return True, ""
+
+
+def sparse_down_proj(h: Tensor, down: SparseDown, threshold: float, config: KernelConfig | None = None) -> Tensor:
+    """Thresholded down projection of a decode step with the gather kernel: `[..., intermediate] -> [..., hidden]`.
+
+    Raises `ActivationSparseError` where the kernel cannot run (see `can_use_kernel`); callers use
+    `dense_down` there.
+    """
+    ok, why = can_use_kernel(h, down)
+    if not ok:
+        raise ActivationSparseError(f"gather kernel unavailable: {why}")
+    h2d = h.reshape(-1, h.shape[-1])
+    result = launch_gather_down(h2d, down, threshold, config or KernelConfig())
+    if down.bias is not None:
+        result = result + down.bias
+    return result.reshape(*h.shape[:-1], down.hidden)
+
+
+def launch_gather_down(h2d: Tensor, down: SparseDown, threshold: float, config: KernelConfig) -> Tensor:
+    """Launch the Triton kernel on `h2d` [tokens <= 16, intermediate] without the device checks (bias not added).
+
+    `sparse_down_proj` is the checked entry point; this one also runs under `TRITON_INTERPRET=1` on CPU
+    tensors, which is how the kernel is checked on a machine without a GPU.
+    """
+    if triton is None:
+        raise ActivationSparseError("gather kernel unavailable: triton is not installed")
+    if h2d.shape[0] > MAX_DECODE_TOKENS:
+        raise ActivationSparseError(f"{h2d.shape[0]} tokens: the gather kernel takes at most {MAX_DECODE_TOKENS}")
+    if h2d.stride(-1) != 1:
+        h2d = h2d.contiguous()
+    idx, count = active_columns(h2d, threshold)
+    tokens, hidden = h2d.shape[0], down.hidden
+    out = torch.zeros(tokens, hidden, dtype=torch.float32, device=h2d.device)
+    grid = (triton.cdiv(hidden, config.block_n), config.split_k)
+    _gather_down_kernel[grid](
+        h2d, down.weight_t, idx, count, out, float(threshold), tokens, hidden,
+        h2d.stride(0), down.weight_t.stride(0), out.stride(0),
+        BLOCK_M=MAX_DECODE_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+        num_warps=config.num_warps,
+    )
+    return out.to(h2d.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_down_kernel(
+        h_ptr, wt_ptr, idx_ptr, count_ptr, out_ptr, threshold, M, N,
+        stride_hm, stride_wk, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):
+        """out[m, n] += sum over this program's active neurons k of thr(h[m, idx[k]]) * wt[idx[k], n]."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        count = tl.load(count_ptr)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, count, BLOCK_K * SPLIT_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < count
+            neuron = tl.load(idx_ptr + offs_k, mask=k_ok, other=0).to(tl.int64)
+            h = tl.load(h_ptr + offs_m[:, None] * stride_hm + neuron[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            h = tl.where(tl.abs(h.to(tl.float32)) >= threshold, h, tl.zeros_like(h))
+            w = tl.load(wt_ptr + neuron[:, None] * stride_wk + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc += tl.dot(h, w)
+        tl.atomic_add(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
