@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/sparseflow-bench-quality"))
     parser.add_argument("--only", nargs="*", default=None, help="row keys to run, e.g. sparseflow/wanda/2:4")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results JSON (default: %(default)s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -202,7 +203,7 @@ def main() -> None:
     windows = eval_windows(tokenizer, load_text("builtin:enwiki", "evaluation", cache), args.eval_seq_len,
                            args.eval_windows)
 
-    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() and not args.fresh else {}
+    previous = json.loads(args.results.read_text()) if args.results.exists() and not args.fresh else {}
     done = {r["key"]: r for r in previous.get("rows", [])}
     llmc_versions = previous.get("versions", {}).get("llm-compressor-venv", {})
     rows = []
@@ -235,8 +236,8 @@ def main() -> None:
 def _write(rows, args, windows, llmc_versions, torch, transformers) -> None:
     import compressed_tensors
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({
         "benchmark": "pruning_quality",
         "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                   f"{torch.get_num_threads()} torch threads)",

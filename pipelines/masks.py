@@ -25,9 +25,14 @@ def pack_mask(mask: Tensor) -> Tensor:
     """bool [rows, cols] -> uint8 [rows, ceil(cols/8)], little bit order, on the mask's device."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {tuple(mask.shape)}")
-    rows, cols = mask.shape
     if mask.device.type == "cpu":  # numpy's packbits is a single C loop
         return torch.from_numpy(np.packbits(mask.numpy(), axis=-1, bitorder="little"))
+    return pack_mask_torch(mask)
+
+
+def pack_mask_torch(mask: Tensor) -> Tensor:
+    """`pack_mask` in torch ops, for masks on an accelerator (no copy of the bool mask to the host)."""
+    rows, cols = mask.shape
     pad = (-cols) % _BITS
     bits = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).reshape(rows, -1, _BITS)
     weights = torch.tensor([1 << j for j in range(_BITS)], dtype=torch.uint8, device=mask.device)

@@ -35,6 +35,6 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
     r = torch.tensor(ratios, dtype=torch.float64)
     centred = r - r.mean()
     spread = centred.abs().max()
-    if spread == 0:
+    if spread <= 1e-12 * max(float(r.abs().max()), 1e-30):
         return [sparsity] * len(ratios)
     return (sparsity - lam * centred / spread).tolist()

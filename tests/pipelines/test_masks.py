@@ -14,6 +14,7 @@ from pipelines.masks import (
     apply_masks,
     load_masks,
     pack_mask,
+    pack_mask_torch,
     read_mask_metadata,
     save_bool_masks,
     save_masks,
@@ -27,6 +28,7 @@ def test_pack_mask_matches_compressed_tensors_bit_order(cols: int) -> None:
     packed = pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.shape == (5, -(-cols // 8))
     assert torch.equal(packed, pack_bitmasks(mask))
+    assert torch.equal(pack_mask_torch(mask), packed)  # the accelerator path
     assert torch.equal(unpack_bitmasks(packed, [5, cols]), mask)
     assert torch.equal(unpack_mask(packed, (5, cols)), mask)
 

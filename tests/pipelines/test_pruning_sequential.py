@@ -1,0 +1,103 @@
+"""The layer-sequential driver: shared-input groups, the model's own inputs, pruned outputs fed on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipelines.pruning.engine import MethodConfig, prune_layer
+from pipelines.pruning.sequential import CalibrationError, run_sequential
+from pipelines.pruning.targets import resolve_targets
+
+TARGETS = [r"re:.*\.(self_attn|mlp)\.\w+_proj$"]
+
+
+@pytest.fixture()
+def model() -> nn.Module:
+    from conftest import build_tiny_model
+
+    return build_tiny_model(512)
+
+
+def _ids(samples: int = 6, seq_len: int = 16) -> torch.Tensor:
+    return torch.randint(0, 512, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+def _inputs_seen(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+
+
+def test_linears_sharing_an_input_share_one_statistics_group(model: nn.Module) -> None:
+    groups = {}
+    run_sequential(model, _ids(), resolve_targets(model, TARGETS, ["lm_head"]),
+                   lambda work: groups.setdefault(work.index, (work.groups, work.stats)), device=torch.device("cpu"))
+    names, stats = groups[0]
+    short = [[n.split(".")[-1] for n in group] for group in names]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert set(stats) == {group[0] for group in names}
+    assert all(s.tokens == 6 * 16 for s in stats.values())
+
+
+def test_statistics_without_pruning_match_the_models_own_forward(model: nn.Module) -> None:
+    ids = _ids()
+    name = "model.layers.1.mlp.down_proj"
+    x = _inputs_seen(model, name, ids)
+    captured = {}
+
+    def keep(work) -> None:
+        if work.index == 1:
+            leader = next(g[0] for g in work.groups if name in g)
+            captured["xtx"] = work.stats[leader].xtx.clone()
+
+    run_sequential(model, ids, resolve_targets(model, TARGETS, ["lm_head"]), keep, device=torch.device("cpu"),
+                   batch_size=4)
+    assert torch.allclose(captured["xtx"], x.t() @ x, rtol=1e-4, atol=1e-4)
+
+
+def test_pruned_outputs_feed_the_next_layer(model: nn.Module) -> None:
+    ids = _ids()
+    name = "model.layers.1.self_attn.q_proj"
+    config = MethodConfig("sparsegpt")
+    dense_next = {}
+    for propagate in ("pruned", "dense"):
+        trial = __import__("conftest").build_tiny_model(512)
+
+        def prune(work, propagate=propagate) -> None:
+            if work.index == 1:
+                dense_next[propagate] = work.stats[name].xtx.clone()
+            prune_layer(work, config, 0.5)
+
+        run_sequential(trial, ids, resolve_targets(trial, TARGETS, ["lm_head"]), prune, device=torch.device("cpu"),
+                       propagate=propagate)
+        if propagate == "pruned":
+            pruned_model = trial
+    # layer 1 saw layer 0's pruned outputs: exactly what the pruned model's own forward gives
+    x = _inputs_seen(pruned_model, name, ids)
+    assert torch.allclose(dense_next["pruned"], x.t() @ x, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(dense_next["pruned"], dense_next["dense"], rtol=1e-3)
+    dense_x = _inputs_seen(model, name, ids)
+    assert torch.allclose(dense_next["dense"], dense_x.t() @ dense_x, rtol=1e-4, atol=1e-3)
+
+
+def test_peak_memory_is_zero_on_cpu(model: nn.Module) -> None:
+    peak = run_sequential(model, _ids(2, 8), resolve_targets(model, TARGETS, ["lm_head"]), lambda w: None,
+                          device=torch.device("cpu"))
+    assert peak == 0
+
+
+def test_empty_calibration_is_rejected_before_any_work(model: nn.Module) -> None:
+    with pytest.raises(CalibrationError, match="calibration"):
+        run_sequential(model, torch.zeros(0, 16, dtype=torch.long), {}, lambda w: None, device=torch.device("cpu"))
+
+
+def test_progress_reports_every_layer(model: nn.Module) -> None:
+    calls = []
+    run_sequential(model, _ids(2, 8), resolve_targets(model, TARGETS, ["lm_head"]), lambda w: None,
+                   device=torch.device("cpu"), progress=lambda d, t, m: calls.append((d, t)))
+    assert calls == [(1, 2), (2, 2)]
