@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import build_tiny_tokenizer  # noqa: E402
 from service_fixtures import TEXT  # noqa: E402
+from tiny_models import build_tiny_tokenizer  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from pipelines.recipe import DataSpec, Recipe  # noqa: E402

@@ -9,67 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 # Ray, Prefect and job fixtures shared by tests/api, tests/workers and tests/orchestrator (one Ray per run).
 pytest_plugins = ["service_fixtures"]
 
-TINY_VOCAB = 512
-
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Anarchism is a political philosophy and movement that is sceptical of authority.",
-    "Autism is a neurodevelopmental disorder characterized by difficulties with social interaction.",
-    "Albedo is the measure of the diffuse reflection of solar radiation out of the total radiation.",
-    "A is the first letter and the first vowel of the Latin alphabet.",
-    "Alabama is a state in the southeastern region of the United States of America.",
-    "Achilles was a hero of the Trojan War and the central character of Homer's Iliad.",
-    "Abraham Lincoln was the 16th president of the United States from 1861 until 1865.",
-    "Aristotle was a Greek philosopher and polymath during the Classical period in Ancient Greece.",
-    "An American in Paris is a jazz-influenced orchestral piece by composer George Gershwin.",
-    "The numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 appear in dates, counts and measurements.",
-]
-
-
-def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer trained on a few sentences: encodes any text, deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-
-
-def build_tiny_model(vocab_size: int, seed: int = 0):
-    """A 2-layer random Llama: hidden 64, intermediate 128, 4 heads (2 KV heads), tied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+from tiny_models import CORPUS, TINY_VOCAB, build_tiny_model, build_tiny_tokenizer  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +33,7 @@ def tiny_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import random
 
     rng = random.Random(0)
-    paragraphs = [" ".join(rng.choice(_CORPUS) for _ in range(12)) for _ in range(120)]
+    paragraphs = [" ".join(rng.choice(CORPUS) for _ in range(12)) for _ in range(120)]
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
     path.write_text("\n\n".join(paragraphs) + "\n")
     return path

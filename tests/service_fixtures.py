@@ -1,6 +1,6 @@
 """Fixtures for tests that run real jobs: one local Ray with logical GPUs, one Prefect test harness.
 
-Imported by the conftest files of tests/api and tests/workers (`from service_fixtures import *`).
+Registered for the whole suite by `pytest_plugins` in tests/conftest.py.
 Ray gets `num_gpus=2` logical GPUs so GPU placement is exercised on machines without a GPU; a stage
 placed on one sees `CUDA_VISIBLE_DEVICES` set but, without a real GPU, computes on the CPU.
 """

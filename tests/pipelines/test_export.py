@@ -26,7 +26,7 @@ from pipelines.pruning.magnitude import prune_magnitude
 
 
 def _pruned_tiny_model(nm):
-    from conftest import build_tiny_model
+    from tiny_models import build_tiny_model
 
     model = build_tiny_model(512)
     names = [n for n, m in model.named_modules() if n.endswith("_proj")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build_tiny_model
 from torch import nn
 
 from pipelines.pruning.engine import MethodConfig, prune_layer
@@ -15,8 +16,6 @@ TARGETS = [r"re:.*\.(self_attn|mlp)\.\w+_proj$"]
 
 @pytest.fixture()
 def model() -> nn.Module:
-    from conftest import build_tiny_model
-
     return build_tiny_model(512)
 
 
@@ -66,7 +65,7 @@ def test_pruned_outputs_feed_the_next_layer(model: nn.Module) -> None:
     config = MethodConfig("sparsegpt")
     dense_next = {}
     for propagate in ("pruned", "dense"):
-        trial = __import__("conftest").build_tiny_model(512)
+        trial = build_tiny_model(512)
 
         def prune(work, propagate=propagate) -> None:
             if work.index == 1:
