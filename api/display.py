@@ -131,7 +131,7 @@ def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, A
         seconds = stage["metrics"].get("stage_seconds")
         notes = "; ".join(stage["notes"]) or (stage["error"] or "")
         stages.add_row(f"{stage['index']:02d}-{stage['kind']}", stage["status"], str(stage["attempt"]),
-                       _fmt(seconds, ".1f"), notes[:90])
+                       _fmt(seconds, ".1f"), notes)
     console.print(stages)
 
     produced = [a for a in artifacts if a.get("stage_run_id")]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+import torch
 from ray.util.queue import Queue
 
 from pipelines.recipe import Resources
@@ -46,8 +47,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 
 
 def _run_on_worker(request: StageRequest, queue: Any | None, num_cpus: float) -> StageOutcome:
-    import torch
-
+    """The Ray task body: use the CPUs Ray granted, run the stage, note which GPUs Ray assigned."""
     torch.set_num_threads(max(1, int(num_cpus)))
     outcome = execute_stage(request, ProgressSink(queue, request.stage_run_id))
     outcome.gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
