@@ -1,6 +1,6 @@
 """How much of the 2:4 pruning gap sparse fine-tuning recovers, with and without distillation.
 
-SmolLM2-135M (builtin) is calibrated and pruned 2:4 with Wanda through the real stages, then
+SmolLM2-135M (builtin) is calibrated and pruned 2:4 (SparseGPT by default) through the real stages, then
 fine-tuned twice from the same pruned model with the same steps, data and schedule: CE only, and
 CE + KD from the dense model. Every model is evaluated on the same held-out windows. Checks first
 (no pruned weight may change, exactly), then reports: perplexities, the fraction of the
@@ -48,6 +48,8 @@ def changed_pruned_weights(pruned_dir: Path, tuned_dir: Path) -> tuple[int, int]
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=["sparsegpt", "wanda", "magnitude"], default="sparsegpt",
+                        help="How the model is pruned to 2:4 before fine-tuning.")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = resolve_model("builtin:smollm2-135m", cache)
     calibration = stage("calibrate", CalibrateStage(samples=args.calib_samples, seq_len=256), "calibrate",
                         model=base).outputs["calibration"]
-    prune = PruneStage(method="wanda", sparsity=0.5, pattern="2:4", export="none")
+    prune = PruneStage(method=args.method, sparsity=0.5, pattern="2:4", export="none")
     pruned = stage("prune", prune, "prune", model=base, calibration=calibration).outputs["model"]
 
     evaluate = EvaluateStage(seq_len=args.eval_seq_len, max_windows=args.eval_windows, compare_dense=True)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "model": "builtin:smollm2-135m",
-        "pruning": "wanda 2:4 via pipelines.stages.prune (32 x 256 calibration tokens)",
+        "pruning": f"{args.method} 2:4 via pipelines.stages.prune ({args.calib_samples} x 256 calibration tokens)",
         "eval": {"split": "builtin:enwiki evaluation", "windows": args.eval_windows, "seq_len": args.eval_seq_len},
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "dense_perplexity": dense_ppl,
