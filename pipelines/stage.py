@@ -55,6 +55,9 @@ class StageContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path | None = None
     progress: ProgressFn = _no_progress
+    checkpoint_dir: Path | None = None
+    """Where a stage keeps resumable state. Unlike `workdir`, it outlives a failed or killed attempt, and
+    the runner hands it back as the `checkpoint` input of the next attempt. None: keep it in `workdir`."""
 
     def require(self, kind: str) -> Path:
         """The local path of input `kind`, or a clear error naming the missing artifact."""

@@ -63,6 +63,15 @@ def pick_device() -> torch.device:
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def attempt_checkpoint_dir(request: StageRequest) -> Path:
+    """Resumable state of one stage run, kept across its attempts (a retry after a killed worker included).
+
+    It lives under the node's cache directory: a retry on the same node resumes; on a multi-node cluster
+    this directory must be on shared storage (the Helm chart's artifacts volume) for every node to see it.
+    """
+    return Path(request.cache_dir) / "checkpoints" / request.stage_run_id
+
+
 def _resolve_inputs(request: StageRequest, storage: ArtifactStorage) -> dict[str, Path]:
     cache = Path(request.cache_dir)
     local: dict[str, Path] = {}
@@ -83,6 +92,10 @@ def execute_stage(request: StageRequest, sink: ProgressSink | None = None) -> St
     sink = sink or ProgressSink(None, request.stage_run_id)
     sink.emit(0, 1, f"starting on {device}")
     inputs = _resolve_inputs(request, storage)
+    checkpoint_dir = attempt_checkpoint_dir(request)
+    if checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):  # an earlier attempt got this far
+        inputs.setdefault("checkpoint", checkpoint_dir)
+        sink.emit(0, 1, "resuming from the last checkpoint")
     workdir = Path(tempfile.mkdtemp(prefix=f"sparseflow-{request.label}-"))
     try:
         torch.manual_seed(request.seed)
@@ -94,6 +107,7 @@ def execute_stage(request: StageRequest, sink: ProgressSink | None = None) -> St
             device=device,
             cache_dir=Path(request.cache_dir),
             progress=sink.emit,
+            checkpoint_dir=checkpoint_dir,
         )
         result = get_stage(spec.stage)(spec, ctx)
         stored = [

@@ -151,7 +151,7 @@ def train(model: PreTrainedModel, spec: FinetuneStage, ctx: StageContext) -> Tra
         restore(model, optimizer, checkpoint)
         start, metrics = checkpoint.step, checkpoint.metrics
         outcome.notes.append(f"resumed from a checkpoint after step {start}")
-    checkpoint_dir = ctx.workdir / CHECKPOINT_DIR
+    checkpoint_dir = ctx.checkpoint_dir or ctx.workdir / CHECKPOINT_DIR
 
     model.train()
     for step in range(start, spec.steps):
