@@ -53,3 +53,9 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(child, nn.ModuleList) and len(child) > 0 and name.split(".")[-1] in ("layers", "h", "blocks"):
             return name, child
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every Linear inside the decoder layers, by full dotted name (embeddings and lm_head excluded)."""
+    prefix, layers = decoder_layers(model)
+    return find_linears(layers, ["re:.*"], prefix=prefix)

@@ -5,6 +5,8 @@ Its own module (not conftest.py) so tests and bench scripts can import it by a u
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 TINY_VOCAB = 512
@@ -63,3 +65,12 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def stage_context(tmp_path: Path, model_dir: Path, base_dir: Path, text: Path):
+    """A StageContext on the CPU with `model` and `base_model` inputs and one local text for both splits."""
+    from pipelines.recipe import DataSpec
+    from pipelines.stage import StageContext
+
+    return StageContext(workdir=tmp_path / "w", inputs={"model": model_dir, "base_model": base_dir},
+                        data=DataSpec(calibration=str(text), evaluation=str(text)), cache_dir=tmp_path / "cache")

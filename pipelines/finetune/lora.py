@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pipelines.stages.calibrate import decoder_linears
+from pipelines.modeling import decoder_linears
 
 
 class MaskedLoRA(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipelines.stages.calibrate import decoder_linears
+from pipelines.modeling import decoder_linears
 
 
 def capture_masks(model: nn.Module) -> dict[str, torch.Tensor]:

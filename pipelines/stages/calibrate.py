@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines.data import calibration_samples
-from pipelines.modeling import decoder_layers, find_linears
+from pipelines.modeling import decoder_linears
 from pipelines.modelio import load_model, load_tokenizer
 from pipelines.recipe import CalibrateStage
 from pipelines.sources import load_text
@@ -38,12 +38,6 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.safetensors"
 SQ_NORM_PREFIX = "sq_norm."
-
-
-def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every Linear inside the decoder layers, by full dotted name (embeddings and lm_head excluded)."""
-    prefix, layers = decoder_layers(model)
-    return find_linears(layers, ["re:.*"], prefix=prefix)
 
 
 @dataclass

@@ -30,12 +30,11 @@ import torch
 from torch import nn
 
 from pipelines.data import eval_windows, perplexity
-from pipelines.modeling import decoder_layers
+from pipelines.modeling import decoder_layers, decoder_linears
 from pipelines.modelio import load_model, load_tokenizer
 from pipelines.recipe import EvaluateStage
 from pipelines.sources import hash_weights, load_text
 from pipelines.stage import Metric, ProgressFn, StageContext, StageResult
-from pipelines.stages.calibrate import decoder_linears
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import stage_context
 
 from pipelines.data import eval_windows, perplexity
 from pipelines.modelio import load_model, load_tokenizer, save_model
-from pipelines.recipe import DataSpec, EvaluateStage
-from pipelines.stage import StageContext
+from pipelines.recipe import EvaluateStage
 from pipelines.stages.evaluate import run
 
 
@@ -26,15 +26,10 @@ def sparse_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     return save_model(model, tiny_model_dir, tmp_path_factory.mktemp("sparse") / "model")
 
 
-def _ctx(tmp_path: Path, model_dir: Path, base_dir: Path, text: Path) -> StageContext:
-    return StageContext(workdir=tmp_path / "w", inputs={"model": model_dir, "base_model": base_dir},
-                        data=DataSpec(calibration=str(text), evaluation=str(text)), cache_dir=tmp_path / "cache")
-
-
 def test_sparsity_counts_are_exact(sparse_model_dir: Path, tiny_model_dir: Path, tiny_text_file: Path,
                                    tmp_path: Path) -> None:
     spec = EvaluateStage(seq_len=32, max_windows=4, batch_size=2, compare_dense=False)
-    result = run(spec, _ctx(tmp_path, sparse_model_dir, tiny_model_dir, tiny_text_file))
+    result = run(spec, stage_context(tmp_path, sparse_model_dir, tiny_model_dir, tiny_text_file))
     metrics = {m.name: m.value for m in result.metrics}
     report = json.loads(result.outputs["report"].read_text())
 
@@ -60,7 +55,7 @@ def test_sparsity_counts_are_exact(sparse_model_dir: Path, tiny_model_dir: Path,
 def test_perplexity_matches_data_module_and_dense_is_cached(sparse_model_dir: Path, tiny_model_dir: Path,
                                                             tiny_text_file: Path, tmp_path: Path) -> None:
     spec = EvaluateStage(seq_len=32, max_windows=4, batch_size=3, compare_dense=True)
-    ctx = _ctx(tmp_path, sparse_model_dir, tiny_model_dir, tiny_text_file)
+    ctx = stage_context(tmp_path, sparse_model_dir, tiny_model_dir, tiny_text_file)
     calls = []
     ctx.progress = lambda d, t, m: calls.append((d, t))
     first = {m.name: m.value for m in run(spec, ctx).metrics}

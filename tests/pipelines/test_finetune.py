@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import stage_context
 
 from pipelines.finetune.masking import capture_masks
 from pipelines.modelio import load_model, save_model
-from pipelines.recipe import DataSpec, FinetuneStage
+from pipelines.recipe import FinetuneStage
 from pipelines.stage import StageContext
 from pipelines.stages.finetune import run
 
@@ -27,11 +28,6 @@ def pruned_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     return save_model(model, tiny_model_dir, tmp_path_factory.mktemp("pruned") / "model")
 
 
-def _ctx(tmp_path: Path, model_dir: Path, base_dir: Path, text: Path) -> StageContext:
-    return StageContext(workdir=tmp_path / "w", inputs={"model": model_dir, "base_model": base_dir},
-                        data=DataSpec(calibration=str(text), evaluation=str(text)), cache_dir=tmp_path / "cache")
-
-
 def test_pruned_weights_stay_exactly_zero(pruned_model_dir: Path, tiny_model_dir: Path, tiny_text_file: Path,
                                           tmp_path: Path) -> None:
     spec = FinetuneStage(steps=40, lr=3e-3, warmup_steps=3, batch_size=2, seq_len=32, grad_accum=2,
@@ -41,7 +37,7 @@ def test_pruned_weights_stay_exactly_zero(pruned_model_dir: Path, tiny_model_dir
     assert all(0.45 < m.float().mean() < 0.55 for m in masks.values())
 
     calls = []
-    ctx = _ctx(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file)
+    ctx = stage_context(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file)
     ctx.progress = lambda d, t, m: calls.append(d)
     result = run(spec, ctx)
     after = load_model(result.outputs["model"])
@@ -66,7 +62,7 @@ def test_pruned_weights_stay_exactly_zero(pruned_model_dir: Path, tiny_model_dir
 
 def test_zero_steps_copies_the_model_through(pruned_model_dir: Path, tiny_model_dir: Path, tiny_text_file: Path,
                                              tmp_path: Path) -> None:
-    result = run(FinetuneStage(steps=0), _ctx(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file))
+    result = run(FinetuneStage(steps=0), stage_context(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file))
     out = result.outputs["model"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in pruned_model_dir.iterdir())
     assert (out / "model.safetensors").read_bytes() == (pruned_model_dir / "model.safetensors").read_bytes()
@@ -105,7 +101,7 @@ def test_resume_from_checkpoint_gives_the_same_loss_curve(pruned_model_dir: Path
                                                           tiny_text_file: Path, tmp_path: Path) -> None:
     spec = FinetuneStage(steps=6, lr=3e-3, warmup_steps=2, batch_size=2, seq_len=32, weight_decay=0.1,
                          beta_kd=0.5, checkpoint_every=2)
-    whole = run(spec, _ctx(tmp_path / "whole", pruned_model_dir, tiny_model_dir, tiny_text_file))
+    whole = run(spec, stage_context(tmp_path / "whole", pruned_model_dir, tiny_model_dir, tiny_text_file))
     assert whole.outputs["checkpoint"].is_dir()
 
     class Killed(Exception):
@@ -115,11 +111,11 @@ def test_resume_from_checkpoint_gives_the_same_loss_curve(pruned_model_dir: Path
         if done == 5:
             raise Killed
 
-    ctx = _ctx(tmp_path / "killed", pruned_model_dir, tiny_model_dir, tiny_text_file)
+    ctx = stage_context(tmp_path / "killed", pruned_model_dir, tiny_model_dir, tiny_text_file)
     ctx.progress = kill_after_step_4
     with pytest.raises(Killed):
         run(spec, ctx)
-    resumed_ctx = _ctx(tmp_path / "resumed", pruned_model_dir, tiny_model_dir, tiny_text_file)
+    resumed_ctx = stage_context(tmp_path / "resumed", pruned_model_dir, tiny_model_dir, tiny_text_file)
     resumed_ctx.inputs["checkpoint"] = tmp_path / "killed" / "w" / "checkpoint"
     resumed = run(spec, resumed_ctx)
     assert "resumed from a checkpoint after step 4" in resumed.notes
@@ -137,8 +133,8 @@ def test_checkpoint_from_other_settings_is_refused(pruned_model_dir: Path, tiny_
     from pipelines.stage import StageInputError
 
     spec = FinetuneStage(steps=2, batch_size=2, seq_len=32, checkpoint_every=1)
-    first = run(spec, _ctx(tmp_path / "a", pruned_model_dir, tiny_model_dir, tiny_text_file))
-    ctx = _ctx(tmp_path / "b", pruned_model_dir, tiny_model_dir, tiny_text_file)
+    first = run(spec, stage_context(tmp_path / "a", pruned_model_dir, tiny_model_dir, tiny_text_file))
+    ctx = stage_context(tmp_path / "b", pruned_model_dir, tiny_model_dir, tiny_text_file)
     ctx.inputs["checkpoint"] = first.outputs["checkpoint"]
     with pytest.raises(StageInputError, match="different settings: lr"):
         run(spec.model_copy(update={"lr": 1e-3}), ctx)
@@ -147,7 +143,7 @@ def test_checkpoint_from_other_settings_is_refused(pruned_model_dir: Path, tiny_
 def test_lora_trains_only_kept_weights_and_merges(pruned_model_dir: Path, tiny_model_dir: Path,
                                                   tiny_text_file: Path, tmp_path: Path) -> None:
     spec = FinetuneStage(steps=8, lr=1e-2, batch_size=2, seq_len=32, weight_decay=0.1, lora_rank=4)
-    result = run(spec, _ctx(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file))
+    result = run(spec, stage_context(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file))
     before, after = load_model(pruned_model_dir), load_model(result.outputs["model"])
     assert result.summary["masked_weights_changed"] == 0
     modules_before, modules_after = dict(before.named_modules()), dict(after.named_modules())
@@ -163,8 +159,8 @@ def test_teacher_logits_cache_is_reused_and_gives_the_same_losses(pruned_model_d
                                                                   tiny_text_file: Path, tmp_path: Path) -> None:
     live_spec = FinetuneStage(steps=3, lr=1e-3, batch_size=2, seq_len=32, beta_kd=1.0, teacher_topk=16)
     cached_spec = live_spec.model_copy(update={"teacher_cache": True})
-    live = run(live_spec, _ctx(tmp_path / "live", pruned_model_dir, tiny_model_dir, tiny_text_file))
-    ctx = _ctx(tmp_path / "c1", pruned_model_dir, tiny_model_dir, tiny_text_file)
+    live = run(live_spec, stage_context(tmp_path / "live", pruned_model_dir, tiny_model_dir, tiny_text_file))
+    ctx = stage_context(tmp_path / "c1", pruned_model_dir, tiny_model_dir, tiny_text_file)
     first = run(cached_spec, ctx)
     second = run(cached_spec, StageContext(**{**ctx.__dict__, "workdir": tmp_path / "c2"}))
     assert "teacher logits: 0 cached, 3 computed" in first.notes
@@ -177,7 +173,7 @@ def test_hidden_mse_bf16_and_gradient_checkpointing_keep_masks(pruned_model_dir:
                                                                tiny_text_file: Path, tmp_path: Path) -> None:
     spec = FinetuneStage(steps=3, lr=1e-3, batch_size=2, seq_len=32, beta_kd=1.0, gamma_hidden=0.5,
                          precision="bf16", gradient_checkpointing=True, weight_decay=0.1)
-    result = run(spec, _ctx(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file))
+    result = run(spec, stage_context(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file))
     assert result.summary["bf16"] and result.summary["masked_weights_changed"] == 0
     hidden = [m.value for m in result.metrics if m.name == "loss_hidden"]
     assert len(hidden) == 3 and all(v > 0 for v in hidden)
@@ -193,7 +189,7 @@ def test_bf16_autocast_on_cuda_keeps_masks(pruned_model_dir: Path, tiny_model_di
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     spec = FinetuneStage(steps=20, lr=3e-3, batch_size=4, seq_len=64, beta_kd=1.0, weight_decay=0.1)
-    ctx = _ctx(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file)
+    ctx = stage_context(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file)
     ctx.device = torch.device("cuda")
     result = run(spec, ctx)
     assert result.summary["bf16"] and result.summary["masked_weights_changed"] == 0
