@@ -117,6 +117,10 @@ class PruneStage(_StageBase):
     sequential: bool = Field(
         True, description="Feed each layer the outputs of the already pruned layers (False: dense outputs)."
     )
+    within_layer: bool = Field(
+        True, description="Inside a layer too: o_proj is calibrated on the pruned q/k/v's outputs, down_proj on "
+        "the pruned gate/up's (one more forward of the layer per group)."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the model is loaded and run in; statistics are always fp32."
     )
@@ -246,7 +250,12 @@ class ActivationProfileStage(_StageBase):
     seq_len: int = Field(256, ge=8, description="Tokens per calibration sequence.")
     eval_seq_len: int = Field(512, ge=8, description="Tokens per held-out perplexity window.")
     eval_windows: int = Field(16, ge=1, description="Held-out windows for the uniform and allocated curves.")
-    layer_eval_windows: int = Field(4, ge=1, description="Held-out windows (the first ones) for per-layer curves.")
+    layer_samples: int = Field(
+        4, ge=1, description="Calibration sequences (the first ones) for the one-layer-at-a-time curves."
+    )
+    allocation_max_deviation: float = Field(
+        0.2, ge=0.0, le=1.0, description="Per-layer allocation: no layer further than this from the mean sparsity."
+    )
     batch_size: int = Field(4, ge=1)
     export: bool = Field(False, description="Also write a model whose config carries per-layer thresholds.")
     export_sparsity: float | None = Field(

@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -116,20 +118,32 @@ def check_restart(model: PreTrainedModel, batch: Tensor, tolerance: float = 1e-4
                          f"{error:.2e}); per-layer curves need a decoder whose layers take inputs_embeds")
 
 
+@dataclass
+class LayerCurves:
+    """One decoder layer sparsified at a time: `perplexity[i][j]` and `kl[i][j]` with only layer i at
+    `thresholds[i][j]`; `kl` is the mean over predicted tokens of KL(dense || sparsified) in nats."""
+
+    dense_perplexity: float
+    perplexity: list[list[float]]
+    kl: list[list[float]]
+
+
 @torch.inference_mode()
 def layer_curves(model: PreTrainedModel, windows: Tensor, layer_thresholds: list[list[float]], batch_size: int,
-                 progress: ProgressFn | None = None) -> tuple[float, list[list[float]]]:
-    """Dense perplexity on `windows`, and `curves[i][j]`: perplexity with only layer i at `layer_thresholds[i][j]`."""
+                 progress: ProgressFn | None = None) -> LayerCurves:
+    """Per-layer perplexity and KL curves on `windows` (see `LayerCurves`)."""
     mlps = gated_mlps(model)
     device = next(model.parameters()).device
     n_layers, n_points = len(layer_thresholds), len(layer_thresholds[0])
     nll = [[0.0] * n_points for _ in range(n_layers)]
+    kl = [[0.0] * n_points for _ in range(n_layers)]
     dense_nll, tokens = 0.0, 0
     total = n_layers * math.ceil(windows.shape[0] / batch_size)
     done = 0
     for batch in _batches(windows, batch_size):
         batch = batch.to(device)
         dense_logits = model(input_ids=batch, use_cache=False).logits
+        dense_logp = F.log_softmax(dense_logits[:, :-1].float(), dim=-1)
         value, count = token_nll(dense_logits, batch)
         dense_nll, tokens = dense_nll + float(value), tokens + count
         inputs = _layer_inputs(model, batch)
@@ -138,7 +152,13 @@ def layer_curves(model: PreTrainedModel, windows: Tensor, layer_thresholds: list
                 with threshold_hooks(mlps, {i: threshold}):
                     logits = _restart_logits(model, inputs[i], i)
                 nll[i][j] += float(token_nll(logits, batch)[0])
+                logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+                kl[i][j] += float(F.kl_div(logp, dense_logp, log_target=True, reduction="sum"))
             done += 1
             if progress is not None:
                 progress(done, total, f"layer {i} curve")
-    return math.exp(dense_nll / tokens), [[math.exp(v / tokens) for v in row] for row in nll]
+    return LayerCurves(
+        dense_perplexity=math.exp(dense_nll / tokens),
+        perplexity=[[math.exp(v / tokens) for v in row] for row in nll],
+        kl=[[max(v, 0.0) / tokens for v in row] for row in kl],
+    )

@@ -18,9 +18,10 @@ def plot_profile(report: dict[str, Any], path: Path, title: str = "") -> Path:
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
     dense = report["dense_perplexity"]
-    uniform = sorted((float(s), p) for s, p in report["uniform"]["perplexity"].items())
+    heldout = report["uniform"]["heldout_sparsity"]  # x: what the thresholds gave on held-out tokens
+    uniform = sorted((heldout[s], p) for s, p in report["uniform"]["perplexity"].items())
     left.plot([s for s, _ in uniform], [p for _, p in uniform], "o-", label="uniform (all layers at s)")
-    allocated = sorted((float(s), row["perplexity"]) for s, row in report["allocation"]["by_mean"].items())
+    allocated = sorted((row["heldout_sparsity"], row["perplexity"]) for row in report["allocation"]["by_mean"].values())
     if allocated:
         left.plot([0.0] + [s for s, _ in allocated], [dense] + [p for _, p in allocated], "s-",
                   label="per-layer allocation (same mean)")
@@ -28,7 +29,7 @@ def plot_profile(report: dict[str, Any], path: Path, title: str = "") -> Path:
         left.axhline(dense * (1 + tol), ls="--", lw=0.8, color="grey")
         left.text(0.0, dense * (1 + tol), f" +{tol:.0%}", va="bottom", fontsize=8, color="grey")
     left.set_yscale("log")
-    left.set_xlabel("activation sparsity of the FFN (down_proj input)")
+    left.set_xlabel("activation sparsity of the FFN (down_proj input), held-out tokens")
     left.set_ylabel("held-out perplexity")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)

@@ -9,6 +9,11 @@
    input tensor, so q/k/v share one and gate/up share one), call `on_layer`, then run the batches
    again so the next layer sees the outputs of the modified layer (`propagate="pruned"`), or keep
    the outputs of the first run (`propagate="dense"`). Move the layer back and free its statistics.
+   With `within_layer=True`, `on_layer` gets one group at a time in call order, and each later
+   group's statistics are collected again after the groups before it were modified, so o_proj
+   sees the outputs of the pruned q/k/v and down_proj those of the pruned gate/up (the "true
+   sequential" order of GPTQ). That costs one more forward of the layer per group, truncated
+   right after the group's input is recorded.
 
 Only the current layer, its statistics and one batch of activations live on the device; the
 activations of all samples stay in (pinned) CPU memory. The only host syncs are one per layer.
@@ -77,11 +82,19 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-class _Collector:
-    """Forward pre-hooks that accumulate input statistics once per distinct input tensor."""
+class _StopForward(Exception):
+    """Raised by a collector hook to end a forward once the statistics it needs are recorded."""
 
-    def __init__(self, linears: dict[str, nn.Linear], full: bool, device: torch.device):
-        self.linears, self.full, self.device = linears, full, device
+
+class _Collector:
+    """Forward pre-hooks that accumulate input statistics once per distinct input tensor.
+
+    With `stop_after` set, the hook of that Linear ends the forward (after recording) by raising
+    `_StopForward`, which `_forward_all` catches: the rest of the layer would compute nothing needed.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], full: bool, device: torch.device, stop_after: str | None = None):
+        self.linears, self.full, self.device, self.stop_after = linears, full, device, stop_after
         self.groups: list[list[str]] = []
         self.stats: dict[str, InputStats] = {}
         self._leader: dict[str, str] = {}
@@ -119,6 +132,8 @@ class _Collector:
                 self._seen[id(x)] = (x, name)
             if leader == name:
                 accumulate(self.stats[name], x.detach())
+            if name == self.stop_after:
+                raise _StopForward
 
         return hook
 
@@ -171,10 +186,13 @@ def _forward_all(
     """Every batch through one layer; outputs (if given) written into the CPU buffer."""
     for b, rows in enumerate(batches):
         x = inputs[rows].to(device, non_blocking=True)
-        out = _first_tensor(layer(x, *calls[b].args, **calls[b].kwargs))
+        try:
+            out = _first_tensor(layer(x, *calls[b].args, **calls[b].kwargs))
+        except _StopForward:
+            out = None
         if collector is not None:
             collector.end_batch()
-        if outputs is not None:
+        if outputs is not None and out is not None:
             outputs[rows].copy_(out, non_blocking=True)
 
 
@@ -188,12 +206,14 @@ def run_sequential(
     batch_size: int = 4,
     full_stats: bool = True,
     propagate: Literal["pruned", "dense"] = "pruned",
+    within_layer: bool = False,
     progress: ProgressFn | None = None,
 ) -> int:
     """Run the calibration tokens through the decoder layer by layer, calling `on_layer` on each
     layer that has targeted Linears. Returns the peak device memory allocated (0 on the CPU).
 
     `full_stats=False` keeps only per-column sums of squares (enough for Wanda and OWL).
+    `within_layer=True` calls `on_layer` once per shared-input group (see the module doc).
     """
     if input_ids.ndim != 2 or input_ids.numel() == 0:
         raise CalibrationError(f"calibration: input_ids must be a non-empty [samples, seq_len] tensor, got "
@@ -224,7 +244,10 @@ def run_sequential(
                     keep = outputs if propagate == "dense" and not last else None
                     _forward_all(layer, calls, inputs, keep, batches, device, collector)
                 collector.check_complete(index)
-                on_layer(LayerWork(index, layer, linears, collector.groups, collector.stats))
+                if within_layer:
+                    _groups_in_order(index, layer, linears, collector, calls, inputs, batches, device, on_layer)
+                else:
+                    on_layer(LayerWork(index, layer, linears, collector.groups, collector.stats))
                 del collector
                 if propagate == "pruned" and not last:
                     _forward_all(layer, calls, inputs, outputs, batches, device)
@@ -237,3 +260,22 @@ def run_sequential(
             if progress is not None:
                 progress(index + 1, len(layers), f"decoder layer {index + 1}/{len(layers)}")
     return int(torch.cuda.max_memory_allocated(device)) if on_cuda else 0
+
+
+def _groups_in_order(
+    index: int, layer: nn.Module, linears: dict[str, nn.Linear], first: _Collector, calls: list[_Call],
+    inputs: Tensor, batches: list[slice], device: torch.device, on_layer: Callable[[LayerWork], None],
+) -> None:
+    """`on_layer` on each group in call order; groups after the first are re-measured after the
+    groups before them were modified (one forward each, stopped once the group has its input)."""
+    for g, group in enumerate(first.groups):
+        members = {name: linears[name] for name in group}
+        if g == 0:
+            stats = first.stats[group[0]]
+        else:
+            with _Collector(members, first.full, device, stop_after=group[-1]) as again:
+                _forward_all(layer, calls, inputs, None, batches, device, again)
+            again.check_complete(index)
+            stats = again.stats[group[0]]
+            first.stats.pop(group[0], None)  # the stale statistics go as soon as fresh ones exist
+        on_layer(LayerWork(index, layer, members, [list(group)], {group[0]: stats}))

@@ -5,12 +5,16 @@ decoder layer gives per-layer thresholds for any sparsity s (the s-quantile). On
 
 - uniform curve: perplexity with every layer at s, for each s of `sparsities` (and the sparsity the
   thresholds really give on these held-out tokens);
-- per-layer curves: perplexity with one layer at a time at each s of `layer_sparsities`, on the first
-  `layer_eval_windows` windows; each layer's critical sparsity;
-- allocation: per-layer sparsities with the same mean, greedy on the per-layer curves, measured
-  against uniform at each mean of `allocate_at`;
+- per-layer curves (on the first `layer_samples` calibration sequences, so the held-out text stays
+  unseen): perplexity and next-token KL divergence from the dense model with one layer at a time at
+  each s of `layer_sparsities`; each layer's critical sparsity;
+- allocation: per-layer sparsities with the same mean, greedy on the per-layer KL curves within
+  `allocation_max_deviation` of the mean, measured against uniform at each mean of `allocate_at`;
 - critical sparsity: the largest s whose perplexity rises by at most each tolerance (uniform and
-  allocated), interpolated between measured points.
+  allocated), interpolated between measured points, both at the nominal (calibration) sparsity and
+  at the sparsity the thresholds really gave on the held-out tokens (`critical_heldout`): the
+  latter is the fair comparison, since thresholds carry over to new text slightly differently per
+  layer.
 
 The stage profiles whatever model it is given: after `prune` it is the weight-pruned model, whose
 weight sparsity the report records. With `export`, a copy of the model carries per-layer thresholds
@@ -86,45 +90,54 @@ def run(spec: ActivationProfileStage, ctx: StageContext) -> StageResult:
     dense_ppl = uniform[0.0][0]
 
     ctx.progress(2, 4, "per-layer curves")
-    layer_windows = windows[: spec.layer_eval_windows]
-    check_restart(model, layer_windows[:1])
+    layer_samples = calib[: spec.layer_samples]
+    check_restart(model, layer_samples[:1])
     layer_thresholds = [[threshold_for(histograms[i], s) for s in grid] for i in range(n_layers)]
-    layer_dense, curves = layer_curves(model, layer_windows, layer_thresholds, spec.batch_size)
+    curves = layer_curves(model, layer_samples, layer_thresholds, spec.batch_size)
     layer_critical = {
-        _key(t): [critical_sparsity(list(zip(grid, c, strict=True)), layer_dense, t) for c in curves]
+        _key(t): [critical_sparsity(list(zip(grid, c, strict=True)), curves.dense_perplexity, t)
+                  for c in curves.perplexity]
         for t in spec.tolerances
     }
 
     ctx.progress(3, 4, "per-layer allocation")
     by_mean: dict[str, dict[str, Any]] = {}
     for mean in means:
-        alloc = allocate(curves, grid, layer_dense, mean)
+        alloc = allocate(curves.kl, grid, mean, max_deviation=spec.allocation_max_deviation)
         ppl, achieved = perplexity_at(model, windows, thresholds_for(histograms, alloc), spec.batch_size)
         by_mean[_key(mean)] = {"perplexity": ppl, "uniform_perplexity": uniform[mean][0], "layer_sparsities": alloc,
-                               "heldout_sparsity": sum(achieved) / n_layers}
+                               "heldout_sparsity": sum(achieved) / n_layers,
+                               "uniform_heldout_sparsity": sum(uniform[mean][1]) / n_layers}
         logger.info("mean activation sparsity %.2f: per-layer %.3f vs uniform %.3f", mean, ppl, uniform[mean][0])
 
     uniform_points = [(s, v[0]) for s, v in uniform.items()]
     alloc_points = [(float(m), row["perplexity"]) for m, row in by_mean.items()]
+    uniform_heldout = [(sum(v[1]) / n_layers, v[0]) for v in uniform.values()]
+    alloc_heldout = [(row["heldout_sparsity"], row["perplexity"]) for row in by_mean.values()]
     report: dict[str, Any] = {
         "model": str(model_dir),
         "weight_sparsity": weight_sparsity,
         "dense_perplexity": dense_ppl,
         "tolerances": spec.tolerances,
         "calibration": {"source": ctx.data.calibration, "samples": spec.samples, "seq_len": spec.seq_len},
-        "eval": {"source": ctx.data.evaluation, "windows": windows.shape[0], "seq_len": spec.eval_seq_len,
-                 "layer_windows": layer_windows.shape[0]},
+        "eval": {"source": ctx.data.evaluation, "windows": windows.shape[0], "seq_len": spec.eval_seq_len},
         "uniform": {
             "perplexity": {_key(s): v[0] for s, v in uniform.items()},
             "heldout_sparsity": {_key(s): sum(v[1]) / n_layers for s, v in uniform.items()},
             "heldout_sparsity_per_layer": {_key(s): v[1] for s, v in uniform.items()},
             "thresholds": {_key(s): v[2] for s, v in uniform.items()},
             "critical": {_key(t): critical_sparsity(uniform_points, dense_ppl, t) for t in spec.tolerances},
+            "critical_heldout": {_key(t): critical_sparsity(uniform_heldout, dense_ppl, t) for t in spec.tolerances},
         },
-        "layers": {"grid": grid, "dense_perplexity": layer_dense, "perplexity": curves, "critical": layer_critical},
+        "layers": {"grid": grid, "samples": int(layer_samples.shape[0]), "text": "calibration",
+                   "dense_perplexity": curves.dense_perplexity, "perplexity": curves.perplexity, "kl": curves.kl,
+                   "critical": layer_critical},
         "allocation": {
+            "method": "greedy on per-layer KL curves",
+            "max_deviation": spec.allocation_max_deviation,
             "by_mean": by_mean,
             "critical": {_key(t): critical_sparsity(alloc_points, dense_ppl, t) for t in spec.tolerances},
+            "critical_heldout": {_key(t): critical_sparsity(alloc_heldout, dense_ppl, t) for t in spec.tolerances},
         },
         "export": None,
     }
@@ -149,7 +162,7 @@ def _export(spec, ctx, model, model_dir, histograms, curves, grid, report) -> tu
     mean = spec.export_sparsity if spec.export_sparsity is not None else table[_key(spec.tolerances[0])]
     mean = min(mean, max(grid)) if spec.export_allocation == "per_layer" else mean
     n_layers = histograms.shape[0]
-    layer_sparsities = (allocate(curves, grid, report["layers"]["dense_perplexity"], mean)
+    layer_sparsities = (allocate(curves.kl, grid, mean, max_deviation=spec.allocation_max_deviation)
                         if spec.export_allocation == "per_layer" else [mean] * n_layers)
     thresholds = thresholds_for(histograms, layer_sparsities)
     write_config(model, thresholds, mean, layer_sparsities, spec.export_allocation)
@@ -165,6 +178,9 @@ def _metrics(report: dict[str, Any], spec: ActivationProfileStage) -> list[Metri
         metrics.append(Metric(f"act_critical_sparsity.{tolerance_label(t)}", report["uniform"]["critical"][_key(t)]))
         metrics.append(Metric(f"act_alloc_critical_sparsity.{tolerance_label(t)}",
                               report["allocation"]["critical"][_key(t)]))
+        for name in ("uniform", "allocation"):
+            metrics.append(Metric(f"act_{'alloc_' if name == 'allocation' else ''}critical_heldout."
+                                  f"{tolerance_label(t)}", report[name]["critical_heldout"][_key(t)]))
     for s, ppl in report["uniform"]["perplexity"].items():
         metrics.append(Metric(f"act_ppl.{s}", ppl))
         metrics.append(Metric(f"act_heldout_sparsity.{s}", report["uniform"]["heldout_sparsity"][s]))
@@ -183,5 +199,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         "weight_sparsity": report["weight_sparsity"],
         "critical_sparsity": report["uniform"]["critical"],
         "allocated_critical_sparsity": report["allocation"]["critical"],
+        "critical_heldout": report["uniform"]["critical_heldout"],
+        "allocated_critical_heldout": report["allocation"]["critical_heldout"],
         "export_sparsity": None if report["export"] is None else report["export"]["sparsity"],
     }

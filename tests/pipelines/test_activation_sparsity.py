@@ -17,6 +17,7 @@ from pipelines.activation.apply import (
     gated_mlps,
     install_thresholds,
     load_activation_sparse_model,
+    threshold_hooks,
 )
 from pipelines.activation.measure import check_restart, collect_histograms, layer_curves, perplexity_at
 from pipelines.activation.stats import accumulate, fraction_below, new_histograms, threshold_for
@@ -84,10 +85,28 @@ def test_thresholded_mlp_zeroes_small_activations(model) -> None:
 def test_restart_and_layer_curves(model, texts) -> None:
     _, held_out = texts
     check_restart(model, held_out[:1])
-    dense, curves = layer_curves(model, held_out[:2], [[0.0, 0.05], [0.0, 0.05]], batch_size=2)
+    curves = layer_curves(model, held_out[:2], [[0.0, 0.05], [0.0, 0.05]], batch_size=2)
+    dense = curves.dense_perplexity
     with torch.inference_mode():
         assert dense == pytest.approx(perplexity(model, held_out[:2], 2), rel=1e-5)
-    assert curves[0][0] == pytest.approx(dense, rel=1e-5) and curves[1][0] == pytest.approx(dense, rel=1e-5)
+    assert curves.perplexity[0][0] == pytest.approx(dense, rel=1e-5)
+    assert curves.perplexity[1][0] == pytest.approx(dense, rel=1e-5)
+    # threshold 0 is the dense model: no divergence; a real threshold diverges
+    assert curves.kl[0][0] == pytest.approx(0.0, abs=1e-6) and curves.kl[1][0] == pytest.approx(0.0, abs=1e-6)
+    assert curves.kl[0][1] > 1e-6 and curves.kl[1][1] > 1e-6
+
+
+def test_layer_kl_matches_a_direct_computation(model, texts) -> None:
+    _, held_out = texts
+    mlps = gated_mlps(model)
+    batch = held_out[:2]
+    curves = layer_curves(model, batch, [[0.05], [0.05]], batch_size=2)
+    with torch.inference_mode():
+        dense = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), -1)
+        with threshold_hooks(mlps, {1: 0.05}):
+            sparse = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), -1)
+    expected = (dense.exp() * (dense - sparse)).sum(-1).mean()
+    assert curves.kl[1][0] == pytest.approx(float(expected), rel=1e-3)
 
 
 def test_critical_sparsity_interpolates_first_crossing() -> None:
@@ -97,17 +116,37 @@ def test_critical_sparsity_interpolates_first_crossing() -> None:
     assert critical_sparsity([(0.3, 11.0)], 10.0, 0.01) == pytest.approx(0.03)
 
 
+KL_CURVES = [[0.001, 0.004, 0.02, 0.08], [0.01, 0.05, 0.3, 1.5], [0.0005, 0.002, 0.006, 0.02]]
+
+
 @pytest.mark.parametrize("mean", [0.0, 0.37, 0.5, 0.813])
 def test_allocation_keeps_the_mean_and_spares_the_sensitive_layer(mean: float) -> None:
     grid = [0.3, 0.5, 0.7, 0.9]
-    curves = [[10.0, 10.1, 10.3, 11.0], [10.5, 12.0, 15.0, 30.0], [10.0, 10.0, 10.1, 10.4]]
-    alloc = allocate(curves, grid, 10.0, mean)
+    alloc = allocate(KL_CURVES, grid, mean, max_deviation=1.0)
     assert sum(alloc) / len(alloc) == pytest.approx(mean, abs=1e-9)
     assert all(0.0 <= a <= 0.9 + 1e-9 for a in alloc)
-    if mean >= 0.5:
-        assert alloc[1] < mean < alloc[2]
+    if mean >= 0.3:
+        assert alloc[1] < alloc[0] <= alloc[2]
     with pytest.raises(ValueError, match="mean sparsity"):
-        allocate(curves, grid, 10.0, 0.95)
+        allocate(KL_CURVES, grid, 0.95)
+
+
+def test_allocation_stays_within_the_cap_and_equal_curves_give_uniform() -> None:
+    grid = [0.3, 0.5, 0.7, 0.9]
+    capped = allocate(KL_CURVES, grid, 0.6, max_deviation=0.05)
+    assert all(0.55 - 1e-9 <= a <= 0.65 + 1e-9 for a in capped)
+    assert sum(capped) / 3 == pytest.approx(0.6)
+    same = allocate([KL_CURVES[0]] * 4, grid, 0.6)
+    assert same == pytest.approx([0.6] * 4, abs=0.011)
+
+
+def test_allocation_minimizes_the_summed_cost_better_than_uniform() -> None:
+    from pipelines.activation.allocation import _cost
+
+    grid = [0.3, 0.5, 0.7, 0.9]
+    alloc = allocate(KL_CURVES, grid, 0.7, max_deviation=1.0)
+    total = sum(_cost(c, grid, s) for c, s in zip(KL_CURVES, alloc, strict=True))
+    assert total < sum(_cost(c, grid, 0.7) for c in KL_CURVES)
 
 
 def _ctx(tmp_path: Path, model_dir: Path, text: Path) -> StageContext:
@@ -116,7 +155,7 @@ def _ctx(tmp_path: Path, model_dir: Path, text: Path) -> StageContext:
 
 
 SMALL = dict(sparsities=[0, 0.5, 0.9], layer_sparsities=[0.5, 0.9], samples=4, seq_len=32, eval_seq_len=32,
-             eval_windows=4, layer_eval_windows=2, batch_size=4)
+             eval_windows=4, layer_samples=2, batch_size=4)
 
 
 def test_stage_end_to_end_writes_report_plot_metrics_and_export(tiny_model_dir: Path, tiny_text_file: Path,
@@ -136,6 +175,9 @@ def test_stage_end_to_end_writes_report_plot_metrics_and_export(tiny_model_dir: 
     row = report["allocation"]["by_mean"]["0.5"]
     assert sum(row["layer_sparsities"]) / 2 == pytest.approx(0.5)
     assert set(report["uniform"]["critical"]) == {"0.01", "0.05"}
+    assert set(report["allocation"]["critical_heldout"]) == {"0.01", "0.05"}
+    assert len(report["layers"]["kl"]) == 2 and report["layers"]["text"] == "calibration"
+    assert "act_alloc_critical_heldout.1pct" in metrics and "act_critical_heldout.5pct" in metrics
 
     exported, info = load_activation_sparse_model(result.outputs["model"])
     stored = exported.config.activation_sparsity

@@ -100,3 +100,30 @@ def test_progress_reports_every_layer(model: nn.Module) -> None:
     run_sequential(model, _ids(2, 8), resolve_targets(model, TARGETS, ["lm_head"]), lambda w: None,
                    device=torch.device("cpu"), progress=lambda d, t, m: calls.append((d, t)))
     assert calls == [(1, 2), (2, 2)]
+
+
+def test_within_layer_calibrates_each_group_on_the_pruned_groups_before_it(model: nn.Module) -> None:
+    ids = _ids()
+    config = MethodConfig("sparsegpt")
+    seen: dict[str, torch.Tensor] = {}
+    order: list[list[str]] = []
+
+    def prune(work) -> None:
+        if work.index == 0:
+            order.extend(work.groups)
+            for leader, stats in work.stats.items():
+                seen[leader] = stats.xtx.clone()
+        prune_layer(work, config, 0.5)
+
+    run_sequential(model, ids, resolve_targets(model, TARGETS, ["lm_head"]), prune, device=torch.device("cpu"),
+                   within_layer=True, batch_size=4)
+    short = [[n.split(".")[-1] for n in group] for group in order]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    # every group's statistics are those of the finished (all pruned) layer 0's own forward
+    for leader in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        name = f"model.layers.0.{leader}"
+        x = _inputs_seen(model, name, ids)
+        assert torch.allclose(seen[name], x.t() @ x, rtol=1e-4, atol=1e-3), leader
+    dense = build_tiny_model(512)
+    x_dense = _inputs_seen(dense, "model.layers.0.mlp.down_proj", ids)
+    assert not torch.allclose(seen["model.layers.0.mlp.down_proj"], x_dense.t() @ x_dense, rtol=1e-3)
