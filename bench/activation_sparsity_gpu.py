@@ -1,4 +1,4 @@
-"""FFN decode speed with activation sparsity on a GPU: the gather-based sparse down projection vs dense.
+"""FFN decode speed with activation sparsity on a GPU: a sparse down projection that skips inactive neurons vs dense.
 
 Llama-3-8B FFN dims (hidden 4096, intermediate 14336), random fp16 weights. Per activation sparsity s
 (by default the critical sparsities measured on SmolLM2-135M in `bench/results/activation_sparsity.json`,
@@ -9,7 +9,7 @@ the timed tokens are fresh. For 1, 4 and 16 tokens:
    fp16 and bf16), and the union of active neurons against torch;
 2. time, with CUDA events around CUDA-graph replays (median of replays; each replay runs the step on
    4 layers' worth of distinct weights, so the down weights (470 MB) do not sit in the 50 MB L2):
-   the down projection alone (dense `F.linear` vs sparse gather, with its index build), and the whole
+   the down projection alone (dense `F.linear` vs the sparse kernel, thresholding included), and the whole
    FFN (fused gate/up `F.linear`, SiLU, product, then dense or sparse down).
 
 Only torch, triton and `kernels.activation_sparse` are imported (the GPU machine has no sparseflow deps).
@@ -38,7 +38,7 @@ from kernels.activation_sparse import (  # noqa: E402
     SparseDown,
     active_columns,
     dense_down,
-    launch_gather_down,
+    launch_sparse_down,
 )
 
 CPU_RESULTS = Path(__file__).resolve().parent / "results" / "activation_sparsity.json"
@@ -81,7 +81,7 @@ def check(hidden: int, intermediate: int, device: torch.device, configs: list[Ke
                 assert torch.equal(idx[: int(count)].long(), expected), "active_columns disagrees with torch"
                 down = SparseDown.from_dense(weight)
                 for cfg in configs:
-                    out = launch_gather_down(h, down, t, cfg)
+                    out = launch_sparse_down(h, down, t, cfg)
                     err = _rel(out, ref)
                     if not (err < 1e-2 and torch.isfinite(out).all()):
                         raise AssertionError(f"mismatch {dtype} tokens={tokens} s={sparsity} {cfg}: {err:.2e}")
@@ -115,7 +115,7 @@ def graph_time_us(fn, calls: int, reps: int) -> float:
 
 
 class FFNs:
-    """`LAYERS` random FFNs of one shape (fused gate/up weight, down weight and its gather-ready copy)."""
+    """`LAYERS` random FFNs of one shape (fused gate/up weight, down weight and its kernel-ready copy)."""
 
     def __init__(self, hidden: int, inter: int, device: torch.device, dtype: torch.dtype) -> None:
         self.gen = torch.Generator(device=device).manual_seed(0)
@@ -150,10 +150,10 @@ def _case(ffns: FFNs, label: str, s: float, threshold: float, tokens: int, reps:
         hs = [ffns.act(x, i) for i, x in enumerate(xs)]
     token_sparsity = statistics.mean(float((h.float().abs() < threshold).float().mean()) for h in hs)
     union_active = statistics.mean(int(active_columns(h, threshold)[1]) / ffns.inter for h in hs)
-    timings = {cfg: _timed(lambda i, cfg=cfg: launch_gather_down(hs[i], ffns.sparse[i], threshold, cfg), 20)
+    timings = {cfg: _timed(lambda i, cfg=cfg: launch_sparse_down(hs[i], ffns.sparse[i], threshold, cfg), 20)
                for cfg in CONFIGS}
     cfg = min(timings, key=timings.get)
-    out = launch_gather_down(hs[0], ffns.sparse[0], threshold, cfg)
+    out = launch_sparse_down(hs[0], ffns.sparse[0], threshold, cfg)
     err = _rel(out, dense_down(hs[0].double(), ffns.down[0].double(), None, threshold))
     assert err < 1e-2, f"check before timing failed: {err:.2e}"
     row = {
@@ -161,9 +161,9 @@ def _case(ffns: FFNs, label: str, s: float, threshold: float, tokens: int, reps:
         "token_sparsity": token_sparsity, "union_active_fraction": union_active, "rel_err": err,
         "config": vars(cfg), "config_sweep_us": {str(vars(c)): t for c, t in timings.items()},
         "down_dense_us": _timed(lambda i: F.linear(hs[i], ffns.down[i]), reps),
-        "down_sparse_us": _timed(lambda i: launch_gather_down(hs[i], ffns.sparse[i], threshold, cfg), reps),
+        "down_sparse_us": _timed(lambda i: launch_sparse_down(hs[i], ffns.sparse[i], threshold, cfg), reps),
         "ffn_dense_us": _timed(lambda i: F.linear(ffns.act(xs[i], i), ffns.down[i]), reps),
-        "ffn_sparse_us": _timed(lambda i: launch_gather_down(ffns.act(xs[i], i), ffns.sparse[i], threshold, cfg),
+        "ffn_sparse_us": _timed(lambda i: launch_sparse_down(ffns.act(xs[i], i), ffns.sparse[i], threshold, cfg),
                                 reps),
     }
     row["down_speedup"] = row["down_dense_us"] / row["down_sparse_us"]

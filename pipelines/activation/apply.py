@@ -10,7 +10,7 @@ A model directory exported with activation sparsity carries, in `config.json`::
 Plain `from_pretrained` ignores the entry (the model is the dense one); `load_activation_sparse_model`
 loads it and `install_thresholds` replaces each gated MLP by a `ThresholdedMLP` holding the same
 Linears (state dict keys unchanged) that zeroes `|h| < threshold` before `down_proj`. On a CUDA device
-with triton, decode steps (1-16 tokens) take the gather kernel of `kernels.activation_sparse`; every
+with triton, decode steps (1-16 tokens) take the sparse down kernel of `kernels.activation_sparse`; every
 other call, and every call on the CPU, takes the dense thresholded product (same result).
 
 `threshold_hooks` and `record_hooks` do the same thresholding, and the recording, with forward
@@ -123,7 +123,7 @@ class InstallInfo:
 def install_thresholds(model: PreTrainedModel, thresholds: list[float], use_kernel: bool | None = None) -> InstallInfo:
     """Replace every decoder layer's MLP by a `ThresholdedMLP` with its threshold.
 
-    `use_kernel`: None takes the gather kernel where it can run (CUDA and triton), False never.
+    `use_kernel`: None takes the sparse down kernel where it can run (CUDA and triton), False never.
     """
     mlps = gated_mlps(model)
     if len(thresholds) != len(mlps):
@@ -139,11 +139,11 @@ def install_thresholds(model: PreTrainedModel, thresholds: list[float], use_kern
     ok, why = can_use_kernel(probe, SparseDown(weight_t=weight.t(), bias=None))
     kernel = ok if use_kernel is None else (use_kernel and ok)
     if use_kernel and not ok:
-        raise ActivationSparsityError(f"use_kernel: the gather kernel cannot run here: {why}")
+        raise ActivationSparsityError(f"use_kernel: the sparse down kernel cannot run here: {why}")
     _, layers = decoder_layers(model)
     for layer, mlp, threshold in zip(layers, mlps, thresholds, strict=True):
         layer.mlp = ThresholdedMLP(mlp, threshold, kernel)
-    info = InstallInfo(len(mlps), "triton-gather" if kernel else "dense", "" if kernel else why)
+    info = InstallInfo(len(mlps), "triton-sparse-down" if kernel else "dense", "" if kernel else why)
     if not kernel:
         logger.info("activation sparsity: dense thresholded down_proj (%s)", why or "kernel not requested")
     return info

@@ -82,3 +82,26 @@ def test_kernel_matches_dense_on_gpu(tokens: int, dtype: torch.dtype, sparsity: 
         out = sparse_down_proj(h, down, threshold, config)
         assert out.shape == (tokens, 300) and out.dtype == dtype
         assert _rel(out, reference) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_kernel_resets_its_counters_and_replays_in_a_cuda_graph() -> None:
+    pytest.importorskip("triton")
+    device = torch.device("cuda")
+    h = torch.randn(4, 2048, device=device, dtype=torch.float16)
+    weight = torch.randn(512, 2048, device=device, dtype=torch.float16) * 0.02
+    down = SparseDown.from_dense(weight)
+    config = KernelConfig(block_n=64, block_k=64, split_k=8)
+    first = sparse_down_proj(h, down, 0.8, config)
+    again = sparse_down_proj(h, down, 0.8, config)
+    assert torch.equal(first, again)
+    assert all(int(c.abs().sum()) == 0 for c in down.counters.values())
+    static_h = h.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = sparse_down_proj(static_h, down, 0.8, config)
+    for _ in range(3):
+        static_h.copy_(torch.randn_like(h))
+        graph.replay()
+        torch.testing.assert_close(static_out, sparse_down_proj(static_h, down, 0.8, config), rtol=0, atol=0)
