@@ -1,8 +1,9 @@
 """Activation sparsity of SmolLM2-135M on the shipped Wikipedia text, dense and 50% Wanda-pruned, on the CPU.
 
 For each model, the `activation_profile` stage measures held-out perplexity with every FFN at a
-uniform activation sparsity and with the per-layer allocation at the same mean (greedy on the KL each
-layer alone causes, measured on calibration sequences); the critical sparsity is the largest sparsity whose perplexity rises by at most 1% / 5%.
+uniform activation sparsity and with the per-layer allocation at the same mean (greedy on the KL
+each layer alone causes, measured on calibration sequences); the critical sparsity is the largest
+sparsity whose perplexity rises by at most 1% / 5%.
 The pruned model is made by the `calibrate` and `prune` stages (Wanda, 50% unstructured, every
 decoder Linear). Results go to `bench/results/activation_sparsity.json` (after each model) and the
 figure to `bench/results/activation_sparsity.png`; a table is printed last.
