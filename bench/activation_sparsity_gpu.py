@@ -42,8 +42,9 @@ from kernels.activation_sparse import (  # noqa: E402
 )
 
 CPU_RESULTS = Path(__file__).resolve().parent / "results" / "activation_sparsity.json"
-CONFIGS = [KernelConfig(64, 64, 4, 4), KernelConfig(128, 64, 8, 4), KernelConfig(128, 128, 4, 4),
-           KernelConfig(256, 64, 8, 8), KernelConfig(64, 128, 8, 4), KernelConfig(128, 64, 16, 4)]
+CONFIGS = [KernelConfig(64, 64, 16, 4), KernelConfig(128, 64, 16, 4), KernelConfig(128, 128, 8, 4),
+           KernelConfig(256, 64, 16, 8), KernelConfig(64, 128, 16, 4), KernelConfig(128, 64, 32, 4),
+           KernelConfig(64, 64, 32, 4)]
 LAYERS = 4
 
 
@@ -87,6 +88,9 @@ def check(hidden: int, intermediate: int, device: torch.device, configs: list[Ke
                         raise AssertionError(f"mismatch {dtype} tokens={tokens} s={sparsity} {cfg}: {err:.2e}")
                     rows.append({"dtype": str(dtype), "tokens": tokens, "sparsity": sparsity, "config": vars(cfg),
                                  "rel_err": err})
+                    again = launch_sparse_down(h, down, t, cfg)  # the kernel reset its counters: same result
+                    if not torch.equal(out, again):
+                        raise AssertionError(f"second call differs {dtype} tokens={tokens} s={sparsity} {cfg}")
     return rows
 
 
