@@ -42,9 +42,9 @@ from kernels.activation_sparse import (  # noqa: E402
 )
 
 CPU_RESULTS = Path(__file__).resolve().parent / "results" / "activation_sparsity.json"
-CONFIGS = [KernelConfig(64, 64, 16, 4), KernelConfig(128, 64, 16, 4), KernelConfig(128, 128, 8, 4),
-           KernelConfig(256, 64, 16, 8), KernelConfig(64, 128, 16, 4), KernelConfig(128, 64, 32, 4),
-           KernelConfig(64, 64, 32, 4)]
+CONFIGS = [KernelConfig(128, 64, 128, 4), KernelConfig(128, 64, 64, 4), KernelConfig(128, 32, 128, 4),
+           KernelConfig(64, 64, 128, 4), KernelConfig(256, 64, 128, 8), KernelConfig(128, 128, 128, 4),
+           KernelConfig(128, 64, 256, 4), KernelConfig(64, 32, 64, 2)]
 LAYERS = 4
 
 
@@ -88,8 +88,8 @@ def check(hidden: int, intermediate: int, device: torch.device, configs: list[Ke
                         raise AssertionError(f"mismatch {dtype} tokens={tokens} s={sparsity} {cfg}: {err:.2e}")
                     rows.append({"dtype": str(dtype), "tokens": tokens, "sparsity": sparsity, "config": vars(cfg),
                                  "rel_err": err})
-                    again = launch_sparse_down(h, down, t, cfg)  # the kernel reset its counters: same result
-                    if not torch.equal(out, again):
+                    again = launch_sparse_down(h, down, t, cfg)  # the kernel reset its workspace: same result
+                    if not _rel(again, out.double()) < 2e-3:
                         raise AssertionError(f"second call differs {dtype} tokens={tokens} s={sparsity} {cfg}")
     return rows
 

@@ -7,13 +7,16 @@ tokens) need not read them: the rows of the transposed weight `weight_t` [interm
 of inactive neurons are never loaded (the bytes read fall with the fraction of neurons no token
 needs).
 
-The Triton kernel is one launch: each program takes a tile of output columns and a slice of the
-neurons (split-K), thresholds its slice of `h`, loads only the weight rows of neurons some token
-needs (a masked load issues no memory traffic for masked-off rows), and writes its fp32 partial sum.
-The last program of a column tile to finish (a per-tile counter, incremented atomically) adds the
-partials, writes the output in the activation dtype and resets the counter. No index compaction,
-no memset, no cast kernel: an earlier version that compacted the active neuron indices first
-spent ~30 us of launches per call, more than a dense 4096x14336 product takes.
+The Triton kernel is one launch: each program takes a tile of output columns and a short slice of
+the neurons (split-K, `rows_per_program`), thresholds its slice of `h`, loads only the weight rows
+of neurons some token needs (a masked load issues no memory traffic for masked-off rows), and adds
+its fp32 partial sum atomically into a workspace. The last program of a column tile to finish (a
+per-tile counter, incremented atomically) writes the output in the activation dtype and zeroes
+the workspace tile and the counter for the next call. No index compaction, memset or cast
+kernel: an earlier version that compacted the active neuron indices first spent ~30 us of
+launches per call, more than a dense 4096x14336 product takes; one with long neuron slices per
+program was latency-bound (~40 us at any sparsity on an H200). The atomic adds make the last bits
+of the fp32 sum depend on the order programs finish: repeated calls may differ by an fp16 ulp.
 
 - `SparseDown.from_dense` holds the transposed weight the kernel consumes (`decompress` gives back
   the dense weight) and the kernel's counters.
@@ -51,11 +54,15 @@ class ActivationSparseError(ValueError):
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes of the kernel: output columns per program, neurons per step, slices of the neurons."""
+    """Tile sizes of the kernel: output columns per program, neurons per step, neurons per program.
+
+    Short slices (`rows_per_program`, rounded up to a multiple of `block_k`) give thousands of
+    programs, which is what hides the memory latency of the dependent loads (h, then the rows it needs).
+    """
 
     block_n: int = 128
     block_k: int = 64
-    split_k: int = 16
+    rows_per_program: int = 128
     num_warps: int = 4
 
 
@@ -63,13 +70,20 @@ class KernelConfig:
 class SparseDown:
     """A down projection ready for the kernel: `weight_t` [intermediate, hidden], contiguous.
 
-    `counters` holds, per column-tile width, the kernel's int32 completion counters (zero between
-    calls; the kernel resets them itself).
+    `counters` holds, per column-tile width, the kernel's int32 completion counters, and
+    `workspace` its fp32 [16, hidden] sums: both zero between calls (the kernel resets them).
     """
 
     weight_t: Tensor
     bias: Tensor | None = None
     counters: dict[int, Tensor] = field(default_factory=dict)
+    workspace: Tensor | None = None
+
+    def workspace_for(self) -> Tensor:
+        if self.workspace is None:
+            self.workspace = torch.zeros(MAX_DECODE_TOKENS, self.hidden, dtype=torch.float32,
+                                         device=self.weight_t.device)
+        return self.workspace
 
     def counters_for(self, block_n: int) -> Tensor:
         if block_n not in self.counters:
@@ -179,15 +193,14 @@ def launch_sparse_down(h2d: Tensor, down: SparseDown, threshold: float, config: 
     if h2d.stride(-1) != 1:
         h2d = h2d.contiguous()
     tokens, hidden, intermediate = h2d.shape[0], down.hidden, down.intermediate
-    split_k = max(1, min(config.split_k, triton.cdiv(intermediate, config.block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(intermediate, split_k), config.block_k) * config.block_k
-    partials = torch.empty(split_k, MAX_DECODE_TOKENS, hidden, dtype=torch.float32, device=h2d.device)
+    rows = triton.cdiv(min(config.rows_per_program, intermediate), config.block_k) * config.block_k
+    split_k = triton.cdiv(intermediate, rows)
     out = torch.empty(tokens, hidden, dtype=h2d.dtype, device=h2d.device)
     grid = (triton.cdiv(hidden, config.block_n), split_k)
     _sparse_down_kernel[grid](
-        h2d, down.weight_t, partials, down.counters_for(config.block_n), out, float(threshold),
-        tokens, hidden, intermediate, k_per_split, h2d.stride(0), down.weight_t.stride(0), out.stride(0),
-        BLOCK_M=MAX_DECODE_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
+        h2d, down.weight_t, down.workspace_for(), down.counters_for(config.block_n), out, float(threshold),
+        tokens, hidden, intermediate, rows, split_k, h2d.stride(0), down.weight_t.stride(0), out.stride(0),
+        BLOCK_M=1 if tokens == 1 else MAX_DECODE_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps,
     )
     return out
@@ -197,9 +210,9 @@ if triton is not None:
 
     @triton.jit
     def _sparse_down_kernel(
-        h_ptr, wt_ptr, part_ptr, count_ptr, out_ptr, threshold, M, N, K, K_PER_SPLIT,
+        h_ptr, wt_ptr, ws_ptr, count_ptr, out_ptr, threshold, M, N, K, ROWS, SPLIT_K,
         stride_hm, stride_wk, stride_om,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[m, n] = sum_k thr(h[m, k]) * wt[k, n], reading only rows k that some token m needs."""
         pid_n = tl.program_id(0)
@@ -209,8 +222,8 @@ if triton is not None:
         m_ok = offs_m < M
         n_ok = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_start = pid_k * K_PER_SPLIT
-        k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+        k_start = pid_k * ROWS
+        k_end = tl.minimum(k_start + ROWS, K)
         for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < k_end
@@ -221,16 +234,18 @@ if triton is not None:
             needed = (tl.max(keep.to(tl.int32), axis=0) > 0) & k_ok  # [BLOCK_K]: some token needs neuron k
             w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=needed[:, None] & n_ok[None, :],
                         other=0.0)
-            acc += tl.dot(h, w)
-        tile = offs_m[:, None] * N + offs_n[None, :]
+            if BLOCK_M == 1:  # one token: a GEMV, multiply-add on the CUDA cores (no tensor-core tile to fill)
+                acc += tl.sum(w.to(tl.float32) * tl.trans(h.to(tl.float32)), axis=0)[None, :]
+            else:
+                acc += tl.dot(h, w)
         tile_ok = m_ok[:, None] & n_ok[None, :]
-        tl.store(part_ptr + pid_k * BLOCK_M * N + tile, acc, mask=tile_ok)
-        # acq_rel: this program's partial is visible before the count rises; the last one sees them all
+        sums = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(sums, acc, mask=tile_ok, sem="relaxed")
+        # acq_rel: this program's sums land before the count rises; the last program sees them all
         finished = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if finished == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for split in range(SPLIT_K):
-                total += tl.load(part_ptr + split * BLOCK_M * N + tile, mask=tile_ok, other=0.0, cache_modifier=".cg")
+            total = tl.load(sums, mask=tile_ok, other=0.0, cache_modifier=".cg")
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
                      mask=tile_ok)
+            tl.store(sums, tl.zeros_like(total), mask=tile_ok)
             tl.atomic_xchg(count_ptr + pid_n, 0)

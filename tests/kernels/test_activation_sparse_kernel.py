@@ -78,7 +78,7 @@ def test_kernel_matches_dense_on_gpu(tokens: int, dtype: torch.dtype, sparsity: 
     threshold = torch.quantile(h.float().abs().flatten(), sparsity).item() if sparsity else 0.0
     reference = dense_down(h.double(), weight.double(), bias.double(), threshold)
     down = SparseDown.from_dense(weight, bias)
-    for config in (KernelConfig(), KernelConfig(block_n=64, block_k=32, split_k=1)):
+    for config in (KernelConfig(), KernelConfig(block_n=64, block_k=32, rows_per_program=1000)):
         out = sparse_down_proj(h, down, threshold, config)
         assert out.shape == (tokens, 300) and out.dtype == dtype
         assert _rel(out, reference) < 1e-2
@@ -92,11 +92,12 @@ def test_kernel_resets_its_counters_and_replays_in_a_cuda_graph() -> None:
     h = torch.randn(4, 2048, device=device, dtype=torch.float16)
     weight = torch.randn(512, 2048, device=device, dtype=torch.float16) * 0.02
     down = SparseDown.from_dense(weight)
-    config = KernelConfig(block_n=64, block_k=64, split_k=8)
+    config = KernelConfig(block_n=64, block_k=64, rows_per_program=256)
     first = sparse_down_proj(h, down, 0.8, config)
     again = sparse_down_proj(h, down, 0.8, config)
-    assert torch.equal(first, again)
+    torch.testing.assert_close(first, again, rtol=2e-3, atol=1e-4)  # atomic sums: order may move an ulp
     assert all(int(c.abs().sum()) == 0 for c in down.counters.values())
+    assert int(down.workspace.abs().sum()) == 0
     static_h = h.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -104,4 +105,4 @@ def test_kernel_resets_its_counters_and_replays_in_a_cuda_graph() -> None:
     for _ in range(3):
         static_h.copy_(torch.randn_like(h))
         graph.replay()
-        torch.testing.assert_close(static_out, sparse_down_proj(static_h, down, 0.8, config), rtol=0, atol=0)
+        torch.testing.assert_close(static_out, sparse_down_proj(static_h, down, 0.8, config), rtol=2e-3, atol=1e-4)
