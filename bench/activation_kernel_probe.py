@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from activation_sparsity_gpu import graph_time_us  # noqa: E402
+
 from kernels.activation_sparse import KernelConfig, SparseDown, launch_sparse_down  # noqa: E402
 
 CONFIGS = [KernelConfig(n, k, rows, warps) for n, k, rows, warps in (

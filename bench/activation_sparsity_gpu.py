@@ -42,9 +42,9 @@ from kernels.activation_sparse import (  # noqa: E402
 )
 
 CPU_RESULTS = Path(__file__).resolve().parent / "results" / "activation_sparsity.json"
-CONFIGS = [KernelConfig(128, 64, 128, 4), KernelConfig(128, 64, 64, 4), KernelConfig(128, 32, 128, 4),
-           KernelConfig(64, 64, 128, 4), KernelConfig(256, 64, 128, 8), KernelConfig(128, 128, 128, 4),
-           KernelConfig(128, 64, 256, 4), KernelConfig(64, 32, 64, 2)]
+CONFIGS = [KernelConfig(n, k, rows, warps) for n, k, rows, warps in (
+    (32, 32, 512, 1), (16, 64, 1024, 1), (32, 64, 1024, 2), (128, 32, 128, 2), (512, 32, 64, 4),
+    (64, 32, 256, 2))]
 LAYERS = 4
 
 

@@ -61,9 +61,16 @@ class KernelConfig:
     """
 
     block_n: int = 128
-    block_k: int = 64
+    block_k: int = 32
     rows_per_program: int = 128
-    num_warps: int = 4
+    num_warps: int = 2
+
+
+def default_config(tokens: int) -> KernelConfig:
+    """The fastest tiles measured by `bench/activation_kernel_probe.py` (H200, 4096x14336 fp16): narrow
+    column tiles with long neuron slices for one token (few atomic adds per output), short slices
+    with wider tiles for more tokens."""
+    return KernelConfig(32, 32, 512, 1) if tokens == 1 else KernelConfig(128, 32, 128, 2)
 
 
 @dataclass
@@ -174,7 +181,7 @@ def sparse_down_proj(h: Tensor, down: SparseDown, threshold: float, config: Kern
     if not ok:
         raise ActivationSparseError(f"sparse down kernel unavailable: {why}")
     h2d = h.reshape(-1, h.shape[-1])
-    result = launch_sparse_down(h2d, down, threshold, config or KernelConfig())
+    result = launch_sparse_down(h2d, down, threshold, config or default_config(h2d.shape[0]))
     if down.bias is not None:
         result = result + down.bias
     return result.reshape(*h.shape[:-1], down.hidden)
