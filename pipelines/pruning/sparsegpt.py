@@ -16,9 +16,18 @@ Differences from the reference implementation, on purpose:
 - Inputs that were always zero ("dead" columns) score 0, so they are pruned first, but their
   weights are not zeroed when kept, which would break the exact count.
 - The work runs on Wᵀ, so the column being pruned is a contiguous row of memory.
+- N:M masks are chosen per group by the loss the column loop will really incur: for each of the
+  C(M, M-N) ways to prune a group (6 for 2:4, up to `MAX_NM_PATTERNS`), the group's own column
+  updates are replayed on its current weights and the summed OBS loss Σ err²/U_jj² is scored; each
+  row takes the cheapest. The reference scores each weight alone by w²/U_jj² before any update,
+  which ignores that pruning one column of the group moves the later ones. Groups with more
+  patterns than the limit use the reference score.
 """
 
 from __future__ import annotations
+
+from functools import cache
+from itertools import combinations
 
 import torch
 from torch import Tensor
@@ -26,6 +35,9 @@ from torch import Tensor
 from pipelines.pruning.patterns import check_nm, keep_all_but_lowest, prune_count
 from pipelines.pruning.result import PruneResult
 from pipelines.stage import StageError
+
+
+MAX_NM_PATTERNS = 70  # C(8, 4): every 4:8 choice is still scored exactly
 
 
 class HessianNotPositiveDefiniteError(StageError):
@@ -109,7 +121,7 @@ def prune_sparsegpt(
         errors = torch.empty_like(block)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                _select_group(block, diag, alive[i1:i2], block_keep, coef, i, nm)
+                _select_group(block, diag, alive[i1:i2], block_keep, coef, i, nm, u_block)
             err = torch.mul(block[i], coef[i], out=errors[i])
             block[i:].addr_(u_block[i, i:], err, alpha=-1.0)
         block.mul_(block_keep)  # pruned entries are ~0 after their own update; make them exactly 0
@@ -120,13 +132,41 @@ def prune_sparsegpt(
     return PruneResult(weight=pruned, mask=keep.t().contiguous(), loss=loss, damping=damping)
 
 
+@cache
+def _prune_patterns(n: int, m: int) -> tuple[tuple[int, ...], ...]:
+    """Every choice of the M - N columns of a group to prune, as 0/1 tuples of length M."""
+    return tuple(tuple(int(c in pruned) for c in range(m)) for pruned in combinations(range(m), m - n))
+
+
 def _select_group(
-    block: Tensor, diag: Tensor, alive: Tensor, block_keep: Tensor, coef: Tensor, i: int, nm: tuple[int, int]
+    block: Tensor, diag: Tensor, alive: Tensor, block_keep: Tensor, coef: Tensor, i: int, nm: tuple[int, int],
+    u_block: Tensor,
 ) -> None:
     """Choose the N:M mask of columns i..i+M of the block from their current (updated) weights."""
     n, m = nm
-    score = (block[i : i + m] / diag[i : i + m]).square_().mul_(alive[i : i + m])  # [m, rows]
-    kept = torch.topk(score, n, dim=0, sorted=False).indices
-    group_keep = torch.zeros_like(score, dtype=torch.bool).scatter_(0, kept, True)
+    patterns = _prune_patterns(n, m)
+    if len(patterns) <= MAX_NM_PATTERNS:
+        group_keep = _cheapest_pattern(block[i : i + m], u_block[i : i + m, i : i + m], alive[i : i + m], patterns)
+    else:
+        score = (block[i : i + m] / diag[i : i + m]).square_().mul_(alive[i : i + m])  # [m, rows]
+        kept = torch.topk(score, n, dim=0, sorted=False).indices
+        group_keep = torch.zeros_like(score, dtype=torch.bool).scatter_(0, kept, True)
     block_keep[i : i + m] = group_keep
     coef[i : i + m] = (~group_keep).float().div_(diag[i : i + m])
+
+
+def _cheapest_pattern(weights: Tensor, u: Tensor, alive: Tensor, patterns: tuple[tuple[int, ...], ...]) -> Tensor:
+    """Keep-mask [m, rows] of the pattern with the least OBS loss per row (see module doc).
+
+    `weights` [m, rows] are the group's current columns, `u` [m, m] its block of the upper Cholesky
+    factor of H⁻¹. Replays the column loop's updates for all patterns at once: [patterns, m, rows].
+    """
+    prune = torch.tensor(patterns, dtype=weights.dtype, device=weights.device)  # [p, m]
+    work = weights.unsqueeze(0).repeat(prune.shape[0], 1, 1)
+    loss = torch.zeros(prune.shape[0], weights.shape[1], dtype=weights.dtype, device=weights.device)
+    for c in range(weights.shape[0]):
+        err = work[:, c] * (prune[:, c : c + 1] / u[c, c])  # [p, rows]
+        loss.addcmul_(err, err * alive[c])
+        work[:, c:] -= u[c, c:].view(1, -1, 1) * err.unsqueeze(1)
+    best = loss.argmin(dim=0)  # [rows]
+    return prune[best].t().eq(0)

@@ -170,3 +170,43 @@ def test_sparsegpt_rejects_a_mismatched_hessian() -> None:
 def test_sparsegpt_rejects_m_not_dividing_columns() -> None:
     with pytest.raises(ValueError, match="does not divide"):
         prune_sparsegpt(torch.randn(4, 12), torch.eye(12), 0.5, (4, 8))
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_nm_groups_take_the_pattern_with_least_obs_loss(problem, monkeypatch, nm: tuple[int, int]) -> None:
+    """Scoring every pattern by its replayed loss beats scoring each weight alone (the reference rule)."""
+    import pipelines.pruning.sparsegpt as sparsegpt
+
+    weight, stats = problem
+    exact = prune_sparsegpt(weight, stats.hessian(), 0.5, nm, block_size=32)
+    monkeypatch.setattr(sparsegpt, "MAX_NM_PATTERNS", 0)
+    reference = prune_sparsegpt(weight, stats.hessian(), 0.5, nm, block_size=32)
+    assert is_nm_sparse(exact.weight, nm) and is_nm_sparse(reference.weight, nm)
+    assert float(exact.loss) < float(reference.loss)
+    errors = [float(relative_output_errors(weight, r.weight, stats.xtx, [ROWS])[0]) for r in (exact, reference)]
+    assert errors[0] < errors[1]
+
+
+def test_pattern_loss_matches_the_column_loop() -> None:
+    """The replayed loss of the chosen pattern is what the column loop then accumulates."""
+    from pipelines.pruning.sparsegpt import _cheapest_pattern, _prune_patterns
+
+    x = correlated_inputs(cols=4, tokens=256)
+    h = x.t() @ x / 256
+    weight = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    result = prune_sparsegpt(weight, h, 0.5, (2, 4), block_size=4, dampening=0.01)
+    upper, _ = inverse_hessian_factor(h, 0.01)
+    keep = _cheapest_pattern(weight.t().contiguous(), upper, torch.ones(4, 1), _prune_patterns(2, 4))
+    assert torch.equal(keep.t(), result.mask)
+    per_pattern = []
+    for pattern in _prune_patterns(2, 4):
+        forced = torch.tensor(pattern).eq(0).unsqueeze(1).expand(4, 6)
+        w, loss = weight.t().clone(), 0.0
+        for c in range(4):
+            if not forced[c, 0]:
+                err = w[c] / upper[c, c]
+                loss = loss + err.square()
+                w[c:] -= upper[c, c:].unsqueeze(1) * err
+        per_pattern.append(loss)
+    best = torch.stack(per_pattern).min(0).values.sum() / 2
+    assert float(result.loss) == pytest.approx(float(best), rel=1e-4)
