@@ -36,7 +36,6 @@ from pipelines.pruning.patterns import check_nm, keep_all_but_lowest, prune_coun
 from pipelines.pruning.result import PruneResult
 from pipelines.stage import StageError
 
-
 MAX_NM_PATTERNS = 70  # C(8, 4): every 4:8 choice is still scored exactly
 
 
