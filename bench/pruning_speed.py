@@ -122,7 +122,7 @@ def worker_ours(args) -> dict:
     peak = run_sequential(
         model, ids, targets,
         lambda work: damping.extend(o.damping for o in prune_layer(work, config, sparsity)),
-        device=device, batch_size=args.batch_size,
+        device=device, batch_size=args.batch_size, within_layer=args.within_layer,
     )
     wall = time.perf_counter() - start
     return {"wall_s": wall, "peak_gpu_mem_bytes": peak, "max_damping": max(damping), "gram": _gram_path(device),
@@ -212,12 +212,15 @@ def main() -> None:
     parser.add_argument("--pattern", default="unstructured")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--within-layer", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours: re-calibrate each shared-input group after the groups before it (stage default)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, to check the logic")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sparseflow-bench-speed"))
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--ours-python", default=sys.executable)
     parser.add_argument("--llmc-python", default=sys.executable)
-    parser.add_argument("--tools", default="sparseflow,llm-compressor")
+    parser.add_argument("--tools", default="sparseflow,llm-compressor",
+                        help="comma list of sparseflow, sparseflow-one-pass (within_layer off), llm-compressor")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per worker")
     parser.add_argument("--deadline", type=float, default=1e9, help="seconds for all workers together")
     args = parser.parse_args()
@@ -246,10 +249,13 @@ def main() -> None:
     }
     runs = [(tool, pattern) for tool in args.tools.split(",") for pattern in ("unstructured", "2:4")]
     for tool, pattern in runs:
-        python, worker = (args.ours_python, "ours") if tool == "sparseflow" else (args.llmc_python, "llmc")
+        ours = tool.startswith("sparseflow")
+        python, worker = (args.ours_python, "ours") if ours else (args.llmc_python, "llmc")
         cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--model", str(model_dir),
                "--calibration", str(calibration), "--pattern", pattern, "--device", args.device,
                "--batch-size", str(args.batch_size)]
+        if tool == "sparseflow-one-pass":
+            cmd.append("--no-within-layer")
         row = {"tool": tool, "pattern": pattern}
         began = time.perf_counter()
         timeout = min(args.timeout, args.deadline - (began - start))
