@@ -145,7 +145,7 @@ def _select_group(
     n, m = nm
     patterns = _prune_patterns(n, m)
     if len(patterns) <= MAX_NM_PATTERNS:
-        group_keep = _cheapest_pattern(block[i : i + m], u_block[i : i + m, i : i + m], alive[i : i + m], patterns)
+        group_keep = _cheapest_pattern(block[i : i + m], u_block[i : i + m, i : i + m], alive[i : i + m], nm)
     else:
         score = (block[i : i + m] / diag[i : i + m]).square_().mul_(alive[i : i + m])  # [m, rows]
         kept = torch.topk(score, n, dim=0, sorted=False).indices
@@ -154,13 +154,19 @@ def _select_group(
     coef[i : i + m] = (~group_keep).float().div_(diag[i : i + m])
 
 
-def _cheapest_pattern(weights: Tensor, u: Tensor, alive: Tensor, patterns: tuple[tuple[int, ...], ...]) -> Tensor:
+@cache
+def _pattern_tensor(n: int, m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`_prune_patterns` as a [patterns, m] tensor on the device, made once (a copy per group would sync)."""
+    return torch.tensor(_prune_patterns(n, m), dtype=dtype, device=device)
+
+
+def _cheapest_pattern(weights: Tensor, u: Tensor, alive: Tensor, nm: tuple[int, int]) -> Tensor:
     """Keep-mask [m, rows] of the pattern with the least OBS loss per row (see module doc).
 
     `weights` [m, rows] are the group's current columns, `u` [m, m] its block of the upper Cholesky
     factor of H⁻¹. Replays the column loop's updates for all patterns at once: [patterns, m, rows].
     """
-    prune = torch.tensor(patterns, dtype=weights.dtype, device=weights.device)  # [p, m]
+    prune = _pattern_tensor(*nm, weights.device, weights.dtype)  # [patterns, m]: 1 = pruned
     work = weights.unsqueeze(0).repeat(prune.shape[0], 1, 1)
     loss = torch.zeros(prune.shape[0], weights.shape[1], dtype=weights.dtype, device=weights.device)
     for c in range(weights.shape[0]):

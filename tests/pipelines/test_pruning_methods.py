@@ -196,7 +196,7 @@ def test_pattern_loss_matches_the_column_loop() -> None:
     weight = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
     result = prune_sparsegpt(weight, h, 0.5, (2, 4), block_size=4, dampening=0.01)
     upper, _ = inverse_hessian_factor(h, 0.01)
-    keep = _cheapest_pattern(weight.t().contiguous(), upper, torch.ones(4, 1), _prune_patterns(2, 4))
+    keep = _cheapest_pattern(weight.t().contiguous(), upper, torch.ones(4, 1), (2, 4))
     assert torch.equal(keep.t(), result.mask)
     per_pattern = []
     for pattern in _prune_patterns(2, 4):
