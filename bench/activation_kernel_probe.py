@@ -19,9 +19,13 @@ from activation_sparsity_gpu import graph_time_us  # noqa: E402
 
 from kernels.activation_sparse import KernelConfig, SparseDown, launch_sparse_down  # noqa: E402
 
-CONFIGS = [KernelConfig(n, k, rows, warps) for n, k, rows, warps in (
-    (128, 32, 128, 2), (32, 64, 1024, 2), (32, 64, 2048, 2), (64, 64, 1024, 4), (64, 32, 1024, 2),
-    (32, 32, 512, 1), (64, 64, 2048, 4), (32, 128, 2048, 4), (16, 64, 1024, 1))]
+CONFIGS = {
+    1: [KernelConfig(n, k, rows, warps) for n, k, rows, warps in (
+        (32, 32, 512, 1), (32, 256, 256, 4), (32, 512, 512, 4), (64, 256, 256, 4), (64, 128, 512, 4),
+        (128, 128, 256, 4), (32, 128, 512, 2), (16, 512, 512, 4), (64, 512, 512, 8), (128, 64, 1024, 4))],
+    4: [KernelConfig(n, k, rows, warps) for n, k, rows, warps in (
+        (128, 32, 128, 2), (64, 32, 256, 2), (256, 32, 128, 4), (128, 64, 256, 4))],
+}
 
 
 def main() -> None:
@@ -32,7 +36,7 @@ def main() -> None:
         hs = [torch.randn(tokens, inter, device="cuda", dtype=torch.float16) for _ in range(layers)]
         dense = graph_time_us(lambda hs=hs: [F.linear(h, w) for h, w in zip(hs, downs, strict=True)], layers, 30)
         print(f"tokens {tokens}: dense {dense:.1f} us", flush=True)
-        for cfg in CONFIGS:
+        for cfg in CONFIGS[tokens]:
             times = {}
             for label, threshold in (("all", 0.0), ("half", 0.6745), ("none", 1e9)):
                 times[label] = graph_time_us(

@@ -17,6 +17,8 @@ kernel: an earlier version that compacted the active neuron indices first spent 
 launches per call, more than a dense 4096x14336 product takes; one with long neuron slices per
 program was latency-bound (~40 us at any sparsity on an H200). The atomic adds make the last bits
 of the fp32 sum depend on the order programs finish: repeated calls may differ by an fp16 ulp.
+One token (the common decode step) takes its own kernel: a GEMV on the CUDA cores whose partial
+sums are stored per slice and added by the last program in one load, with no atomic contention.
 
 - `SparseDown.from_dense` holds the transposed weight the kernel consumes (`decompress` gives back
   the dense weight) and the kernel's counters.
@@ -204,11 +206,19 @@ def launch_sparse_down(h2d: Tensor, down: SparseDown, threshold: float, config: 
     split_k = triton.cdiv(intermediate, rows)
     out = torch.empty(tokens, hidden, dtype=h2d.dtype, device=h2d.device)
     grid = (triton.cdiv(hidden, config.block_n), split_k)
+    if tokens == 1:
+        partials = torch.empty(split_k, hidden, dtype=torch.float32, device=h2d.device)
+        _sparse_gemv_kernel[grid](
+            h2d, down.weight_t, partials, down.counters_for(config.block_n), out, float(threshold),
+            hidden, intermediate, rows, split_k, down.weight_t.stride(0),
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_PAD=triton.next_power_of_2(split_k),
+            num_warps=config.num_warps,
+        )
+        return out
     _sparse_down_kernel[grid](
         h2d, down.weight_t, down.workspace_for(), down.counters_for(config.block_n), out, float(threshold),
         tokens, hidden, intermediate, rows, split_k, h2d.stride(0), down.weight_t.stride(0), out.stride(0),
-        BLOCK_M=1 if tokens == 1 else MAX_DECODE_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps,
+        BLOCK_M=MAX_DECODE_TOKENS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
     )
     return out
 
@@ -241,10 +251,7 @@ if triton is not None:
             needed = (tl.max(keep.to(tl.int32), axis=0) > 0) & k_ok  # [BLOCK_K]: some token needs neuron k
             w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=needed[:, None] & n_ok[None, :],
                         other=0.0)
-            if BLOCK_M == 1:  # one token: a GEMV, multiply-add on the CUDA cores (no tensor-core tile to fill)
-                acc += tl.sum(w.to(tl.float32) * tl.trans(h.to(tl.float32)), axis=0)[None, :]
-            else:
-                acc += tl.dot(h, w)
+            acc += tl.dot(h, w)
         tile_ok = m_ok[:, None] & n_ok[None, :]
         sums = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(sums, acc, mask=tile_ok, sem="relaxed")
@@ -255,4 +262,38 @@ if triton is not None:
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
                      mask=tile_ok)
             tl.store(sums, tl.zeros_like(total), mask=tile_ok)
+            tl.atomic_xchg(count_ptr + pid_n, 0)
+
+    @triton.jit
+    def _sparse_gemv_kernel(
+        h_ptr, wt_ptr, part_ptr, count_ptr, out_ptr, threshold, N, K, ROWS, SPLIT_K, stride_wk,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_PAD: tl.constexpr,
+    ):
+        """One token: out[n] = sum_k thr(h[k]) * wt[k, n] on the CUDA cores, reading only rows with |h[k]| >= thr.
+
+        Partial sums go to `part_ptr` [SPLIT_K, N] with plain stores (no atomic contention on the
+        output); the last program of a column tile adds them in one 2-D load.
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        k_start = pid_k * ROWS
+        k_end = tl.minimum(k_start + ROWS, K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_end
+            h = tl.load(h_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            needed = (tl.abs(h) >= threshold) & k_ok
+            w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=needed[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc += tl.sum(w.to(tl.float32) * tl.where(needed, h, 0.0)[:, None], axis=0)
+        tl.store(part_ptr + pid_k * N + offs_n, acc, mask=n_ok)
+        finished = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if finished == SPLIT_K - 1:
+            splits = tl.arange(0, SPLIT_PAD)
+            parts = tl.load(part_ptr + splits[:, None] * N + offs_n[None, :],
+                            mask=(splits < SPLIT_K)[:, None] & n_ok[None, :], other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs_n, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
             tl.atomic_xchg(count_ptr + pid_n, 0)

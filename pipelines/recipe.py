@@ -251,10 +251,10 @@ class ActivationProfileStage(_StageBase):
     eval_seq_len: int = Field(512, ge=8, description="Tokens per held-out perplexity window.")
     eval_windows: int = Field(16, ge=1, description="Held-out windows for the uniform and allocated curves.")
     layer_samples: int = Field(
-        4, ge=1, description="Calibration sequences (the first ones) for the one-layer-at-a-time curves."
+        8, ge=1, description="Calibration sequences (the first ones) for the one-layer-at-a-time curves."
     )
     allocation_max_deviation: float = Field(
-        0.2, ge=0.0, le=1.0, description="Per-layer allocation: no layer further than this from the mean sparsity."
+        0.1, ge=0.0, le=1.0, description="Per-layer allocation: no layer further than this from the mean sparsity."
     )
     batch_size: int = Field(4, ge=1)
     export: bool = Field(False, description="Also write a model whose config carries per-layer thresholds.")

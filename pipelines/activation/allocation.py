@@ -55,7 +55,7 @@ def _cost(curve: list[float], grid: list[float], s: float) -> float:
 
 
 def allocate(kl_curves: list[list[float]], grid: list[float], mean: float, step: float = 0.01,
-             max_deviation: float = 0.2) -> list[float]:
+             max_deviation: float = 0.1) -> list[float]:
     """Per-layer sparsities averaging exactly `mean`, greedy on the per-layer KL curves (see module doc).
 
     `kl_curves[i][j]` is the next-token KL with only layer i sparsified at `grid[j]` (grid: increasing,
