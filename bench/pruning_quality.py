@@ -116,7 +116,7 @@ def _run_ours(method: str, pattern: str, args, model_dir: Path, calibration: Pat
 
     spec = PruneStage(method=method, sparsity=0.5, pattern=pattern, block_size=args.block_size,
                       dampening=args.dampening, batch_size=args.batch_size, within_layer=args.within_layer,
-                      export="none")
+                      act_order=args.act_order, export="none")
     inputs = {"model": model_dir} if method == "magnitude" else {"model": model_dir, "calibration": calibration}
     ctx = StageContext(workdir=work, inputs=inputs, data=DataSpec(),
                        seed=args.seed, device=torch.device("cpu"))
@@ -179,6 +179,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--within-layer", action=argparse.BooleanOptionalAction, default=True,
                         help="sparseflow: re-calibrate o_proj/down_proj after q/k/v and gate/up are pruned")
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
+                        help="sparseflow SparseGPT: columns by decreasing Hessian diagonal")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sparseflow-bench-quality"))
     parser.add_argument("--only", nargs="*", default=None, help="row keys to run, e.g. sparseflow/wanda/2:4")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")
@@ -250,7 +252,8 @@ def _write(rows, args, windows, llmc_versions, torch, transformers) -> None:
                         "seq_len": args.seq_len, "seed": args.seed},
         "evaluation": {"source": "builtin:enwiki evaluation split", "windows": int(windows.shape[0]),
                        "seq_len": int(windows.shape[1])},
-        "settings": {"sparsity": 0.5, "within_layer_ours": args.within_layer, "block_size": args.block_size,
+        "settings": {"sparsity": 0.5, "within_layer_ours": args.within_layer, "act_order_ours": args.act_order,
+                     "block_size": args.block_size,
                      "dampening": args.dampening,
                      "targets": "every Linear of the decoder layers; lm_head and embeddings dense", "dtype": "float32",
                      "batch_size_ours": args.batch_size, "batch_size_llmc": 1},

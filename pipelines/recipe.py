@@ -110,6 +110,9 @@ class PruneStage(_StageBase):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head", r"re:.*embed_tokens$"])
     block_size: int = Field(128, ge=1, description="SparseGPT: columns per lazy update block.")
     dampening: float = Field(0.01, gt=0.0, description="SparseGPT: diagonal damping, fraction of mean diag.")
+    act_order: bool = Field(
+        False, description="SparseGPT: visit columns (N:M: groups) by decreasing Hessian diagonal, as GPTQ does."
+    )
     damping_retries: int = Field(
         4, ge=0, le=12, description="SparseGPT: times to retry a failed Cholesky with 10x more damping."
     )

@@ -34,6 +34,7 @@ class MethodConfig:
     block_size: int = 128
     dampening: float = 0.01
     retries: int = 4
+    act_order: bool = False
 
     @property
     def needs_data(self) -> bool:
@@ -67,7 +68,8 @@ def prune_weight(weight: Tensor, stats: InputStats | None, config: MethodConfig,
     if config.method == "wanda":
         return prune_wanda(weight, stats.col_sq_norms, sparsity, config.nm)
     return prune_sparsegpt(
-        weight, stats.hessian(), sparsity, config.nm, config.block_size, config.dampening, config.retries
+        weight, stats.hessian(), sparsity, config.nm, config.block_size, config.dampening, config.retries,
+        config.act_order,
     )
 
 

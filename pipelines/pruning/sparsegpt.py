@@ -84,17 +84,27 @@ def prune_sparsegpt(
     block_size: int = 128,
     dampening: float = 0.01,
     retries: int = 4,
+    act_order: bool = False,
 ) -> PruneResult:
     """SparseGPT on `weight` [rows, columns] with input Hessian `hessian` [columns, columns].
 
     Returns the pruned weight (input dtype), the keep-mask, the OBS loss estimate (fp32 scalar
     tensor, on the device) and the damping used. No host sync inside the column loop.
+    `act_order` visits columns (N:M: whole groups) by decreasing Hessian diagonal, as GPTQ's
+    act-order does: the columns that matter most are decided first, before errors pile onto them.
     """
     rows, columns = weight.shape
     if hessian.shape != (columns, columns):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({columns}, {columns})")
     if nm is not None:
         check_nm(columns, nm)
+    if act_order:
+        order = _act_order(hessian, nm)
+        result = prune_sparsegpt(weight[:, order], hessian[order][:, order], sparsity, nm, block_size, dampening,
+                                 retries)
+        inverse = torch.argsort(order)
+        return PruneResult(weight=result.weight[:, inverse].contiguous(), mask=result.mask[:, inverse].contiguous(),
+                           loss=result.loss, damping=result.damping)
     h = hessian.float().clone()
     dead = h.diagonal() == 0
     h.diagonal().masked_fill_(dead, 1.0)
@@ -129,6 +139,16 @@ def prune_sparsegpt(
             work[i2:].addmm_(upper[i1:i2, i2:].t(), errors, alpha=-1.0)
     pruned = work.t().to(weight.dtype)
     return PruneResult(weight=pruned, mask=keep.t().contiguous(), loss=loss, damping=damping)
+
+
+def _act_order(hessian: Tensor, nm: tuple[int, int] | None) -> Tensor:
+    """Column order by decreasing Hessian diagonal; for N:M, whole groups by their summed diagonal."""
+    diag = hessian.diagonal().float()
+    if nm is None:
+        return torch.argsort(diag, descending=True, stable=True)
+    m = nm[1]
+    groups = torch.argsort(diag.view(-1, m).sum(1), descending=True, stable=True)
+    return (groups.unsqueeze(1) * m + torch.arange(m, device=diag.device)).flatten()
 
 
 @cache

@@ -210,3 +210,26 @@ def test_pattern_loss_matches_the_column_loop() -> None:
         per_pattern.append(loss)
     best = torch.stack(per_pattern).min(0).values.sum() / 2
     assert float(result.loss) == pytest.approx(float(best), rel=1e-4)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_act_order_permutes_and_restores_columns(problem, nm) -> None:
+    weight, stats = problem
+    result = prune_sparsegpt(weight, stats.hessian(), 0.5, nm, block_size=32, act_order=True)
+    assert torch.all(result.weight[~result.mask] == 0)
+    if nm is None:
+        assert torch.all((~result.mask).sum(1) == prune_count(COLS, 0.5))
+    else:
+        assert is_nm_sparse(result.weight, nm)
+    # columns (groups) already in decreasing-diagonal order: act order changes nothing
+    x = correlated_inputs()
+    groups = x.pow(2).sum(0).view(-1, 4).sum(1)
+    order = torch.argsort(groups, descending=True)
+    x = x.view(x.shape[0], -1, 4)[:, order].reshape(x.shape[0], -1)
+    if nm is None:
+        x = x[:, torch.argsort(x.pow(2).sum(0), descending=True)]
+    h = stats_of(x).hessian()
+    plain = prune_sparsegpt(weight, h, 0.5, nm, block_size=32)
+    ordered = prune_sparsegpt(weight, h, 0.5, nm, block_size=32, act_order=True)
+    assert torch.equal(plain.mask, ordered.mask)
+    torch.testing.assert_close(plain.weight, ordered.weight)
