@@ -177,8 +177,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--dampening", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--within-layer", action=argparse.BooleanOptionalAction, default=True,
-                        help="sparseflow: re-calibrate o_proj/down_proj after q/k/v and gate/up are pruned")
+    parser.add_argument("--within-layer", action=argparse.BooleanOptionalAction, default=None,
+                        help="sparseflow: re-calibrate o_proj/down_proj after q/k/v and gate/up are pruned "
+                             "(default: the recipe's, on for sparsegpt only)")
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
                         help="sparseflow SparseGPT: columns by decreasing Hessian diagonal")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sparseflow-bench-quality"))

@@ -120,10 +120,16 @@ class PruneStage(_StageBase):
     sequential: bool = Field(
         True, description="Feed each layer the outputs of the already pruned layers (False: dense outputs)."
     )
-    within_layer: bool = Field(
-        True, description="Inside a layer too: o_proj is calibrated on the pruned q/k/v's outputs, down_proj on "
-        "the pruned gate/up's (one more forward of the layer per group)."
+    within_layer: bool | None = Field(
+        None, description="Inside a layer too: o_proj is calibrated on the pruned q/k/v's outputs, down_proj on the "
+        "pruned gate/up's (one more forward of the layer per group). None: on for sparsegpt (whose weight updates "
+        "use it, as GPTQ's true-sequential does), off for wanda and magnitude (Wanda's reference scores come from "
+        "one pass; on SmolLM2-135M it helped Wanda unstructured and hurt Wanda 2:4).",
     )
+
+    @property
+    def calibrate_within_layer(self) -> bool:
+        return self.method == "sparsegpt" if self.within_layer is None else self.within_layer
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the model is loaded and run in; statistics are always fp32."
     )

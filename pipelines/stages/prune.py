@@ -109,7 +109,7 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
         peak = max(peak, run_sequential(
             model, ids, targets, lambda work: outcomes.extend(prune_layer(work, config, sparsities[work.index])),
             device=ctx.device, batch_size=spec.batch_size, full_stats=True,
-            propagate="pruned" if spec.sequential else "dense", within_layer=spec.within_layer,
+            propagate="pruned" if spec.sequential else "dense", within_layer=spec.calibrate_within_layer,
             progress=lambda d, t, m: ctx.progress(offset + d, total, f"pruning: {m}"),
         ))
     else:

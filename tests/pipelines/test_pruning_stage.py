@@ -172,3 +172,12 @@ def test_recipe_rejects_bad_prune_specs_naming_the_field(prune: dict, field: str
     recipe = {"stages": [{"stage": "calibrate"}, {"stage": "prune", "method": "sparsegpt", **prune}]}
     with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
         parse_recipe(recipe)
+
+
+def test_within_layer_calibration_defaults_per_method() -> None:
+    from pipelines.recipe import PruneStage
+
+    assert PruneStage(method="sparsegpt").calibrate_within_layer
+    assert not PruneStage(method="wanda").calibrate_within_layer
+    assert PruneStage(method="wanda", within_layer=True).calibrate_within_layer
+    assert not PruneStage(method="sparsegpt", within_layer=False).calibrate_within_layer
