@@ -180,8 +180,9 @@ def main() -> None:
     parser.add_argument("--within-layer", action=argparse.BooleanOptionalAction, default=None,
                         help="sparseflow: re-calibrate o_proj/down_proj after q/k/v and gate/up are pruned "
                              "(default: the recipe's, on for sparsegpt only)")
-    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
-                        help="sparseflow SparseGPT: columns by decreasing Hessian diagonal")
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                        help="sparseflow SparseGPT: columns by decreasing Hessian diagonal (default: the recipe's, "
+                             "on for N:M only)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sparseflow-bench-quality"))
     parser.add_argument("--only", nargs="*", default=None, help="row keys to run, e.g. sparseflow/wanda/2:4")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")

@@ -113,7 +113,7 @@ def worker_ours(args) -> dict:
     model = load_model(args.model, "cpu", torch.bfloat16)
     ids = load_file(args.calibration)["input_ids"]
     nm = None if args.pattern == "unstructured" else tuple(int(x) for x in args.pattern.split(":"))
-    config = MethodConfig("sparsegpt", nm, block_size=128, dampening=0.01)
+    config = MethodConfig("sparsegpt", nm, block_size=128, dampening=0.01, act_order=nm is not None)  # stage defaults
     sparsity = pattern_sparsity(0.5, nm)
     _warm_up(device)
     start = time.perf_counter()

@@ -110,8 +110,10 @@ class PruneStage(_StageBase):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head", r"re:.*embed_tokens$"])
     block_size: int = Field(128, ge=1, description="SparseGPT: columns per lazy update block.")
     dampening: float = Field(0.01, gt=0.0, description="SparseGPT: diagonal damping, fraction of mean diag.")
-    act_order: bool = Field(
-        False, description="SparseGPT: visit columns (N:M: groups) by decreasing Hessian diagonal, as GPTQ does."
+    act_order: bool | None = Field(
+        None, description="SparseGPT: visit columns (N:M: whole groups) by decreasing Hessian diagonal, as GPTQ does. "
+        "None: on for N:M (every group must drop M-N weights, so the heaviest groups are decided first, before "
+        "errors pile onto them), off for unstructured (measured worse there).",
     )
     damping_retries: int = Field(
         4, ge=0, le=12, description="SparseGPT: times to retry a failed Cholesky with 10x more damping."
@@ -126,6 +128,10 @@ class PruneStage(_StageBase):
         "use it, as GPTQ's true-sequential does), off for wanda and magnitude (Wanda's reference scores come from "
         "one pass; on SmolLM2-135M it helped Wanda unstructured and hurt Wanda 2:4).",
     )
+
+    @property
+    def use_act_order(self) -> bool:
+        return self.nm is not None if self.act_order is None else self.act_order
 
     @property
     def calibrate_within_layer(self) -> bool:

@@ -93,7 +93,8 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
     targets = resolve_targets(model, spec.targets, spec.ignore)
     linears = {name: lin for found in targets.values() for name, lin in found.items()}
     check_pattern_fits(linears, spec.nm)
-    config = MethodConfig(spec.method, spec.nm, spec.block_size, spec.dampening, spec.damping_retries, spec.act_order)
+    config = MethodConfig(spec.method, spec.nm, spec.block_size, spec.dampening, spec.damping_retries,
+                          spec.use_act_order)
     needs_data = config.needs_data or spec.profile == "owl"
     ids = None
     if needs_data or "calibration" in ctx.inputs:

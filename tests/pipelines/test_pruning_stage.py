@@ -181,3 +181,11 @@ def test_within_layer_calibration_defaults_per_method() -> None:
     assert not PruneStage(method="wanda").calibrate_within_layer
     assert PruneStage(method="wanda", within_layer=True).calibrate_within_layer
     assert not PruneStage(method="sparsegpt", within_layer=False).calibrate_within_layer
+
+
+def test_act_order_defaults_on_for_nm_only() -> None:
+    from pipelines.recipe import PruneStage
+
+    assert PruneStage(method="sparsegpt", pattern="2:4").use_act_order
+    assert not PruneStage(method="sparsegpt").use_act_order
+    assert PruneStage(method="sparsegpt", act_order=True).use_act_order
