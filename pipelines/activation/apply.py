@@ -10,8 +10,9 @@ A model directory exported with activation sparsity carries, in `config.json`::
 Plain `from_pretrained` ignores the entry (the model is the dense one); `load_activation_sparse_model`
 loads it and `install_thresholds` replaces each gated MLP by a `ThresholdedMLP` holding the same
 Linears (state dict keys unchanged) that zeroes `|h| < threshold` before `down_proj`. On a CUDA device
-with triton, decode steps (1-16 tokens) take the sparse down kernel of `kernels.activation_sparse`; every
-other call, and every call on the CPU, takes the dense thresholded product (same result).
+with triton, one-token decode steps take the sparse down kernel of `kernels.activation_sparse` (with more
+tokens the union of active neurons is nearly all of them and dense wins); every other call, and every call
+on the CPU, takes the dense thresholded product (same result).
 
 `threshold_hooks` and `record_hooks` do the same thresholding, and the recording, with forward
 pre-hooks on `down_proj` and no change to the model; the profile stage uses them.
@@ -106,7 +107,9 @@ class ThresholdedMLP(nn.Module):
         if self.use_kernel and self.threshold > 0:
             if self._sparse is None or self._sparse.weight_t.device != h.device:
                 self._sparse = SparseDown.from_dense(self.down_proj.weight, self.down_proj.bias)
-            if can_use_kernel(h, self._sparse)[0]:
+            # one token only: with more, the union of active neurons is ~90-100% and dense cuBLAS wins
+            # (bench/results/activation_sparsity_gpu.json: 0.69-0.81x at 4 and 16 tokens on an H200)
+            if h.numel() == h.shape[-1] and can_use_kernel(h, self._sparse)[0]:
                 return sparse_down_proj(h, self._sparse, self.threshold)
         return dense_down(h, self.down_proj.weight, self.down_proj.bias, self.threshold)
 

@@ -237,3 +237,26 @@ def test_model_without_gated_ffn_is_rejected(tiny_model_dir: Path, tmp_path: Pat
     with pytest.raises(ActivationSparsityError, match="thresholds: 3 values for 2"):
         install_thresholds(load_model(tiny_model_dir), [0.1, 0.1, 0.1])
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_thresholded_mlp_takes_the_kernel_for_one_token_only_and_matches_dense() -> None:
+    pytest.importorskip("triton")
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+    mlp = LlamaMLP(LlamaConfig(hidden_size=256, intermediate_size=1024)).cuda().half()
+    layer = ThresholdedMLP(mlp, 0.05, use_kernel=True)
+    calls = []
+    original = layer.__class__.forward.__globals__["sparse_down_proj"]
+    layer.__class__.forward.__globals__["sparse_down_proj"] = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.inference_mode():
+            for tokens in (1, 4):
+                x = torch.randn(1, tokens, 256, device="cuda", dtype=torch.float16)
+                h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+                expected = mlp.down_proj(torch.where(h.abs() < 0.05, 0.0, h))
+                torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-3)
+    finally:
+        layer.__class__.forward.__globals__["sparse_down_proj"] = original
+    assert calls == [1]  # the 1-token call took the kernel, the 4-token call the dense product
