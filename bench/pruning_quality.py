@@ -232,7 +232,7 @@ def main() -> None:
         else:
             out, prune_s, llmc_versions = _run_llmc(method, pattern, args, model_dir, calibration, work)
         row = {"key": key, "tool": tool, "method": method, "pattern": pattern, "prune_s": prune_s,
-               **_evaluate(out, windows, 4)}
+               "command": " ".join([Path(sys.executable).name, *sys.argv]), **_evaluate(out, windows, 4)}
         logger.info("%s: %s", key, row)
         rows.append(row)
         _write(rows, args, windows, llmc_versions, torch, transformers)
