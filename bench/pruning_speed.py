@@ -108,12 +108,14 @@ def worker_ours(args) -> dict:
     from pipelines.pruning.patterns import pattern_sparsity
     from pipelines.pruning.sequential import run_sequential
     from pipelines.pruning.targets import resolve_targets
+    from pipelines.recipe import PruneStage
 
     device = torch.device(args.device)
     model = load_model(args.model, "cpu", torch.bfloat16)
     ids = load_file(args.calibration)["input_ids"]
-    nm = None if args.pattern == "unstructured" else tuple(int(x) for x in args.pattern.split(":"))
-    config = MethodConfig("sparsegpt", nm, block_size=128, dampening=0.01, act_order=nm is not None)  # stage defaults
+    spec = PruneStage(method="sparsegpt", pattern=args.pattern, within_layer=args.within_layer)  # stage defaults
+    nm = spec.nm
+    config = MethodConfig("sparsegpt", nm, block_size=128, dampening=0.01, act_order=spec.use_act_order)
     sparsity = pattern_sparsity(0.5, nm)
     _warm_up(device)
     start = time.perf_counter()
@@ -122,7 +124,7 @@ def worker_ours(args) -> dict:
     peak = run_sequential(
         model, ids, targets,
         lambda work: damping.extend(o.damping for o in prune_layer(work, config, sparsity)),
-        device=device, batch_size=args.batch_size, within_layer=args.within_layer,
+        device=device, batch_size=args.batch_size, within_layer=spec.calibrate_within_layer,
     )
     wall = time.perf_counter() - start
     return {"wall_s": wall, "peak_gpu_mem_bytes": peak, "max_damping": max(damping), "gram": _gram_path(device),
@@ -212,8 +214,9 @@ def main() -> None:
     parser.add_argument("--pattern", default="unstructured")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--within-layer", action=argparse.BooleanOptionalAction, default=True,
-                        help="ours: re-calibrate each shared-input group after the groups before it (stage default)")
+    parser.add_argument("--within-layer", action=argparse.BooleanOptionalAction, default=None,
+                        help="ours: re-calibrate each shared-input group after the groups before it "
+                             "(default: the prune stage's)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, to check the logic")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sparseflow-bench-speed"))
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")

@@ -128,14 +128,6 @@ class PruneStage(_StageBase):
         "use it, as GPTQ's true-sequential does), off for wanda and magnitude (Wanda's reference scores come from "
         "one pass; on SmolLM2-135M it helped Wanda unstructured and hurt Wanda 2:4).",
     )
-
-    @property
-    def use_act_order(self) -> bool:
-        return self.nm is not None if self.act_order is None else self.act_order
-
-    @property
-    def calibrate_within_layer(self) -> bool:
-        return self.method == "sparsegpt" if self.within_layer is None else self.within_layer
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the model is loaded and run in; statistics are always fp32."
     )
@@ -146,6 +138,16 @@ class PruneStage(_StageBase):
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
+
+    @property
+    def use_act_order(self) -> bool:
+        """`act_order` resolved: None means on for N:M patterns, off for unstructured."""
+        return self.nm is not None if self.act_order is None else self.act_order
+
+    @property
+    def calibrate_within_layer(self) -> bool:
+        """`within_layer` resolved: None means on for SparseGPT, off for Wanda and magnitude."""
+        return self.method == "sparsegpt" if self.within_layer is None else self.within_layer
 
     @field_validator("pattern")
     @classmethod

@@ -91,10 +91,14 @@ class _Collector:
 
     With `stop_after` set, the hook of that Linear ends the forward (after recording) by raising
     `_StopForward`, which `_forward_all` catches: the rest of the layer would compute nothing needed.
+    With `first_group_only`, every group is discovered but only the first one's statistics are kept
+    (the within-layer order measures the others again after the groups before them are pruned).
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], full: bool, device: torch.device, stop_after: str | None = None):
+    def __init__(self, linears: dict[str, nn.Linear], full: bool, device: torch.device, stop_after: str | None = None,
+                 first_group_only: bool = False):
         self.linears, self.full, self.device, self.stop_after = linears, full, device, stop_after
+        self.first_group_only = first_group_only
         self.groups: list[list[str]] = []
         self.stats: dict[str, InputStats] = {}
         self._leader: dict[str, str] = {}
@@ -122,15 +126,15 @@ class _Collector:
             if leader is None:  # first batch: group Linears that receive the very same tensor
                 seen = self._seen.get(id(x))
                 if seen is not None and seen[0] is x:
-                    leader = seen[1]
-                    self._leader[name] = leader
+                    leader = self._leader[name] = seen[1]
                     next(g for g in self.groups if g[0] == leader).append(name)
-                    return
-                leader = self._leader[name] = name
-                self.groups.append([name])
-                self.stats[name] = InputStats.empty(x.shape[-1], self.device, self.full)
-                self._seen[id(x)] = (x, name)
-            if leader == name:
+                else:
+                    leader = self._leader[name] = name
+                    self.groups.append([name])
+                    if not self.first_group_only or len(self.groups) == 1:
+                        self.stats[name] = InputStats.empty(x.shape[-1], self.device, self.full)
+                    self._seen[id(x)] = (x, name)
+            if leader == name and name in self.stats:
                 accumulate(self.stats[name], x.detach())
             if name == self.stop_after:
                 raise _StopForward
@@ -240,7 +244,7 @@ def run_sequential(
 
             calls = capture.calls[index]
             if linears:
-                with _Collector(linears, full_stats, device) as collector:
+                with _Collector(linears, full_stats, device, first_group_only=within_layer) as collector:
                     keep = outputs if propagate == "dense" and not last else None
                     _forward_all(layer, calls, inputs, keep, batches, device, collector)
                 collector.check_complete(index)
@@ -277,5 +281,4 @@ def _groups_in_order(
                 _forward_all(layer, calls, inputs, None, batches, device, again)
             again.check_complete(index)
             stats = again.stats[group[0]]
-            first.stats.pop(group[0], None)  # the stale statistics go as soon as fresh ones exist
         on_layer(LayerWork(index, layer, members, [list(group)], {group[0]: stats}))

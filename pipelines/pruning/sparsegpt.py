@@ -26,6 +26,7 @@ Differences from the reference implementation, on purpose:
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from itertools import combinations
 
@@ -163,8 +164,7 @@ def _select_group(
 ) -> None:
     """Choose the N:M mask of columns i..i+M of the block from their current (updated) weights."""
     n, m = nm
-    patterns = _prune_patterns(n, m)
-    if len(patterns) <= MAX_NM_PATTERNS:
+    if math.comb(m, n) <= MAX_NM_PATTERNS:
         group_keep = _cheapest_pattern(block[i : i + m], u_block[i : i + m, i : i + m], alive[i : i + m], nm)
     else:
         score = (block[i : i + m] / diag[i : i + m]).square_().mul_(alive[i : i + m])  # [m, rows]
