@@ -70,8 +70,8 @@ class KernelConfig:
 
 def default_config(tokens: int) -> KernelConfig:
     """The fastest tiles measured by `bench/activation_kernel_probe.py` (H200, 4096x14336 fp16): narrow
-    column tiles with long neuron slices for one token (few atomic adds per output), short slices
-    with wider tiles for more tokens."""
+    column tiles with long neuron slices for one token (few partial sums per output to add), short
+    slices with wider tiles for more tokens."""
     return KernelConfig(32, 32, 512, 1) if tokens == 1 else KernelConfig(128, 32, 128, 2)
 
 

@@ -144,6 +144,7 @@ def layer_curves(model: PreTrainedModel, windows: Tensor, layer_thresholds: list
         batch = batch.to(device)
         dense_logits = model(input_ids=batch, use_cache=False).logits
         dense_logp = F.log_softmax(dense_logits[:, :-1].float(), dim=-1)
+        targets = batch[:, 1:].unsqueeze(-1)
         value, count = token_nll(dense_logits, batch)
         dense_nll, tokens = dense_nll + float(value), tokens + count
         inputs = _layer_inputs(model, batch)
@@ -151,8 +152,8 @@ def layer_curves(model: PreTrainedModel, windows: Tensor, layer_thresholds: list
             for j, threshold in enumerate(layer_thresholds[i]):
                 with threshold_hooks(mlps, {i: threshold}):
                     logits = _restart_logits(model, inputs[i], i)
-                nll[i][j] += float(token_nll(logits, batch)[0])
-                logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+                logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # one softmax for both NLL and KL
+                nll[i][j] -= float(logp.gather(-1, targets).sum())
                 kl[i][j] += float(F.kl_div(logp, dense_logp, log_target=True, reduction="sum"))
             done += 1
             if progress is not None:
