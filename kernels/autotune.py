@@ -88,6 +88,7 @@ def tune_shape(
         except Exception as error:  # noqa: BLE001 - a backend that cannot take this weight is skipped, with reason
             failures[name] = f"prepare failed: {error}"
     choices: dict[int, dict[str, Any]] = {}
+    searched: dict[str, dict[int, dict[str, int]]] = {}  # backend -> tokens -> config found in-process
     for tokens in settings.tokens:
         xs = [torch.randn(tokens, in_f, device=device, dtype=dtype) for _ in range(copies)]
         ref = F.linear(xs[0], weight)
@@ -97,6 +98,16 @@ def tune_shape(
         calls: dict[str, Callable[[int], Any]] = {}
         for name, hs in handles.items():
             backend = backends[name]
+            candidates = backend.candidate_configs(tokens)
+            if candidates:
+                found = search_in_process(backend, candidates, hs, xs, ref, copies, settings)
+                if "error" in found:
+                    notes[name] = found["error"]
+                    continue
+                searched.setdefault(name, {})[tokens] = found["config"]
+                errors[name], times[name] = found["max_rel_error"], found["ms"]
+                calls[name] = lambda i, b=backend, hs=hs, xs=xs, c=found["config"]: b.linear(xs[i], hs[i], c)
+                continue
             try:
                 errors[name] = _rel_error(backend.linear(xs[0], hs[0]), ref)
                 if errors[name] > settings.max_rel_error:
@@ -117,15 +128,53 @@ def tune_shape(
             )
 
         def config_of(name: str, tokens=tokens) -> dict[str, int]:
-            configs_used = handles[name][0].configs
+            configs_used = searched.get(name) or handles[name][0].configs
             if not configs_used:
                 return {}
             used = configs_used[nearest_bucket(tokens, list(configs_used))]
-            return {k: int(used[k]) for k in ("layout", "alg_id", "split_k", "split_k_mode") if k in used}
+            return {k: int(used[k]) for k in backends[name].config_keys if k in used}
 
         choices[tokens] = choose(times, errors, notes, settings, config_of, confirm)
+        found = {name: configs[tokens] for name, configs in searched.items() if tokens in configs}
+        if found:
+            choices[tokens]["searched_configs"] = found
         log.info("%s tokens=%d -> %s", shape_key(out_f, in_f), tokens, choices[tokens]["backend"])
     return choices
+
+
+def search_in_process(
+    backend: Backend,
+    candidates: list[dict[str, int]],
+    handles: list[Any],
+    xs: list[torch.Tensor],
+    ref: torch.Tensor,
+    copies: int,
+    settings: TuneSettings,
+) -> dict[str, Any]:
+    """Fastest correct config of a backend whose kernels are safe to try in this process.
+
+    Every candidate is checked against dense before it is timed (half the repeats of the final
+    timing); one that fails either way is skipped. {"config", "ms", "max_rel_error"} or {"error"}."""
+    best: dict[str, Any] | None = None
+    failures: list[str] = []
+    for config in candidates:
+        try:
+            err = _rel_error(backend.linear(xs[0], handles[0], config), ref)
+            if err > settings.max_rel_error:
+                failures.append(f"{config}: max rel error {err:.3g}")
+                continue
+            ms = time_calls(lambda i, c=config: backend.linear(xs[i], handles[i], c), copies, warmup=2,
+                            repeats=max(5, settings.repeats // 2)).median_ms
+        except Exception as error:  # noqa: BLE001 - a config that cannot run this problem is skipped
+            failures.append(f"{config}: {error}")
+            continue
+        if best is None or ms < best["ms"]:
+            best = {"config": config, "ms": ms, "max_rel_error": err}
+    if best is None:
+        return {"error": "no config ran correctly: " + "; ".join(failures[:4])}
+    best["ms"] = time_calls(lambda i: backend.linear(xs[i], handles[i], best["config"]), copies,
+                            warmup=settings.warmup, repeats=settings.repeats).median_ms
+    return best
 
 
 def paired_ratios(time_dense: Callable[[], float], time_sparse: Callable[[], float], rounds: int) -> list[float]:

@@ -10,6 +10,9 @@ why not. Backends, by name:
   it still builds a cuSPARSELt plan on every call, which is where the stock path's time goes).
 - `cusparselt-planned`: cuSPARSELt through `kernels.cslt`: descriptors and plan built once per
   (shape, token count, layout, algorithm) and reused; one `cusparseLtMatmul` a call.
+- `cutlass-sm90`: our own Hopper 2:4 GEMM (`kernels.cutlass24`, CUTLASS sm90a sparse kernels):
+  compressed once, no transposes; config `kernel` (tile/schedule), `splits`, `mode` per token count,
+  searched by `search_configs` on the weight itself.
 - `sparse24-reference`: CPU-capable pure-torch reference over `Packed24`; for tests, never fast.
 """
 
@@ -57,6 +60,7 @@ class Handle:
 class Backend(ABC):
     name: str = ""
     sparse: bool = True
+    config_keys: tuple[str, ...] = ()  # what a plan records of this backend's per-token config
 
     @abstractmethod
     def available(self, device: torch.device) -> tuple[bool, str]:
@@ -69,6 +73,10 @@ class Backend(ABC):
     @abstractmethod
     def linear(self, x: Tensor, handle: Handle) -> Tensor:
         """`x @ (weight*mask)^T` for x of shape (..., in_features)."""
+
+    def candidate_configs(self, tokens: int) -> list[dict[str, int]]:
+        """Configs the tuner may try in its own process at `tokens` (none: the backend runs as prepared)."""
+        return []
 
     @staticmethod
     def _masked(weight: Tensor, mask: Tensor | None) -> Tensor:
@@ -175,6 +183,7 @@ class CusparseltPlannedBackend(Backend):
     """
 
     name = "cusparselt-planned"
+    config_keys = ("layout", "alg_id", "split_k", "split_k_mode")
     default_layout = 1  # the stock path's layout: cheap to plan, no tuning needed
 
     def __init__(self, max_plans: int = 512) -> None:
@@ -260,6 +269,80 @@ class CusparseltPlannedBackend(Backend):
         return y.reshape(*x.shape[:-1], handle.out_features)
 
 
+class CutlassSm90Backend(Backend):
+    """Our sm90a 2:4 GEMM (`kernels.cutlass24`). Config per tuned token count: `kernel` (index into
+    `cutlass24.KERNELS`), `splits` and `mode` (stream-K kernels only). Without a config, a token count
+    gets `default_config`, a tile sized to it; `search_configs` times every kernel on the real weight."""
+
+    name = "cutlass-sm90"
+    config_keys = ("kernel", "splits", "mode")
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return False, "needs a CUDA GPU"
+        if torch.cuda.get_device_capability(device) != (9, 0):
+            major, minor = torch.cuda.get_device_capability(device)
+            return False, f"sm90a kernels run on Hopper (sm90) only, device is sm{major}{minor}"
+        try:
+            self._lib(device)
+        except Exception as error:  # noqa: BLE001 - any build/load failure makes the backend unavailable
+            return False, f"sm90 2:4 library unavailable: {error}"
+        return True, ""
+
+    @staticmethod
+    def _lib(device: torch.device):
+        from kernels.cutlass24 import Sparse24Sm90
+
+        return Sparse24Sm90.load(device)
+
+    @staticmethod
+    def default_config(tokens: int) -> dict[str, int]:
+        from kernels.cutlass24 import KERNELS
+
+        def index(tile_n: int, stream_k: bool) -> int:
+            return next(i for i, k in enumerate(KERNELS) if k.tile_n == tile_n and k.stream_k == stream_k)
+
+        if tokens <= 16:
+            return {"kernel": index(16, True), "splits": 1, "mode": 0}
+        if tokens <= 64:
+            return {"kernel": index(64, True), "splits": 1, "mode": 0}
+        return {"kernel": index(128, False), "splits": 1, "mode": 0}
+
+    def prepare(self, weight: Tensor, mask: Tensor | None, configs: dict[int, dict[str, int]] | None = None) -> Handle:
+        _check_sparse_dtype(weight)
+        if weight.device.type != "cuda":
+            raise BackendError(f"{self.name} needs a CUDA weight")
+        values, meta = self._lib(weight.device).compress(self._masked(weight, mask).contiguous())
+        return self._handle(weight, (values, meta), configs)
+
+    def config_for(self, handle: Handle, tokens: int) -> dict[str, int]:
+        if handle.configs:
+            return handle.configs[nearest_bucket(tokens, list(handle.configs))]
+        return self.default_config(tokens)
+
+    def linear(self, x: Tensor, handle: Handle, config: dict[str, int] | None = None) -> Tensor:
+        x2d = x.reshape(-1, handle.in_features)
+        if x2d.dtype != handle.dtype:
+            raise BackendError(f"{self.name}: input {x2d.dtype} but weight {handle.dtype}")
+        config = config or self.config_for(handle, x2d.shape[0])
+        values, meta = handle.data
+        y = self._lib(x2d.device).linear(x2d.contiguous(), values, meta, handle.out_features,
+                                         config.get("kernel", 0), config.get("splits", 1), config.get("mode", 0))
+        return y.reshape(*x.shape[:-1], handle.out_features)
+
+    def candidate_configs(self, tokens: int) -> list[dict[str, int]]:
+        """Every kernel at its own scheduling; stream-K kernels also split K 2/4/8 ways for few tokens."""
+        from kernels.cutlass24 import KERNELS, STREAM_K_MODES
+
+        out = []
+        for i, kernel in enumerate(KERNELS):
+            out.append({"kernel": i, "splits": 1, "mode": 0})
+            if kernel.stream_k and tokens <= 512:
+                out.append({"kernel": i, "splits": 1, "mode": STREAM_K_MODES["stream_k"]})
+                out += [{"kernel": i, "splits": s, "mode": STREAM_K_MODES["split_k"]} for s in (2, 4, 8)]
+        return out
+
+
 class ReferenceBackend(Backend):
     """Pure-torch 2:4 reference: packs with `Packed24`, unpacks on every call. Correct, never fast."""
 
@@ -280,11 +363,12 @@ BACKENDS: dict[str, type[Backend]] = {
     TorchSemiStructuredBackend.name: TorchSemiStructuredBackend,
     CsltDirectBackend.name: CsltDirectBackend,
     CusparseltPlannedBackend.name: CusparseltPlannedBackend,
+    CutlassSm90Backend.name: CutlassSm90Backend,
     ReferenceBackend.name: ReferenceBackend,
 }
 
 # what tuning tries on a GPU, in order; `dense` is always the baseline
-GPU_CANDIDATES = ("dense", "torch-semi-structured", "cusparselt-planned")
+GPU_CANDIDATES = ("dense", "torch-semi-structured", "cusparselt-planned", "cutlass-sm90")
 
 
 def make_backends(names: list[str] | tuple[str, ...]) -> dict[str, Backend]:

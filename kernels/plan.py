@@ -53,6 +53,7 @@ class Environment(_Strict):
     driver: str | None = None
     torch: str
     cusparselt: int | None = None
+    sparse24_sm90: str | None = Field(None, description="Key of our sm90 2:4 library build; None: not built here.")
 
 
 class KernelChoice(_Strict):
@@ -64,6 +65,8 @@ class KernelChoice(_Strict):
     confirmed_speedups: list[float] = Field(default_factory=list, description="Paired dense/sparse re-timings.")
     reason: str = ""
     rejected: dict[str, str] = Field(default_factory=dict, description="Backend -> why it was not a candidate.")
+    searched_configs: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Backend -> the config its in-process search found, chosen or not.")
 
 
 class ShapePlan(_Strict):
@@ -91,7 +94,20 @@ def environment_of(device: torch.device | None) -> Environment:
 
     info = device_info(device)
     return Environment(gpu=info.get("gpu"), capability=info.get("capability"), cuda=info.get("cuda"),
-                       driver=info.get("driver"), torch=info["torch"], cusparselt=info.get("cusparselt"))
+                       driver=info.get("driver"), torch=info["torch"], cusparselt=info.get("cusparselt"),
+                       sparse24_sm90=_sparse24_key(info.get("capability")))
+
+
+def _sparse24_key(capability: str | None) -> str | None:
+    """Our sm90 library's key where it can run (a Hopper GPU, with nvcc and the CUTLASS headers)."""
+    if capability != "9.0":
+        return None
+    from kernels.cutlass24 import Cutlass24Error, library_key
+
+    try:
+        return library_key()[0]
+    except Cutlass24Error:
+        return None
 
 
 def save_plan(plan: KernelPlan, path: str | Path) -> Path:

@@ -245,7 +245,7 @@ class LineageEdge(Base):
     artifact: Mapped[Artifact] = relationship(back_populates="edges")
 
 
-KERNEL_ENVIRONMENT_FIELDS = ("gpu", "capability", "cuda", "driver", "torch", "cusparselt")
+KERNEL_ENVIRONMENT_FIELDS = ("gpu", "capability", "cuda", "driver", "torch", "cusparselt", "sparse24_sm90")
 """What a kernel measurement depends on besides dtype and shape (`kernels.plan.Environment`'s fields)."""
 
 
@@ -268,6 +268,7 @@ class KernelPlanRow(Base):
     driver: Mapped[str] = mapped_column(String(32))
     torch: Mapped[str] = mapped_column(String(64))
     cusparselt: Mapped[str] = mapped_column(String(32))
+    sparse24_sm90: Mapped[str] = mapped_column(String(32), server_default="")
     dtype: Mapped[str] = mapped_column(String(16))
     shape: Mapped[str] = mapped_column(String(32))
     tokens: Mapped[int]

@@ -16,7 +16,7 @@ from pipelines.stages.kernel_tune import load_kernel_cache
 from workers.storage import ArtifactStorage
 
 H100 = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "cuda": "13.0", "driver": "580.159.04",
-        "torch": "2.11.0+cu130", "cusparselt": 800}
+        "torch": "2.11.0+cu130", "cusparselt": 800, "sparse24_sm90": "78e78b6eae3902cf"}
 SPARSE = {"backend": "cusparselt-planned", "config": {"layout": 1, "alg_id": 25, "split_k": 1, "split_k_mode": 0},
           "times_ms": {"dense": 0.3243, "cusparselt-planned": 0.2868}, "speedup": 1.1307, "reason": "fastest"}
 DENSE = {"backend": "dense", "times_ms": {"dense": 0.0464, "cusparselt-planned": 0.0717}, "speedup": 1.0,
@@ -38,6 +38,8 @@ def test_upsert_then_lookup_by_environment_and_dtype(session, job):
     rows = queries.cached_kernel_choices(session, environment=H100, dtype="float16")
     assert [(r.shape, r.tokens, r.choice["backend"]) for r in rows] == [
         ("4096x14336", 1, "dense"), ("4096x14336", 2048, "cusparselt-planned")]
+    rebuilt = {**H100, "sparse24_sm90": "0123456789abcdef"}  # another build of our kernel library
+    assert queries.cached_kernel_choices(session, environment=rebuilt, dtype="float16") == []
     assert rows[0].environment() == H100 and rows[0].stage_run_id == first
     assert rows[0].created_at.tzinfo is not None
     assert queries.cached_kernel_choices(session, environment=H100, dtype="bfloat16") == []

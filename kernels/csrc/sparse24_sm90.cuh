@@ -1,0 +1,157 @@
+// Hopper (sm90a) 2:4 sparse GEMM for y[T, N] = x[T, K] @ W[N, K]^T, built from CUTLASS 3.x templates.
+//
+// The sparse operand is the weight: CUTLASS computes D[M, N'] = A[M, K] B[K, N'] with A sparse, so
+// A = W (row-major, M = out features), B = x seen column-major (K contiguous, N' = tokens) and
+// D column-major, which is y[T, N] row-major: no transposes on either side of the call.
+//
+// One translation unit instantiates one kernel configuration (kernel_tu.cu, with -D settings chosen
+// by kernels/cutlass24.py); compress_tu.cu instantiates the offline compressor of one element type.
+// Every configuration uses a K tile of 128, so all of them read the same compressed weight layout
+// (the layout depends only on the element type and min(tile K, 128)); kernel_tu.cu checks that.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/kernel/tile_scheduler.hpp"
+#include "cutlass/transform/device/transform_universal_adapter.hpp"
+#include "cutlass/transform/kernel/sparse_gemm_compressor.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+namespace sf24 {
+
+using namespace cute;
+
+using ProblemShape = Shape<int, int, int, int>;
+using LayoutTagA = cutlass::layout::RowMajor;     // W[N_out, K]
+using LayoutTagB = cutlass::layout::ColumnMajor;  // x[T, K] read as B[K, T]
+using LayoutTagD = cutlass::layout::ColumnMajor;  // y[T, N_out] written as D[N_out, T]
+using ReferenceTile = Shape<_128, _128, _128>;
+
+// Status codes shared with the Python side (kernels/cutlass24.py).
+enum : int { kOk = 0, kCannotImplement = 1, kInitializeFailed = 2, kRunFailed = 3, kCudaError = 4 };
+
+template <class Element, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
+          class TileScheduler>
+struct Gemm24 {
+  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutTagD, kAlignment, Element,
+      LayoutTagD, kAlignment, EpilogueSchedule>::CollectiveOp;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, Element, LayoutTagA, kAlignment, Element,
+      LayoutTagB, kAlignment, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue, TileScheduler>;
+  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using SparseConfig = typename Mainloop::SparseConfig;
+  using StrideB = typename Kernel::StrideB;
+  using StrideC = typename Kernel::StrideC;
+  using StrideD = typename Kernel::StrideD;
+
+  // splits > 1 asks the stream-K scheduler for a split-K decomposition; mode picks its decomposition
+  // (0 heuristic, 1 data-parallel, 2 split-K, 3 stream-K). Persistent schedulers ignore both.
+  static typename Device::Arguments arguments(int m, int n, int k, void const* a, void const* e, void const* b,
+                                              void* d, int splits, int mode, int device, int sm_count) {
+    ProblemShape problem{m, n, k, 1};
+    auto layout_a = SparseConfig::fill_layoutA(problem);
+    auto layout_e = SparseConfig::fill_layoutE(problem);
+    auto stride_b = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(n, k, 1));
+    auto stride_d = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(m, n, 1));
+    using ElementE = typename Mainloop::ElementE;
+    typename Device::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        problem,
+        {static_cast<Element const*>(a), layout_a, static_cast<Element const*>(b), stride_b,
+         static_cast<ElementE const*>(e), layout_e},
+        {{}, nullptr, StrideC{}, static_cast<Element*>(d), stride_d}};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    args.hw_info.device_id = device;
+    args.hw_info.sm_count = sm_count;
+    if constexpr (cute::is_same_v<TileScheduler, cutlass::gemm::StreamKScheduler>) {
+      using Mode = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamKParams::DecompositionMode;
+      args.scheduler.splits = splits;
+      args.scheduler.decomposition_mode = static_cast<Mode>(mode);
+    }
+    return args;
+  }
+
+  static int workspace_size(int m, int n, int k, int splits, int mode, int device, int sm_count, size_t* bytes) {
+    auto args = arguments(m, n, k, nullptr, nullptr, nullptr, nullptr, splits, mode, device, sm_count);
+    if (Device::can_implement(args) != cutlass::Status::kSuccess) return kCannotImplement;
+    *bytes = Device::get_workspace_size(args);
+    return kOk;
+  }
+
+  static int run(int m, int n, int k, void const* a, void const* e, void const* b, void* d, void* workspace,
+                 int splits, int mode, int device, int sm_count, cudaStream_t stream) {
+    auto args = arguments(m, n, k, a, e, b, d, splits, mode, device, sm_count);
+    Device gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return kCannotImplement;
+    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return kInitializeFailed;
+    if (gemm.run(stream) != cutlass::Status::kSuccess) return kRunFailed;
+    return cudaPeekAtLastError() == cudaSuccess ? kOk : kCudaError;
+  }
+};
+
+// The compressed layout every configuration of one element type shares.
+template <class Element>
+using ReferenceGemm = Gemm24<Element, ReferenceTile, Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                             cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::PersistentScheduler>;
+
+template <class Element>
+struct Compress24 {
+  using SparseConfig = typename ReferenceGemm<Element>::SparseConfig;
+  using StrideA = cutlass::gemm::TagToStrideA_t<LayoutTagA>;
+  using Utility = cutlass::transform::kernel::StructuredSparseCompressorUtility<ProblemShape, Element, LayoutTagA,
+                                                                                  SparseConfig>;
+  using Kernel = cutlass::transform::kernel::StructuredSparseCompressor<ProblemShape, Element, LayoutTagA,
+                                                                        SparseConfig, cutlass::arch::Sm90>;
+  using Device = cutlass::transform::device::TransformUniversalAdapter<Kernel>;
+
+  static StrideA stride_a(int m, int k) { return cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(m, k, 1)); }
+
+  // Sizes in bytes of the compressed values and of the metadata for an (m, k) weight.
+  static int sizes(int m, int k, size_t* values_bytes, size_t* meta_bytes) {
+    Utility utility(ProblemShape{m, 1, k, 1}, stride_a(m, k));
+    *values_bytes = size_t(m) * utility.get_tensorA_k_physical() * sizeof(Element);
+    *meta_bytes = size_t(utility.get_metadata_m_physical()) * utility.get_metadata_k_physical() *
+                  sizeof(typename SparseConfig::ElementEMmaRaw);
+    return kOk;
+  }
+
+  static int run(int m, int k, void const* dense, void* values, void* meta, void* workspace, size_t workspace_bytes,
+                 int device, int sm_count, cudaStream_t stream) {
+    cutlass::KernelHardwareInfo hw_info;
+    hw_info.device_id = device;
+    hw_info.sm_count = sm_count;
+    typename Device::Arguments args{ProblemShape{m, 1, k, 1}, {dense, stride_a(m, k), values, meta}, {hw_info}};
+    Device compressor;
+    if (compressor.can_implement(args) != cutlass::Status::kSuccess) return kCannotImplement;
+    if (Device::get_workspace_size(args) > workspace_bytes) return kInitializeFailed;
+    if (compressor.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return kInitializeFailed;
+    if (compressor.run(stream) != cutlass::Status::kSuccess) return kRunFailed;
+    return cudaPeekAtLastError() == cudaSuccess ? kOk : kCudaError;
+  }
+
+  static size_t workspace_size(int m, int k) {
+    typename Device::Arguments args{ProblemShape{m, 1, k, 1}, {nullptr, stride_a(m, k), nullptr, nullptr}, {}};
+    return Device::get_workspace_size(args);
+  }
+};
+
+}  // namespace sf24
