@@ -84,7 +84,7 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int) ->
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
     torch.manual_seed(0)
     with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
+        model = LlamaForCausalLM(cfg).to(settings.dtype).eval()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     with torch.no_grad():
         for m in linears.values():
@@ -95,7 +95,8 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int) ->
     if missing:
         tuned = {**tuned, **tune(missing, settings, dev)}
     layers = {k: [n for n, m in linears.items() if shape_key(m.out_features, m.in_features) == k] for k in need}
-    plan = plan_from_tuning({k: tuned[k] for k in need}, layers, list(settings.tokens), "float16", environment_of(dev))
+    dtype_name = str(settings.dtype).removeprefix("torch.")
+    plan = plan_from_tuning({k: tuned[k] for k in need}, layers, list(settings.tokens), dtype_name, environment_of(dev))
 
     def run_prefill(tokens: int) -> tuple[float, torch.Tensor]:
         ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=dev, generator=torch.Generator(dev).manual_seed(1))
@@ -125,7 +126,7 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int) ->
         return times[len(times) // 2]
 
     result: dict = {"config": {"layers": 4, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8,
-                               "vocab": 128256, "dtype": "float16"}}
+                               "vocab": 128256, "dtype": dtype_name}}
     for label in ("dense", "sparse"):
         if label == "sparse":
             report = apply_plan(model, plan)
@@ -148,7 +149,8 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int) ->
 
 def tables(rows: list[dict], e2e_result: dict | None, info: dict) -> str:
     lines = [f"GPU: {info.get('gpu')} | torch {info.get('torch')} | CUDA {info.get('cuda')} | "
-             f"cuSPARSELt {info.get('cusparselt')} | driver {info.get('driver')} | fp16, per-call median ms",
+             f"cuSPARSELt {info.get('cusparselt')} | CUTLASS {info.get('cutlass')} | driver {info.get('driver')} | "
+             f"{info.get('dtype')}, per-call median ms",
              "",
              "| shape (out x in) | tokens | dense ms | stock 2:4 ms | stock x | own (cutlass-sm90) ms | own x "
              "| tuned backend | tuned ms | tuned x |",
@@ -164,7 +166,7 @@ def tables(rows: list[dict], e2e_result: dict | None, info: dict) -> str:
                      f"{r['choice']} | {f(r.get('tuned_ms'), '.4f')} | "
                      f"{f(r.get('tuned_x'), '.2f')} |")
     if e2e_result:
-        lines += ["", "| 4-layer Llama-3-8B shape, fp16 | dense ms | 2:4 + plan ms | speedup |",
+        lines += ["", f"| 4-layer Llama-3-8B shape, {info.get('dtype')} | dense ms | 2:4 + plan ms | speedup |",
                   "|---|---:|---:|---:|"]
         for key, label in (("prefill_2048", "prefill 1x2048 tokens"), ("prefill_8192", "prefill 1x8192 tokens")):
             lines.append(f"| {label} | {e2e_result[f'dense_{key}_ms']:.2f} | {e2e_result[f'sparse_{key}_ms']:.2f} | "
@@ -192,12 +194,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--search-budget-s", type=float, default=75.0)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    name = "kernels_bench.json" if args.dtype == "float16" else f"kernels_bench_{args.dtype}.json"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    dev, dtype = torch.device("cuda"), torch.float16
+    dev, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     t0 = time.time()
     info = device_info(dev)
+    info["dtype"] = args.dtype
+    try:
+        from kernels.cutlass24 import Cutlass24Error, find_cutlass, library_key
+
+        info["cutlass"], info["sparse24_sm90"] = find_cutlass()[1], library_key()[0]
+    except Cutlass24Error as error:
+        info["cutlass"] = f"unavailable: {error}"
     settings = TuneSettings(tokens=tuple(TOKENS), dtype=dtype, repeats=args.repeats,
                             search_budget_s=args.search_budget_s)
     gen = torch.Generator(dev).manual_seed(0)
@@ -207,7 +218,9 @@ def main() -> None:
         weights[shape_key(out_f, in_f)] = (w, mask_24(w))
     tuned = tune(weights, settings, dev)
     log.info("tuned in %.0f s", time.time() - t0)
-    result = {"device": info, "versions": {k: info.get(k) for k in ("torch", "cuda", "cusparselt", "driver", "python")},
+    result = {"device": info,
+              "versions": {k: info.get(k) for k in ("torch", "cuda", "cusparselt", "cutlass", "sparse24_sm90", "driver",
+                                                    "python")},
               "command": " ".join(sys.argv),
               "settings": {"tokens": TOKENS, "repeats": args.repeats, "search_budget_s": args.search_budget_s,
                            "min_gain": settings.min_gain, "confirm_rounds": settings.confirm_rounds},
@@ -220,7 +233,7 @@ def main() -> None:
     weights.clear()
     result["rows"] = rows
     result["goals"] = goals(rows)
-    (args.out / "kernels_bench.json").write_text(json.dumps(result, indent=1, default=str))
+    (args.out / name).write_text(json.dumps(result, indent=1, default=str))
     log.info("rows done at %.0f s", time.time() - t0)
     e2e_result = None
     if not args.skip_e2e:
@@ -234,8 +247,8 @@ def main() -> None:
     result["elapsed_s"] = round(time.time() - t0, 1)
     text = tables(rows, e2e_result, info)
     result["tables"] = text
-    (args.out / "kernels_bench.json").write_text(json.dumps(result, indent=1, default=str))
-    (args.out / "tables.md").write_text(text + "\n")
+    (args.out / name).write_text(json.dumps(result, indent=1, default=str))
+    (args.out / name.replace(".json", ".md")).write_text(text + "\n")
     print("\n" + text)
     print("\ngoals:", json.dumps(result["goals"]))
     print(f"elapsed {result['elapsed_s']} s")

@@ -269,13 +269,23 @@ class CusparseltPlannedBackend(Backend):
         return y.reshape(*x.shape[:-1], handle.out_features)
 
 
+@dataclass
+class _CompressedWeight:
+    """A weight in CUTLASS's sm90 2:4 layout, with the (kernel, schedule) resolved per token count."""
+
+    values: Tensor
+    meta: Tensor
+    routes: dict[int, tuple[int, Any]] = field(default_factory=dict)
+
+
 class CutlassSm90Backend(Backend):
     """Our sm90a 2:4 GEMM (`kernels.cutlass24`). Config per tuned token count: `kernel` (index into
-    `cutlass24.KERNELS`), `splits` and `mode` (stream-K kernels only). Without a config, a token count
-    gets `default_config`, a tile sized to it; `search_configs` times every kernel on the real weight."""
+    `cutlass24.KERNELS`) and its run-time schedule: `raster`, `swizzle`, and for stream-K kernels
+    `splits`/`mode`. Without a config a token count gets `default_config`, a tile sized to it;
+    `candidate_configs` is what the tuner times on the real weight."""
 
     name = "cutlass-sm90"
-    config_keys = ("kernel", "splits", "mode")
+    config_keys = ("kernel", "splits", "mode", "raster", "swizzle")
 
     def available(self, device: torch.device) -> tuple[bool, str]:
         if device.type != "cuda" or not torch.cuda.is_available():
@@ -303,43 +313,62 @@ class CutlassSm90Backend(Backend):
             return next(i for i, k in enumerate(KERNELS) if k.tile_n == tile_n and k.stream_k == stream_k)
 
         if tokens <= 16:
-            return {"kernel": index(16, True), "splits": 1, "mode": 0}
+            return {"kernel": index(16, True)}
         if tokens <= 64:
-            return {"kernel": index(64, True), "splits": 1, "mode": 0}
-        return {"kernel": index(128, False), "splits": 1, "mode": 0}
+            return {"kernel": index(64, True)}
+        return {"kernel": index(256, False)}
 
     def prepare(self, weight: Tensor, mask: Tensor | None, configs: dict[int, dict[str, int]] | None = None) -> Handle:
         _check_sparse_dtype(weight)
         if weight.device.type != "cuda":
             raise BackendError(f"{self.name} needs a CUDA weight")
         values, meta = self._lib(weight.device).compress(self._masked(weight, mask).contiguous())
-        return self._handle(weight, (values, meta), configs)
+        return self._handle(weight, _CompressedWeight(values, meta), configs)
 
-    def config_for(self, handle: Handle, tokens: int) -> dict[str, int]:
-        if handle.configs:
-            return handle.configs[nearest_bucket(tokens, list(handle.configs))]
-        return self.default_config(tokens)
+    def _route(self, handle: Handle, tokens: int) -> tuple[int, Any]:
+        """(kernel, schedule) for a token count, resolved once per count: decode calls are host-bound."""
+        from kernels.cutlass24 import Schedule
+
+        weight: _CompressedWeight = handle.data
+        route = weight.routes.get(tokens)
+        if route is None:
+            config = (handle.configs[nearest_bucket(tokens, list(handle.configs))] if handle.configs
+                      else self.default_config(tokens))
+            route = (config.get("kernel", 0), Schedule.of(config))
+            if len(weight.routes) < 4096:
+                weight.routes[tokens] = route
+        return route
 
     def linear(self, x: Tensor, handle: Handle, config: dict[str, int] | None = None) -> Tensor:
+        from kernels.cutlass24 import Schedule
+
         x2d = x.reshape(-1, handle.in_features)
         if x2d.dtype != handle.dtype:
             raise BackendError(f"{self.name}: input {x2d.dtype} but weight {handle.dtype}")
-        config = config or self.config_for(handle, x2d.shape[0])
-        values, meta = handle.data
-        y = self._lib(x2d.device).linear(x2d.contiguous(), values, meta, handle.out_features,
-                                         config.get("kernel", 0), config.get("splits", 1), config.get("mode", 0))
+        if config is None:
+            kernel, schedule = self._route(handle, x2d.shape[0])
+        else:
+            kernel, schedule = config.get("kernel", 0), Schedule.of(config)
+        weight: _CompressedWeight = handle.data
+        y = self._lib(x2d.device).linear(x2d.contiguous(), weight.values, weight.meta, handle.out_features, kernel,
+                                         schedule)
         return y.reshape(*x.shape[:-1], handle.out_features)
 
     def candidate_configs(self, tokens: int) -> list[dict[str, int]]:
-        """Every kernel at its own scheduling; stream-K kernels also split K 2/4/8 ways for few tokens."""
-        from kernels.cutlass24 import KERNELS, STREAM_K_MODES
+        """Every kernel with the scheduler's own choices; for few tokens, stream-K kernels also split K
+        2/4/8 ways; for many, the large tiles also try each raster order with swizzles 1, 4 and 8 (an
+        activation matrix larger than L2 is re-read per wave unless neighbouring tiles share it)."""
+        from kernels.cutlass24 import KERNELS, RASTER, STREAM_K_MODES
 
         out = []
         for i, kernel in enumerate(KERNELS):
-            out.append({"kernel": i, "splits": 1, "mode": 0})
+            out.append({"kernel": i})
             if kernel.stream_k and tokens <= 512:
-                out.append({"kernel": i, "splits": 1, "mode": STREAM_K_MODES["stream_k"]})
+                out.append({"kernel": i, "mode": STREAM_K_MODES["stream_k"]})
                 out += [{"kernel": i, "splits": s, "mode": STREAM_K_MODES["split_k"]} for s in (2, 4, 8)]
+            if not kernel.stream_k and tokens >= 1024:
+                out += [{"kernel": i, "raster": RASTER[r], "swizzle": s}
+                        for r in ("along_m", "along_n") for s in (1, 4, 8)]
         return out
 
 

@@ -27,10 +27,10 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -74,10 +74,12 @@ class KernelConfig:
                 f"-DSF24_STREAMK={int(self.stream_k)}"]
 
 
-# Large prefill, CUTLASS's reference shape with the weight multicast over a 1x2 cluster, a ping-pong
-# tile for mid-size problems, and narrow stream-K tiles for decode-sized token counts.
+# Large prefill tiles (the activations multicast over a 2x1 cluster, or the weight over 1x2), a
+# ping-pong tile for mid-size problems, and narrow stream-K tiles for decode-sized token counts.
 KERNELS: tuple[KernelConfig, ...] = (
     KernelConfig(128, 256),
+    KernelConfig(128, 256, cluster_m=2),
+    KernelConfig(256, 128),
     KernelConfig(128, 128, cluster_n=2),
     KernelConfig(64, 128, pingpong=True),
     KernelConfig(128, 64, stream_k=True),
@@ -85,6 +87,7 @@ KERNELS: tuple[KernelConfig, ...] = (
     KernelConfig(128, 16, stream_k=True),
 )
 STREAM_K_MODES = {"heuristic": 0, "data_parallel": 1, "split_k": 2, "stream_k": 3}
+RASTER = {"heuristic": 0, "along_m": 1, "along_n": 2}
 
 
 def find_cutlass() -> tuple[list[Path], str]:
@@ -135,11 +138,13 @@ def library_key(kernels: tuple[KernelConfig, ...] = KERNELS) -> tuple[str, list[
 
 
 def _compile(nvcc: str, includes: list[Path], source: Path, defines: list[str], obj: Path) -> None:
+    partial = obj.with_suffix(f".{os.getpid()}.tmp.o")
     cmd = [nvcc, "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", *_ARCH_FLAGS, "-Xcompiler", "-fPIC",
-           *[f"-I{p}" for p in includes], *defines, "-c", str(source), "-o", str(obj)]
+           *[f"-I{p}" for p in includes], *defines, "-c", str(source), "-o", str(partial)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise Cutlass24Error(f"nvcc failed on {source.name} {' '.join(defines)}:\n{done.stderr.strip()[-3000:]}")
+    partial.replace(obj)
 
 
 def build_library(cache: Path | str | None = None, jobs: int | None = None,
@@ -156,21 +161,39 @@ def build_library(cache: Path | str | None = None, jobs: int | None = None,
         for i, config in enumerate(kernels):
             defines = [f"-DSF24_NAME=sf24_{tag}_{i}", f"-DSF24_ELEMENT={element}", *config.defines()]
             units.append((_KERNEL_TU, defines, f"k_{tag}_{i}"))
+    # objects are kept per key, so an interrupted build resumes where it stopped
+    objects_dir = target.parent / f"sf24-objects-{key}"
+    objects_dir.mkdir(exist_ok=True)
+    objects = [objects_dir / f"{name}.o" for _, _, name in units]
+    todo = [(source, defines, obj) for (source, defines, _), obj in zip(units, objects, strict=True)
+            if not obj.is_file()]
     jobs = jobs or max(1, os.cpu_count() or 1)
-    log.info("building %s: %d objects with %d jobs", target.name, len(units), jobs)
-    with tempfile.TemporaryDirectory(prefix="sf24-") as tmp:
-        objects = [Path(tmp) / f"{name}.o" for _, _, name in units]
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(lambda u: _compile(nvcc, includes, u[0], u[1], u[2]), [(s, d, o) for (s, d, _), o in
-                                                                               zip(units, objects, strict=True)]))
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [nvcc, "-shared", *_ARCH_FLAGS, *map(str, objects), "-lcuda", "-o", str(partial)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise Cutlass24Error(f"linking the sm90 2:4 library failed:\n{done.stderr.strip()[-3000:]}")
-        partial.replace(target)
+    log.info("building %s: %d of %d objects to compile, %d jobs", target.name, len(todo), len(units), jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(lambda unit: _compile(nvcc, includes, *unit), todo))
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    # CUTLASS reaches the driver through cudart's entry-point lookup: no -lcuda (no stub needed)
+    cmd = [nvcc, "-shared", *_ARCH_FLAGS, *map(str, objects), "-o", str(partial)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise Cutlass24Error(f"linking the sm90 2:4 library failed:\n{done.stderr.strip()[-3000:]}")
+    partial.replace(target)
+    shutil.rmtree(objects_dir, ignore_errors=True)
     log.info("built %s", target)
     return target
+
+
+class Schedule(NamedTuple):
+    """Run-time scheduling of one kernel: split-K (stream-K kernels), raster order and swizzle."""
+
+    splits: int = 1
+    mode: int = 0  # STREAM_K_MODES
+    raster: int = 0  # RASTER
+    swizzle: int = 1  # 1, 2, 4 or 8
+
+    @classmethod
+    def of(cls, config: dict[str, int]) -> Schedule:
+        return cls(*(int(config.get(f, d)) for f, d in zip(cls._fields, cls._field_defaults.values(), strict=True)))
 
 
 class Sparse24Sm90:
@@ -196,12 +219,13 @@ class Sparse24Sm90:
             self._compress[dtype] = (sizes, workspace, run)
             for i in range(len(KERNELS)):
                 ws = getattr(lib, f"sf24_{tag}_{i}_workspace")
-                ws.argtypes = [i32, i32, i32, i32, i32, i32, i32, ctypes.POINTER(sz)]
+                ws.argtypes = [i32] * 9 + [ctypes.POINTER(sz)]
                 gemm = getattr(lib, f"sf24_{tag}_{i}_run")
-                gemm.argtypes = [i32, i32, i32, vp, vp, vp, vp, vp, i32, i32, i32, i32, vp]
+                gemm.argtypes = [i32, i32, i32, vp, vp, vp, vp, vp, sz, i32, i32, i32, i32, i32, i32, vp]
                 self._kernels[(dtype, i)] = (ws, gemm)
         self._lib = lib
         self._workspaces: dict[int, torch.Tensor] = {}
+        self._workspace_sizes: dict[tuple, int] = {}
 
     @classmethod
     def load(cls, device: torch.device, cache: Path | str | None = None) -> Sparse24Sm90:
@@ -239,12 +263,12 @@ class Sparse24Sm90:
                         scratch.numel(), self.device.index, self.sm_count, stream), f"compress {m}x{k}")
         return values, meta
 
-    def workspace_bytes(self, dtype: torch.dtype, kernel: int, m: int, n: int, k: int, splits: int = 1,
-                        mode: int = 0) -> int:
+    def workspace_bytes(self, dtype: torch.dtype, kernel: int, m: int, n: int, k: int, schedule: Schedule) -> int:
+        """Workspace for one problem; raises `Cutlass24Error` when the kernel cannot run it."""
         ws, _ = self._kernels[(dtype, kernel)]
         size = ctypes.c_size_t()
-        self._check(ws(m, n, k, splits, mode, self.device.index, self.sm_count, ctypes.byref(size)),
-                    f"{KERNELS[kernel].name} on {m}x{k}, {n} tokens, splits={splits}")
+        self._check(ws(m, n, k, *schedule, self.device.index, self.sm_count, ctypes.byref(size)),
+                    f"{KERNELS[kernel].name} on {m}x{k}, {n} tokens, {schedule}")
         return size.value
 
     def _workspace(self, nbytes: int) -> torch.Tensor | None:
@@ -258,22 +282,23 @@ class Sparse24Sm90:
         return buf
 
     def linear(self, x2d: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, out_features: int,
-               kernel: int = 0, splits: int = 1, mode: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+               kernel: int = 0, schedule: Schedule | None = None) -> torch.Tensor:
         """y[T, N] = x2d[T, K] @ W^T with W given by `compress`; x2d contiguous, same dtype as W."""
         tokens, k = x2d.shape
         dtype = x2d.dtype
-        if out is None:
-            out = torch.empty(tokens, out_features, dtype=dtype, device=x2d.device)
-        ws_fn, gemm = self._kernels[(dtype, kernel)]
-        size = ctypes.c_size_t()
-        self._check(ws_fn(out_features, tokens, k, splits, mode, self.device.index, self.sm_count,
-                          ctypes.byref(size)), f"{KERNELS[kernel].name} on {out_features}x{k}, {tokens} tokens")
-        workspace = self._workspace(size.value)
+        schedule = schedule or Schedule()
+        out = torch.empty(tokens, out_features, dtype=dtype, device=x2d.device)
+        problem = (dtype, kernel, out_features, tokens, k, schedule)
+        nbytes = self._workspace_sizes.get(problem)
+        if nbytes is None:  # asked once per problem: it also checks that the kernel can run it
+            nbytes = self._workspace_sizes[problem] = self.workspace_bytes(*problem)
+        workspace = self._workspace(nbytes)
         stream = torch.cuda.current_stream(x2d.device).cuda_stream
-        status = gemm(out_features, tokens, k, values.data_ptr(), meta.data_ptr(), x2d.data_ptr(), out.data_ptr(),
-                      None if workspace is None else workspace.data_ptr(), splits, mode, self.device.index,
-                      self.sm_count, stream)
-        self._check(status, f"{KERNELS[kernel].name} on {out_features}x{k}, {tokens} tokens, splits={splits}")
+        status = self._kernels[(dtype, kernel)][1](
+            out_features, tokens, k, values.data_ptr(), meta.data_ptr(), x2d.data_ptr(), out.data_ptr(),
+            None if workspace is None else workspace.data_ptr(), nbytes, *schedule, self.device.index,
+            self.sm_count, stream)
+        self._check(status, f"{KERNELS[kernel].name} on {out_features}x{k}, {tokens} tokens, {schedule}")
         return out
 
 

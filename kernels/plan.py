@@ -148,6 +148,7 @@ class SparseLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self._backends = {c.backend: backends[c.backend] for c in self.choices.values()}
         self._handles: dict[str, Handle] = {}
+        self._routes: dict[int, tuple[Backend, Handle]] = {}
         for name, backend in self._backends.items():
             configs = {t: c.config for t, c in self.choices.items() if c.backend == name and c.config}
             self._handles[name] = backend.prepare(linear.weight, mask, configs)
@@ -157,8 +158,14 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
-        name = self.backend_for(tokens)
-        y = self._backends[name].linear(x, self._handles[name])
+        route = self._routes.get(tokens)
+        if route is None:  # resolved once per token count: a decode step is bound by host time
+            name = self.backend_for(tokens)
+            route = (self._backends[name], self._handles[name])
+            if len(self._routes) < 4096:
+                self._routes[tokens] = route
+        backend, handle = route
+        y = backend.linear(x, handle)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

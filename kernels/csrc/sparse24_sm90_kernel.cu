@@ -1,7 +1,8 @@
 // One 2:4 GEMM configuration, chosen by -D flags (see kernels/cutlass24.py, which builds one object per entry
 // of its configuration table and links them into one library). Exports, with SF24_NAME as prefix:
-//   int <name>_workspace(m, n, k, splits, mode, device, sm_count, size_t* bytes)
-//   int <name>_run(m, n, k, values, meta, x, y, workspace, splits, mode, device, sm_count, stream)
+//   int <name>_workspace(m, n, k, splits, mode, raster, swizzle, device, sm_count, size_t* bytes)
+//   int <name>_run(m, n, k, values, meta, x, y, workspace, workspace_bytes, splits, mode, raster, swizzle,
+//                  device, sm_count, stream)
 #include "sparse24_sm90.cuh"
 
 #ifndef SF24_NAME
@@ -26,13 +27,14 @@ static_assert(cute::is_same_v<typename Gemm::SparseConfig, typename sf24::Refere
               "every configuration must read the one compressed layout of its element type");
 }  // namespace
 
-extern "C" int SF24_CAT(SF24_NAME, _workspace)(int m, int n, int k, int splits, int mode, int device, int sm_count,
-                                              size_t* bytes) {
-  return Gemm::workspace_size(m, n, k, splits, mode, device, sm_count, bytes);
+extern "C" int SF24_CAT(SF24_NAME, _workspace)(int m, int n, int k, int splits, int mode, int raster, int swizzle,
+                                              int device, int sm_count, size_t* bytes) {
+  return Gemm::workspace_size(m, n, k, {splits, mode, raster, swizzle}, device, sm_count, bytes);
 }
 
 extern "C" int SF24_CAT(SF24_NAME, _run)(int m, int n, int k, void const* values, void const* meta, void const* x,
-                                        void* y, void* workspace, int splits, int mode, int device, int sm_count,
-                                        cudaStream_t stream) {
-  return Gemm::run(m, n, k, values, meta, x, y, workspace, splits, mode, device, sm_count, stream);
+                                        void* y, void* workspace, size_t workspace_bytes, int splits, int mode,
+                                        int raster, int swizzle, int device, int sm_count, cudaStream_t stream) {
+  return Gemm::run(m, n, k, values, meta, x, y, workspace, workspace_bytes, {splits, mode, raster, swizzle}, device,
+                   sm_count, stream);
 }

@@ -13,7 +13,8 @@ def test_kernel_names_are_unique_and_tiles_fit_wgmma():
     names = [k.name for k in cutlass24.KERNELS]
     assert len(set(names)) == len(names)
     for k in cutlass24.KERNELS:
-        assert k.tile_m == (64 if k.pingpong else 128)  # a cooperative tile splits M over two 64-row warpgroups
+        # ping-pong: one warpgroup per 64-row tile; cooperative: two warpgroups split M
+        assert k.tile_m == 64 if k.pingpong else k.tile_m in (128, 256)
         assert k.tile_n % 8 == 0 and 8 <= k.tile_n <= 256
         assert not (k.stream_k and k.pingpong)  # CUTLASS's stream-K scheduler runs cooperative kernels only
 
@@ -25,14 +26,23 @@ def test_default_config_names_a_kernel_of_the_table():
         assert kernel.tile_n >= min(tokens, 128)
 
 
-def test_candidates_split_k_only_for_stream_k_kernels_and_few_tokens():
+def test_candidates_split_k_for_few_tokens_and_raster_for_many():
     backend = CutlassSm90Backend()
     few, many = backend.candidate_configs(16), backend.candidate_configs(4096)
-    assert len(many) == len(cutlass24.KERNELS)  # one per kernel, scheduler's own decomposition
-    assert {c["kernel"] for c in few} == set(range(len(cutlass24.KERNELS)))
-    for config in few:
-        if config["splits"] > 1:
-            assert cutlass24.KERNELS[config["kernel"]].stream_k
+    for configs in (few, many):
+        assert {c["kernel"] for c in configs} == set(range(len(cutlass24.KERNELS)))
+        assert len({tuple(sorted(c.items())) for c in configs}) == len(configs)
+    assert any(c.get("splits", 1) > 1 for c in few) and not any(c.get("splits", 1) > 1 for c in many)
+    assert not any("raster" in c for c in few) and any("raster" in c for c in many)
+    for config in few + many:
+        kernel = cutlass24.KERNELS[config["kernel"]]
+        assert kernel.stream_k or "splits" not in config
+        assert not kernel.stream_k or "raster" not in config
+
+
+def test_schedule_reads_a_plan_config():
+    assert cutlass24.Schedule.of({"kernel": 2, "raster": 1, "swizzle": 8}) == cutlass24.Schedule(1, 0, 1, 8)
+    assert cutlass24.Schedule.of({}) == cutlass24.Schedule()
 
 
 def test_missing_headers_are_named(monkeypatch, tmp_path):
@@ -52,6 +62,22 @@ def test_library_key_follows_the_kernel_table(monkeypatch, tmp_path):
     key, _, _ = cutlass24.library_key()
     assert key == cutlass24.library_key()[0]
     assert key != cutlass24.library_key(cutlass24.KERNELS[:-1])[0]
+
+
+def test_a_kernel_and_the_compressor_compile_for_sm90a(tmp_path):
+    """Catches template and API drift on machines with nvcc and no GPU (CI); the GPU tests run the rest."""
+    try:
+        includes, _ = cutlass24.find_cutlass()
+        nvcc, _ = cutlass24.find_nvcc()
+    except cutlass24.Cutlass24Error as error:
+        pytest.skip(str(error))
+    decode = next(k for k in cutlass24.KERNELS if k.stream_k and k.tile_n == 16)
+    cutlass24._compile(nvcc, includes, cutlass24._KERNEL_TU,
+                       ["-DSF24_NAME=sf24_test", "-DSF24_ELEMENT=cutlass::bfloat16_t", *decode.defines()],
+                       tmp_path / "kernel.o")
+    cutlass24._compile(nvcc, includes, cutlass24._COMPRESS_TU,
+                       ["-DSF24_NAME=sf24_ctest", "-DSF24_ELEMENT=cutlass::half_t"], tmp_path / "compress.o")
+    assert (tmp_path / "kernel.o").stat().st_size > 0 and (tmp_path / "compress.o").stat().st_size > 0
 
 
 def test_unavailable_without_a_hopper_gpu():
