@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--within-layer", action=argparse.BooleanOptionalAction, default=None,
                         help="sparseflow: re-calibrate o_proj/down_proj after q/k/v and gate/up are pruned "
-                             "(default: the recipe's, on for sparsegpt only)")
+                             "(default: the recipe's, on for sparsegpt and for wanda unstructured)")
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                         help="sparseflow SparseGPT: columns by decreasing Hessian diagonal (default: the recipe's, "
                              "on for N:M only)")

@@ -125,8 +125,9 @@ class PruneStage(_StageBase):
     within_layer: bool | None = Field(
         None, description="Inside a layer too: o_proj is calibrated on the pruned q/k/v's outputs, down_proj on the "
         "pruned gate/up's (one more forward of the layer per group). None: on for sparsegpt (whose weight updates "
-        "use it, as GPTQ's true-sequential does), off for wanda and magnitude (Wanda's reference scores come from "
-        "one pass; on SmolLM2-135M it helped Wanda unstructured and hurt Wanda 2:4).",
+        "use it, as GPTQ's true-sequential does) and for wanda with an unstructured pattern, off for wanda N:M and "
+        "magnitude. On SmolLM2-135M, over three calibration seeds, it lowered Wanda 50% unstructured perplexity "
+        "every time (by 0.36-1.13) and raised Wanda 2:4's every time (by 2.0-13.4).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the model is loaded and run in; statistics are always fp32."
@@ -146,8 +147,17 @@ class PruneStage(_StageBase):
 
     @property
     def calibrate_within_layer(self) -> bool:
-        """`within_layer` resolved: None means on for SparseGPT, off for Wanda and magnitude."""
-        return self.method == "sparsegpt" if self.within_layer is None else self.within_layer
+        """`within_layer` resolved. None means on for SparseGPT, and for Wanda with an unstructured pattern.
+
+        Wanda's reference implementation measures a layer once, with the layer dense. Re-measuring
+        o_proj's and down_proj's inputs after q/k/v and gate/up are pruned matches them to the model
+        they will really see; with a free choice of which half of a row to drop that helped on every
+        seed measured, while under N:M (every group of M must lose M-N whatever its scores) it hurt
+        on every seed (`bench/results/pruning_quality_wanda_seed*.json`, docs/compression.md).
+        """
+        if self.within_layer is not None:
+            return self.within_layer
+        return self.method == "sparsegpt" or (self.method == "wanda" and self.nm is None)
 
     @field_validator("pattern")
     @classmethod

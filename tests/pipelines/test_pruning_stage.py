@@ -174,12 +174,18 @@ def test_recipe_rejects_bad_prune_specs_naming_the_field(prune: dict, field: str
         parse_recipe(recipe)
 
 
-def test_within_layer_calibration_defaults_per_method() -> None:
+def test_within_layer_calibration_defaults_per_method_and_pattern() -> None:
     from pipelines.recipe import PruneStage
 
     assert PruneStage(method="sparsegpt").calibrate_within_layer
-    assert not PruneStage(method="wanda").calibrate_within_layer
-    assert PruneStage(method="wanda", within_layer=True).calibrate_within_layer
+    assert PruneStage(method="sparsegpt", pattern="2:4").calibrate_within_layer
+    assert PruneStage(method="wanda").calibrate_within_layer  # unstructured
+    assert PruneStage(method="wanda", profile="owl").calibrate_within_layer
+    assert not PruneStage(method="wanda", pattern="2:4").calibrate_within_layer
+    assert not PruneStage(method="wanda", pattern="4:8").calibrate_within_layer
+    assert not PruneStage(method="magnitude").calibrate_within_layer
+    assert PruneStage(method="wanda", pattern="2:4", within_layer=True).calibrate_within_layer
+    assert not PruneStage(method="wanda", within_layer=False).calibrate_within_layer
     assert not PruneStage(method="sparsegpt", within_layer=False).calibrate_within_layer
 
 
