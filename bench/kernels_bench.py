@@ -12,8 +12,10 @@ runs the dense call itself, so its ratio is 1.00 by construction. Writes kernels
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -77,7 +79,7 @@ def retime(weight, mask, tuned_shape, dtype, repeats) -> list[dict]:
     return rows
 
 
-def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int) -> dict:
+def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, rounds: int = 3) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
@@ -98,52 +100,56 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int) ->
     dtype_name = str(settings.dtype).removeprefix("torch.")
     plan = plan_from_tuning({k: tuned[k] for k in need}, layers, list(settings.tokens), dtype_name, environment_of(dev))
 
-    def run_prefill(tokens: int) -> tuple[float, torch.Tensor]:
+    sparse_model = copy.deepcopy(model)
+    report = apply_plan(sparse_model, plan)
+    models = {"dense": model, "sparse": sparse_model}
+
+    def run_prefill(m, tokens: int) -> tuple[float, torch.Tensor]:
         ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=dev, generator=torch.Generator(dev).manual_seed(1))
         with torch.no_grad():
-            t = time_calls(lambda _i: model(ids, use_cache=False), warmup=2, repeats=repeats, target_ms=0.0,
+            t = time_calls(lambda _i: m(ids, use_cache=False), warmup=2, repeats=repeats, target_ms=0.0,
                            max_inner=1)
-            logits = model(ids, use_cache=False).logits[0, -16:].float()
+            logits = m(ids, use_cache=False).logits[0, -16:].float()
         return t.median_ms, logits
 
-    def run_decode(prompt: int = 128, steps: int = 32) -> float:
+    def run_decode(m, prompt: int = 128, steps: int = 32) -> float:
         ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=dev, generator=torch.Generator(dev).manual_seed(2))
-        times = []
         with torch.no_grad():
-            for _ in range(2):
-                out = model(ids, use_cache=True)
+            out = m(ids, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            times = []
+            for _ in range(steps):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                out = m(nxt, past_key_values=past, use_cache=True)
+                e.record()
+                e.synchronize()
+                times.append(s.elapsed_time(e))
                 past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                times = []
-                for _ in range(steps):
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    out = model(nxt, past_key_values=past, use_cache=True)
-                    e.record()
-                    e.synchronize()
-                    times.append(s.elapsed_time(e))
-                    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        times.sort()
-        return times[len(times) // 2]
+        return statistics.median(times)
 
     result: dict = {"config": {"layers": 4, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8,
-                               "vocab": 128256, "dtype": dtype_name}}
-    for label in ("dense", "sparse"):
-        if label == "sparse":
-            report = apply_plan(model, plan)
-            result["replaced"] = len(report.replaced)
-            result["plan_choices"] = {k: {t: c.backend for t, c in s.choices.items()} for k, s in plan.shapes.items()}
-        for tokens in (2048, 8192):
-            ms, logits = run_prefill(tokens)
-            result[f"{label}_prefill_{tokens}_ms"] = ms
-            result.setdefault("_logits", {})[f"{label}_{tokens}"] = logits
-        result[f"{label}_decode_ms_per_token"] = run_decode()
+                               "vocab": 128256, "dtype": dtype_name},
+                    "replaced": len(report.replaced),
+                    "plan_choices": {k: {t: c.backend for t, c in s.choices.items()} for k, s in plan.shapes.items()},
+                    "rounds": rounds}
+    # dense and sparse alternate, `rounds` times, so clock and host drift hit both; medians are reported
+    samples: dict[str, list[float]] = {}
+    logits: dict[str, torch.Tensor] = {}
+    for r in range(rounds):
+        for label in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
+            for tokens in (2048, 8192):
+                ms, logits[f"{label}_{tokens}"] = run_prefill(models[label], tokens)
+                samples.setdefault(f"{label}_prefill_{tokens}_ms", []).append(ms)
+            samples.setdefault(f"{label}_decode_ms_per_token", []).append(run_decode(models[label]))
+    result.update({k: statistics.median(v) for k, v in samples.items()})
+    result["samples"] = samples
     for tokens in (2048, 8192):
-        d, s = result["_logits"][f"dense_{tokens}"], result["_logits"][f"sparse_{tokens}"]
+        d, s = logits[f"dense_{tokens}"], logits[f"sparse_{tokens}"]
         result[f"logits_rel_err_{tokens}"] = ((s - d).norm() / d.norm()).item()
         dense_ms, sparse_ms = result[f"dense_prefill_{tokens}_ms"], result[f"sparse_prefill_{tokens}_ms"]
         result[f"prefill_{tokens}_speedup"] = dense_ms / sparse_ms
     result["decode_speedup"] = result["dense_decode_ms_per_token"] / result["sparse_decode_ms_per_token"]
-    del result["_logits"]
     return result
 
 
