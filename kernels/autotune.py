@@ -40,6 +40,7 @@ class TuneSettings:
     max_rel_error: float = 2e-2
     min_gain: float = 1.05
     confirm_rounds: int = 3
+    contender_margin: float = 1.15  # a runner-up this close to the best sparse time is confirmed too
     backends: tuple[str, ...] = GPU_CANDIDATES
     search_configs: bool = True
     search_budget_s: float = 300.0
@@ -217,20 +218,25 @@ def choose(
     sparse = {k: v for k, v in times.items() if k != "dense"}
     if not sparse:
         return {**entry, "backend": "dense", "config": {}, "speedup": 1.0, "reason": "no correct sparse backend"}
-    best = min(sparse, key=sparse.get)
+    ranked = sorted(sparse, key=sparse.get)
+    best = ranked[0]
     gain = dense / sparse[best]
     if gain < settings.min_gain:
         return {**entry, "backend": "dense", "config": {}, "speedup": 1.0,
                 "reason": f"best sparse ({best}) {gain:.2f}x, below {settings.min_gain:.2f}x"}
     if confirm is not None and settings.confirm_rounds > 0:
-        ratios = confirm(best)
-        entry["confirmed_speedups"] = [round(r, 4) for r in ratios]
-        paired = statistics.median(ratios)
-        if paired < settings.min_gain:
+        # a runner-up within `contender_margin` of the best is re-timed in pairs too: one-off timings in
+        # sequence favour whatever ran on a cooler GPU, so the paired medians decide between them
+        contenders = [best] + [n for n in ranked[1:2] if sparse[n] <= sparse[best] * settings.contender_margin
+                               and dense / sparse[n] >= settings.min_gain]
+        paired = {name: confirm(name) for name in contenders}
+        best = max(paired, key=lambda name: statistics.median(paired[name]))
+        entry["confirmed_speedups"] = [round(r, 4) for r in paired[best]]
+        gain = statistics.median(paired[best])
+        if gain < settings.min_gain:
             return {**entry, "backend": "dense", "config": {}, "speedup": 1.0,
-                    "reason": f"best sparse ({best}) {gain:.2f}x first, {paired:.2f}x in paired re-timing, "
-                              f"below {settings.min_gain:.2f}x"}
-        gain = paired
+                    "reason": f"best sparse ({best}) {dense / sparse[best]:.2f}x first, {gain:.2f}x in paired "
+                              f"re-timing, below {settings.min_gain:.2f}x"}
     return {**entry, "backend": best, "config": config_of(best), "speedup": round(gain, 4), "reason": "fastest"}
 
 

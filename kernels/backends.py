@@ -340,14 +340,14 @@ class CutlassSm90Backend(Backend):
         return route
 
     def linear(self, x: Tensor, handle: Handle, config: dict[str, int] | None = None) -> Tensor:
-        from kernels.cutlass24 import Schedule
-
         x2d = x.reshape(-1, handle.in_features)
         if x2d.dtype != handle.dtype:
             raise BackendError(f"{self.name}: input {x2d.dtype} but weight {handle.dtype}")
         if config is None:
             kernel, schedule = self._route(handle, x2d.shape[0])
         else:
+            from kernels.cutlass24 import Schedule
+
             kernel, schedule = config.get("kernel", 0), Schedule.of(config)
         weight: _CompressedWeight = handle.data
         y = self._lib(x2d.device).linear(x2d.contiguous(), weight.values, weight.meta, handle.out_features, kernel,

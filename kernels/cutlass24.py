@@ -271,10 +271,14 @@ class Sparse24Sm90:
                     f"{KERNELS[kernel].name} on {m}x{k}, {n} tokens, {schedule}")
         return size.value
 
-    def _workspace(self, nbytes: int) -> torch.Tensor | None:
+    def _stream(self) -> int:
+        """The current CUDA stream's handle; torch's raw getter skips building a Stream object per call."""
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        return raw(self.device.index) if raw is not None else torch.cuda.current_stream(self.device).cuda_stream
+
+    def _workspace(self, nbytes: int, stream: int) -> torch.Tensor | None:
         if nbytes == 0:
             return None
-        stream = torch.cuda.current_stream(self.device).cuda_stream
         buf = self._workspaces.get(stream)
         if buf is None or buf.numel() < nbytes:  # one grow-only buffer per stream: calls on it are ordered
             buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -292,8 +296,8 @@ class Sparse24Sm90:
         nbytes = self._workspace_sizes.get(problem)
         if nbytes is None:  # asked once per problem: it also checks that the kernel can run it
             nbytes = self._workspace_sizes[problem] = self.workspace_bytes(*problem)
-        workspace = self._workspace(nbytes)
-        stream = torch.cuda.current_stream(x2d.device).cuda_stream
+        stream = self._stream()
+        workspace = self._workspace(nbytes, stream)
         status = self._kernels[(dtype, kernel)][1](
             out_features, tokens, k, values.data_ptr(), meta.data_ptr(), x2d.data_ptr(), out.data_ptr(),
             None if workspace is None else workspace.data_ptr(), nbytes, *schedule, self.device.index,

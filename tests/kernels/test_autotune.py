@@ -30,6 +30,20 @@ def test_paired_retiming_can_overturn_a_lucky_first_timing():
     assert c["backend"] == "dense" and "paired re-timing" in c["reason"]
 
 
+def test_paired_retiming_decides_between_close_sparse_backends():
+    times = {"dense": 1.0, "torch-semi-structured": 0.70, "cutlass-sm90": 0.72, "cusparselt-planned": 0.95}
+    paired = {"torch-semi-structured": [1.20, 1.22, 1.25], "cutlass-sm90": [1.38, 1.40, 1.41]}
+    asked = []
+
+    def confirm(name):
+        asked.append(name)
+        return paired[name]
+
+    c = choose(times, {}, {}, S, confirm=confirm)
+    assert asked == ["torch-semi-structured", "cutlass-sm90"]  # the 0.95 one is not close enough to ask
+    assert c["backend"] == "cutlass-sm90" and c["speedup"] == 1.4
+
+
 def test_no_correct_sparse_backend_means_dense_with_reason():
     c = choose({"dense": 1.0}, {"cusparselt-planned": 0.5}, {"cusparselt-planned": "max rel error 0.5 > 0.02"}, S)
     assert c["backend"] == "dense" and c["reason"] == "no correct sparse backend"
