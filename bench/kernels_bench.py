@@ -41,9 +41,9 @@ log = logging.getLogger("bench")
 def retime(weight, mask, tuned_shape, dtype, repeats, rounds: int = 3) -> list[dict]:
     """Fresh timings of dense, stock, our own kernel and the tuned choice for one shape, all token counts.
 
-    The candidates are timed in `rounds` rounds whose order alternates, and each gets the median of its
-    rounds: a long run of large GEMMs heats the GPU and lowers its clocks, which would otherwise
-    penalize whatever is timed last."""
+    Each candidate is timed in `rounds` back-to-back pairs with dense, the order alternating, and its
+    ratio is the median of the pairs' ratios (times: medians): a run of large GEMMs heats the GPU and
+    lowers its clocks within a second, which would otherwise favour whatever is timed first."""
     dev = weight.device
     out_f, in_f = weight.shape
     names = {"dense", "torch-semi-structured"} | {c["backend"] for c in tuned_shape.values()}
@@ -74,16 +74,23 @@ def retime(weight, mask, tuned_shape, dtype, repeats, rounds: int = 3) -> list[d
                 row[f"{label}_ms"] = None
                 row[f"{label}_error"] = str(error)[:300]
         samples: dict[str, list[float]] = {label: [] for label in calls}
-        for r in range(rounds):
-            for label in (list(calls) if r % 2 == 0 else list(reversed(calls))):
-                samples[label].append(time_calls(calls[label], copies, repeats=repeats).median_ms)
+        ratios: dict[str, list[float]] = {}
+        for label in [c for c in calls if c != "dense"]:
+            for r in range(rounds):  # back-to-back pairs, order alternating: drift hits both sides alike
+                pair = ("dense", label) if r % 2 == 0 else (label, "dense")
+                times = {name: time_calls(calls[name], copies, repeats=repeats).median_ms for name in pair}
+                samples["dense"].append(times["dense"])
+                samples[label].append(times[label])
+                ratios.setdefault(label, []).append(times["dense"] / times[label])
+        if "dense" in calls and not samples["dense"]:
+            samples["dense"].append(time_calls(calls["dense"], copies, repeats=repeats).median_ms)
         for label, times in samples.items():
             row[f"{label}_ms"] = statistics.median(times)
+        for label, values in ratios.items():
+            row[f"{label}_x"] = statistics.median(values)
+            row[f"{label}_pair_ratios"] = [round(v, 4) for v in values]
         if choice["backend"] == "dense":
-            row["tuned_ms"] = row["dense_ms"]
-        for label in ("stock", "own", "tuned"):
-            if row.get(f"{label}_ms"):
-                row[f"{label}_x"] = row["dense_ms"] / row[f"{label}_ms"]
+            row["tuned_ms"], row["tuned_x"] = row["dense_ms"], 1.0
         calls.clear()
         rows.append(row)
     return rows

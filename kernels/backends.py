@@ -275,6 +275,7 @@ class _CompressedWeight:
 
     values: Tensor
     meta: Tensor
+    lib: Any  # the loaded `Sparse24Sm90` of the weight's device
     routes: dict[int, tuple[int, Any]] = field(default_factory=dict)
 
 
@@ -322,8 +323,9 @@ class CutlassSm90Backend(Backend):
         _check_sparse_dtype(weight)
         if weight.device.type != "cuda":
             raise BackendError(f"{self.name} needs a CUDA weight")
-        values, meta = self._lib(weight.device).compress(self._masked(weight, mask).contiguous())
-        return self._handle(weight, _CompressedWeight(values, meta), configs)
+        lib = self._lib(weight.device)
+        values, meta = lib.compress(self._masked(weight, mask).contiguous())
+        return self._handle(weight, _CompressedWeight(values, meta, lib), configs)
 
     def _route(self, handle: Handle, tokens: int) -> tuple[int, Any]:
         """(kernel, schedule) for a token count, resolved once per count: decode calls are host-bound."""
@@ -340,19 +342,19 @@ class CutlassSm90Backend(Backend):
         return route
 
     def linear(self, x: Tensor, handle: Handle, config: dict[str, int] | None = None) -> Tensor:
+        # host time is most of a decode-sized call: this path only looks things up
+        weight: _CompressedWeight = handle.data
         x2d = x.reshape(-1, handle.in_features)
         if x2d.dtype != handle.dtype:
             raise BackendError(f"{self.name}: input {x2d.dtype} but weight {handle.dtype}")
         if config is None:
-            kernel, schedule = self._route(handle, x2d.shape[0])
+            kernel, schedule = weight.routes.get(x2d.shape[0]) or self._route(handle, x2d.shape[0])
         else:
             from kernels.cutlass24 import Schedule
 
             kernel, schedule = config.get("kernel", 0), Schedule.of(config)
-        weight: _CompressedWeight = handle.data
-        y = self._lib(x2d.device).linear(x2d.contiguous(), weight.values, weight.meta, handle.out_features, kernel,
-                                         schedule)
-        return y.reshape(*x.shape[:-1], handle.out_features)
+        y = weight.lib.linear(x2d.contiguous(), weight.values, weight.meta, handle.out_features, kernel, schedule)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], handle.out_features)
 
     def candidate_configs(self, tokens: int) -> list[dict[str, int]]:
         """Every kernel with the scheduler's own choices; for few tokens, stream-K kernels also split K
