@@ -136,3 +136,19 @@ def test_unsupported_shape_is_an_error_not_a_crash():
         handle = backend.prepare(weight, mask_24(weight))
         backend.linear(torch.randn(4, 100, device="cuda", dtype=torch.float16), handle)
     torch.cuda.synchronize()  # the context is still healthy
+
+
+@pytest.mark.gpu
+def test_reused_launch_parameters_follow_buffers_and_weights():
+    """Calls that repeat buffers reuse cached launch parameters: results must still track the data."""
+    backend = _hopper_backend()
+    weights = [torch.randn(256, 512, device="cuda", dtype=torch.float16) for _ in range(2)]
+    weights = [w * mask_24(w) for w in weights]
+    handles = [backend.prepare(w, None) for w in weights]
+    x = torch.empty(8, 512, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        x.normal_()  # same buffer, new contents
+        for weight, handle in zip(weights, handles, strict=True):
+            y = backend.linear(x, handle)
+            ref = F.linear(x.float(), weight.float())
+            assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
