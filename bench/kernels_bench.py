@@ -38,7 +38,7 @@ OWN = "cutlass-sm90"  # our own Hopper 2:4 kernel, reported on every row whether
 log = logging.getLogger("bench")
 
 
-def retime(weight, mask, tuned_shape, dtype, repeats, rounds: int = 3) -> list[dict]:
+def retime(weight, mask, tuned_shape, dtype, repeats, rounds: int = 5) -> list[dict]:
     """Fresh timings of dense, stock, our own kernel and the tuned choice for one shape, all token counts.
 
     Each candidate is timed in `rounds` back-to-back pairs with dense, the order alternating, and its
