@@ -40,6 +40,7 @@ from kernels.activation_sparse import (  # noqa: E402
     dense_down,
     launch_sparse_down,
 )
+from kernels.timing import time_graph_us  # noqa: E402
 
 CPU_RESULTS = Path(__file__).resolve().parent / "results" / "activation_sparsity.json"
 CONFIGS = [KernelConfig(n, k, rows, warps) for n, k, rows, warps in (
@@ -94,30 +95,6 @@ def check(hidden: int, intermediate: int, device: torch.device, configs: list[Ke
     return rows
 
 
-def graph_time_us(fn, calls: int, reps: int) -> float:
-    """Median microseconds of one `fn()` call, timed as CUDA-graph replays of `calls` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
-
-
 class FFNs:
     """`LAYERS` random FFNs of one shape (fused gate/up weight, down weight and its kernel-ready copy)."""
 
@@ -145,7 +122,7 @@ def _timed(fn, reps: int) -> float:
             for layer in range(LAYERS):
                 fn(layer)
 
-    return graph_time_us(step, 2 * LAYERS, reps)
+    return time_graph_us(step, 2 * LAYERS, reps)
 
 
 def _case(ffns: FFNs, label: str, s: float, threshold: float, tokens: int, reps: int) -> dict:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kernels.backends import CutlassSm90Backend  # noqa: E402
 from kernels.cutlass24 import KERNELS, Schedule  # noqa: E402
 from kernels.sparse24 import mask_24  # noqa: E402
-from kernels.timing import device_info  # noqa: E402
+from kernels.timing import device_info, time_graph_us  # noqa: E402
 
 
 def host_us(fn, calls: int = 3000) -> float:
@@ -40,25 +40,7 @@ def host_us(fn, calls: int = 3000) -> float:
 
 def graph_us(fn, calls: int = 50, replays: int = 20) -> float:
     """GPU time per call with no host in the way: `calls` calls captured once, replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (calls * replays) * 1e3
+    return time_graph_us(lambda: [fn() for _ in range(calls)], calls, replays)
 
 
 def main() -> None:

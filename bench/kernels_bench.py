@@ -29,7 +29,7 @@ from kernels.autotune import TuneSettings, shape_key, tune  # noqa: E402
 from kernels.backends import make_backends  # noqa: E402
 from kernels.plan import apply_plan, environment_of, plan_from_tuning  # noqa: E402
 from kernels.sparse24 import mask_24  # noqa: E402
-from kernels.timing import copies_to_defeat_l2, device_info, time_calls  # noqa: E402
+from kernels.timing import capture_graph, copies_to_defeat_l2, device_info, time_calls  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (8192, 8192),
           (28672, 8192), (8192, 28672)]
@@ -160,15 +160,7 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, ro
             def step() -> torch.Tensor:
                 return m(token, past_key_values=cache, use_cache=True, cache_position=position).logits
 
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = step()
+            graph, logits = capture_graph(step)
             times = []
             for _ in range(steps):
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

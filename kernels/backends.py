@@ -106,6 +106,15 @@ def _cusparselt_torch(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+def _loads(load: Any, what: str) -> tuple[bool, str]:
+    """(True, "") when `load()` builds/loads a backend's native library, else (False, why)."""
+    try:
+        load()
+    except Exception as error:  # noqa: BLE001 - any build/load failure makes the backend unavailable
+        return False, f"{what} unavailable: {error}"
+    return True, ""
+
+
 def _check_sparse_dtype(weight: Tensor) -> None:
     if weight.dtype not in (torch.float16, torch.bfloat16):
         raise BackendError(f"2:4 kernels take float16/bfloat16 weights, got {weight.dtype}")
@@ -193,13 +202,7 @@ class CusparseltPlannedBackend(Backend):
 
     def available(self, device: torch.device) -> tuple[bool, str]:
         ok, why = _cuda_sm80(device)
-        if not ok:
-            return ok, why
-        try:
-            self._lib(device)
-        except Exception as error:  # noqa: BLE001 - any build/load failure makes the backend unavailable
-            return False, f"cuSPARSELt shim unavailable: {error}"
-        return True, ""
+        return _loads(lambda: self._lib(device), "cuSPARSELt shim") if ok else (ok, why)
 
     @staticmethod
     def _lib(device: torch.device):
@@ -294,11 +297,7 @@ class CutlassSm90Backend(Backend):
         if torch.cuda.get_device_capability(device) != (9, 0):
             major, minor = torch.cuda.get_device_capability(device)
             return False, f"sm90a kernels run on Hopper (sm90) only, device is sm{major}{minor}"
-        try:
-            self._lib(device)
-        except Exception as error:  # noqa: BLE001 - any build/load failure makes the backend unavailable
-            return False, f"sm90 2:4 library unavailable: {error}"
-        return True, ""
+        return _loads(lambda: self._lib(device), "sm90 2:4 library")
 
     @staticmethod
     def _lib(device: torch.device):

@@ -73,6 +73,38 @@ def time_calls(
     return Timing(statistics.median(samples), q[0], q[-1], len(samples), inner)
 
 
+def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, output) of one captured call of `fn`, after `warmup` calls on a side stream (lazy state,
+    allocations and per-device attributes settle there, outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def time_graph_us(fn: Callable[[], Any], calls: int = 1, replays: int = 20) -> float:
+    """Median microseconds per call of work that `fn` does in `calls` calls, replayed from a CUDA graph:
+    GPU time with no host work in between (how servers run decode steps)."""
+    graph, _ = capture_graph(fn)
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(times)
+
+
 def device_info(device: torch.device | None = None) -> dict[str, Any]:
     """GPU name, capability, SMs, memory, clocks (where NVML answers), and library versions."""
     info: dict[str, Any] = {
