@@ -63,3 +63,15 @@ def test_planned_backend_reuses_its_plan(device):
     plans = dict(backend._plans)
     backend.linear(torch.randn_like(x), handle)
     assert dict(backend._plans) == plans and len(plans) == 1
+
+
+def test_graph_capture_replays_on_new_inputs_and_times(device):
+    from kernels.timing import capture_graph, time_graph_us
+
+    x = torch.randn(64, 64, device=device)
+    graph, out = capture_graph(lambda: x @ x)
+    x.copy_(torch.eye(64, device=device))  # the captured call reads the buffer's new contents
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(out, torch.eye(64, device=device))
+    assert time_graph_us(lambda: x @ x) > 0
