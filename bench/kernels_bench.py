@@ -18,6 +18,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.autotune import TuneSettings, shape_key, tune  # noqa: E402
+from kernels.autotune import TuneSettings, paired_ratios, shape_key, tune  # noqa: E402
 from kernels.backends import make_backends  # noqa: E402
 from kernels.plan import apply_plan, environment_of, plan_from_tuning  # noqa: E402
 from kernels.sparse24 import mask_24  # noqa: E402
@@ -74,14 +75,16 @@ def retime(weight, mask, tuned_shape, dtype, repeats, rounds: int = 5) -> list[d
                 row[f"{label}_ms"] = None
                 row[f"{label}_error"] = str(error)[:300]
         samples: dict[str, list[float]] = {label: [] for label in calls}
-        ratios: dict[str, list[float]] = {}
-        for label in [c for c in calls if c != "dense"]:
-            for r in range(rounds):  # back-to-back pairs, order alternating: drift hits both sides alike
-                pair = ("dense", label) if r % 2 == 0 else (label, "dense")
-                times = {name: time_calls(calls[name], copies, repeats=repeats).median_ms for name in pair}
-                samples["dense"].append(times["dense"])
-                samples[label].append(times[label])
-                ratios.setdefault(label, []).append(times["dense"] / times[label])
+
+        def timed(label: str, calls=calls, samples=samples) -> Callable[[], float]:
+            def run() -> float:
+                samples[label].append(time_calls(calls[label], copies, repeats=repeats).median_ms)
+                return samples[label][-1]
+
+            return run
+
+        # back-to-back pairs with dense, order alternating, as the tuner confirms its choices
+        ratios = {label: paired_ratios(timed("dense"), timed(label), rounds) for label in calls if label != "dense"}
         if "dense" in calls and not samples["dense"]:
             samples["dense"].append(time_calls(calls["dense"], copies, repeats=repeats).median_ms)
         for label, times in samples.items():

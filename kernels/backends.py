@@ -11,8 +11,8 @@ why not. Backends, by name:
 - `cusparselt-planned`: cuSPARSELt through `kernels.cslt`: descriptors and plan built once per
   (shape, token count, layout, algorithm) and reused; one `cusparseLtMatmul` a call.
 - `cutlass-sm90`: our own Hopper 2:4 GEMM (`kernels.cutlass24`, CUTLASS sm90a sparse kernels):
-  compressed once, no transposes; config `kernel` (tile/schedule), `splits`, `mode` per token count,
-  searched by `search_configs` on the weight itself.
+  compressed once, no transposes; config `kernel` (tile/schedule), `raster`, `swizzle`, `splits`,
+  `mode` per token count, chosen by the tuner from `candidate_configs` timed on the weight itself.
 - `sparse24-reference`: CPU-capable pure-torch reference over `Packed24`; for tests, never fast.
 """
 
@@ -327,17 +327,15 @@ class CutlassSm90Backend(Backend):
         return self._handle(weight, _CompressedWeight(values, meta, lib), configs)
 
     def _route(self, handle: Handle, tokens: int) -> tuple[int, Any]:
-        """(kernel, schedule) for a token count, resolved once per count: decode calls are host-bound."""
+        """(kernel, schedule) for a token count not routed yet; kept on the weight, since decode calls
+        are host-bound and repeat the same count."""
         from kernels.cutlass24 import Schedule
 
-        weight: _CompressedWeight = handle.data
-        route = weight.routes.get(tokens)
-        if route is None:
-            config = (handle.configs[nearest_bucket(tokens, list(handle.configs))] if handle.configs
-                      else self.default_config(tokens))
-            route = (config.get("kernel", 0), Schedule.of(config))
-            if len(weight.routes) < 4096:
-                weight.routes[tokens] = route
+        config = (handle.configs[nearest_bucket(tokens, list(handle.configs))] if handle.configs
+                  else self.default_config(tokens))
+        route = (config.get("kernel", 0), Schedule.of(config))
+        if len(handle.data.routes) < 4096:
+            handle.data.routes[tokens] = route
         return route
 
     def linear(self, x: Tensor, handle: Handle, config: dict[str, int] | None = None) -> Tensor:
@@ -347,7 +345,8 @@ class CutlassSm90Backend(Backend):
         if x2d.dtype != handle.dtype:
             raise BackendError(f"{self.name}: input {x2d.dtype} but weight {handle.dtype}")
         if config is None:
-            kernel, schedule = weight.routes.get(x2d.shape[0]) or self._route(handle, x2d.shape[0])
+            tokens = x2d.shape[0]
+            kernel, schedule = weight.routes.get(tokens) or self._route(handle, tokens)
         else:
             from kernels.cutlass24 import Schedule
 

@@ -258,9 +258,8 @@ class Sparse24Sm90:
         values = torch.zeros(values_bytes.value, dtype=torch.uint8, device=weight.device)
         meta = torch.zeros(meta_bytes.value, dtype=torch.uint8, device=weight.device)
         scratch = torch.empty(max(workspace(m, k), 1), dtype=torch.uint8, device=weight.device)
-        stream = torch.cuda.current_stream(weight.device).cuda_stream
         self._check(run(m, k, weight.data_ptr(), values.data_ptr(), meta.data_ptr(), scratch.data_ptr(),
-                        scratch.numel(), self.device.index, self.sm_count, stream), f"compress {m}x{k}")
+                        scratch.numel(), self.device.index, self.sm_count, self._stream()), f"compress {m}x{k}")
         return values, meta
 
     def workspace_bytes(self, dtype: torch.dtype, kernel: int, m: int, n: int, k: int, schedule: Schedule) -> int:
