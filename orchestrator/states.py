@@ -19,23 +19,29 @@ class Status(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    skipped = "skipped"
+    """A stage run its job never reached because an earlier stage failed (stage runs only)."""
 
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL
 
 
-TERMINAL = frozenset({Status.succeeded, Status.failed, Status.cancelled})
+TERMINAL = frozenset({Status.succeeded, Status.failed, Status.cancelled, Status.skipped})
 
 _RESUMABLE = {
-    Status.queued: frozenset({Status.running, Status.cancelled}),
+    Status.queued: frozenset({Status.running, Status.cancelled, Status.skipped}),
     Status.running: frozenset({Status.succeeded, Status.failed, Status.cancelled}),
     Status.failed: frozenset({Status.queued}),
     Status.cancelled: frozenset({Status.queued}),
+    Status.skipped: frozenset({Status.queued}),
 }
 
 TRANSITIONS: dict[Entity, dict[Status, frozenset[Status]]] = {
-    "job": {**_RESUMABLE, Status.succeeded: frozenset()},
+    "job": {
+        **{status: allowed - {Status.skipped} for status, allowed in _RESUMABLE.items() if status != Status.skipped},
+        Status.succeeded: frozenset(),
+    },
     "stage_run": {**_RESUMABLE, Status.succeeded: frozenset({Status.queued})},
 }
 

@@ -338,6 +338,10 @@ class Recipe(_Strict):
     reuse_cached: bool = Field(
         True, description="Reuse outputs of an earlier identical stage run (same inputs, parameters, code)."
     )
+    max_resumes: int = Field(
+        1, ge=0, le=10, description="Times the service resumes this job by itself after its runner died "
+        "(a killed worker or API process); finished stages are never recomputed.",
+    )
     stages: list[StageSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

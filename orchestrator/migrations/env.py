@@ -8,13 +8,13 @@ revisions can alter tables there.
 
 from __future__ import annotations
 
-import os
 from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import Connection
 
-from orchestrator.store.db import DATABASE_URL_ENV, make_engine
+from orchestrator.settings import Settings
+from orchestrator.store.db import make_engine
 from orchestrator.store.models import Base
 
 config = context.config
@@ -22,10 +22,8 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    url = config.get_main_option("sqlalchemy.url") or os.environ.get(DATABASE_URL_ENV)
-    if not url:
-        raise RuntimeError(f"no database URL: set sqlalchemy.url in alembic.ini or ${DATABASE_URL_ENV}")
-    return url
+    """alembic.ini's `sqlalchemy.url` when given, else the service's (`SPARSEFLOW_DATABASE_URL` or its default)."""
+    return config.get_main_option("sqlalchemy.url") or Settings().database
 
 
 def _cli_logging() -> None:

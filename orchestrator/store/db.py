@@ -2,7 +2,7 @@
 
 Typical wiring (API lifespan or embedded runner)::
 
-    engine = make_engine(database_url(data_dir))
+    engine = make_engine(get_settings().database)
     migrate(engine)
     Session = session_factory(engine)
     with Session.begin() as session:
@@ -12,7 +12,6 @@ Typical wiring (API lifespan or embedded runner)::
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,18 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 logger = logging.getLogger(__name__)
 
-DATABASE_URL_ENV = "SPARSEFLOW_DATABASE_URL"
 SQLITE_BUSY_TIMEOUT_S = 30
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 ALEMBIC_INI = MIGRATIONS_DIR.parent / "alembic.ini"
-
-
-def database_url(data_dir: Path) -> str:
-    """`$SPARSEFLOW_DATABASE_URL` if set, else a SQLite file `sparseflow.db` in `data_dir`."""
-    url = os.environ.get(DATABASE_URL_ENV)
-    if url:
-        return url
-    return f"sqlite:///{Path(data_dir) / 'sparseflow.db'}"
 
 
 def make_engine(url: str | URL) -> Engine:

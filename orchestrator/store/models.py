@@ -126,6 +126,10 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    runner: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None]
+    resumes: Mapped[int] = mapped_column(default=0, server_default="0")
 
     stage_runs: Mapped[list[StageRun]] = relationship(
         back_populates="job", order_by="StageRun.index", cascade="all, delete-orphan", passive_deletes=True
@@ -182,12 +186,29 @@ class Artifact(Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    verified_at: Mapped[datetime | None]
+    fingerprint: Mapped[str | None] = mapped_column(String(200))
+    corrupt_reason: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
     stage_run: Mapped[StageRun | None] = relationship(back_populates="outputs")
     edges: Mapped[list[LineageEdge]] = relationship(
         back_populates="artifact", cascade="all, delete-orphan", passive_deletes=True
     )
+
+
+class Dataset(Base):
+    """Text a tenant uploaded (`POST /v1/datasets`); recipes name it `dataset:<id>` instead of a server path."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Metric(Base):

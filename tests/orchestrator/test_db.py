@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import threading
 
+from orchestrator.settings import Settings
 from orchestrator.store import db, queries
 
 
-def test_database_url_defaults_to_sqlite_in_data_dir(tmp_path, monkeypatch):
-    monkeypatch.delenv(db.DATABASE_URL_ENV, raising=False)
-    assert db.database_url(tmp_path) == f"sqlite:///{tmp_path}/sparseflow.db"
+def test_database_url_defaults_to_sqlite_in_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPARSEFLOW_DATABASE_URL", raising=False)
+    assert Settings(home=tmp_path).database == f"sqlite:///{tmp_path}/sparseflow.db"
 
 
 def test_database_url_prefers_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(db.DATABASE_URL_ENV, "postgresql+psycopg://db/sparseflow")
-    assert db.database_url(tmp_path) == "postgresql+psycopg://db/sparseflow"
+    monkeypatch.setenv("SPARSEFLOW_DATABASE_URL", "postgresql+psycopg://db/sparseflow")
+    assert Settings(home=tmp_path).database == "postgresql+psycopg://db/sparseflow"
 
 
 def test_sqlite_engine_creates_its_directory_and_sets_pragmas(tmp_path):

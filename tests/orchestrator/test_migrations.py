@@ -11,7 +11,7 @@ from sqlalchemy import inspect
 from orchestrator.store import db
 from orchestrator.store.models import Base
 
-TABLES = {"jobs", "stage_runs", "artifacts", "metrics", "tags", "lineage_edges", "kernel_plans"}
+TABLES = {"jobs", "stage_runs", "artifacts", "metrics", "tags", "lineage_edges", "kernel_plans", "datasets"}
 
 
 def _tables(engine) -> set[str]:
@@ -63,7 +63,7 @@ def test_cli_config_works_from_any_directory(tmp_path, monkeypatch):
     """`alembic -c orchestrator/alembic.ini upgrade head` with the URL from the environment."""
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'cli' / 'sparseflow.db'}"
-    monkeypatch.setenv(db.DATABASE_URL_ENV, url)
+    monkeypatch.setenv("SPARSEFLOW_DATABASE_URL", url)
     config = db.alembic_config()
     command.upgrade(config, "head")
     engine = db.make_engine(url)
@@ -72,6 +72,21 @@ def test_cli_config_works_from_any_directory(tmp_path, monkeypatch):
 
 
 def test_offline_sql_renders(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(db.DATABASE_URL_ENV, f"sqlite:///{tmp_path / 'offline.db'}")
+    monkeypatch.setenv("SPARSEFLOW_DATABASE_URL", f"sqlite:///{tmp_path / 'offline.db'}")
     command.upgrade(db.alembic_config(), "head", sql=True)
     assert "CREATE TABLE lineage_edges" in capsys.readouterr().out
+
+
+def test_skipped_stage_status_survives_the_status_check(engine):
+    """0004 widens the stage-run status CHECK with `skipped` (SQLite rebuilds the table for it)."""
+    from orchestrator.states import Status
+    from orchestrator.store import queries
+
+    sessions = db.session_factory(engine)
+    with sessions.begin() as session:
+        job = queries.create_job(session, name="j", recipe={}, stages=[("evaluate", {})], code_version="t",
+                                 package_versions={})
+        run = queries.stage_runs(session, job.id)[0]
+        queries.set_stage_status(session, run.id, Status.skipped)
+    with sessions() as session:
+        assert queries.get_stage_run(session, run.id).status == Status.skipped
