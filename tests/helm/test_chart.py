@@ -7,98 +7,29 @@ helm comes from PATH or `.venv/bin/helm` (`bash scripts/get-helm.sh` installs it
 from __future__ import annotations
 
 import base64
-import os
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
+from chart_helpers import (
+    BASE,
+    BUNDLED_PG,
+    CHART,
+    CI_VALUES,
+    RELEASE,
+    ROOT,
+    containers,
+    env_of,
+    fail_message,
+    find,
+    helm,
+    needs_helm,
+    one,
+    ray_pod_specs,
+    render,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "sparseflow"
-CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-RELEASE = "rel"
-# Minimal valid settings: an external database and API tokens, both by Secret reference.
-BASE = {
-    "database": {"external": {"existingSecret": "lineage-db"}},
-    "api": {"auth": {"existingSecret": "api-tokens"}},
-}
-BUNDLED_PG = {
-    "database": {"external": {"existingSecret": ""}, "postgresql": {"enabled": True, "auth": {"existingSecret": "pg"}}},
-}
-
-
-def _helm() -> str | None:
-    found = shutil.which("helm")
-    local = ROOT / ".venv" / "bin" / "helm"
-    return found or (str(local) if local.is_file() and os.access(local, os.X_OK) else None)
-
-
-HELM = _helm()
-pytestmark = pytest.mark.skipif(HELM is None, reason="helm not found on PATH or in .venv/bin (run scripts/get-helm.sh)")
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def helm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([HELM, *args], capture_output=True, text=True, timeout=60, check=False)
-
-
-def render_raw(tmp_path: Path, values: dict | None = None, *, base: bool = True, release: str = RELEASE,
-               sets: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    values_file = tmp_path / "values.yaml"
-    values_file.write_text(yaml.safe_dump(_merge(BASE if base else {}, values or {})))
-    args = ["template", release, str(CHART), "--namespace", "ml", "-f", str(values_file)]
-    for item in sets:
-        args += ["--set", item]
-    return helm(*args)
-
-
-def render(tmp_path: Path, values: dict | None = None, **kwargs) -> list[dict]:
-    result = render_raw(tmp_path, values, **kwargs)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def fail_message(tmp_path: Path, values: dict | None = None, **kwargs) -> str:
-    result = render_raw(tmp_path, values, **kwargs)
-    assert result.returncode != 0, "render was expected to fail"
-    return result.stderr
-
-
-def find(docs: list[dict], kind: str, component: str | None = None) -> list[dict]:
-    return [
-        d for d in docs
-        if d["kind"] == kind
-        and (component is None or d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component)
-    ]
-
-
-def one(docs: list[dict], kind: str, component: str | None = None) -> dict:
-    found = find(docs, kind, component)
-    assert len(found) == 1, f"expected one {kind} {component or ''}, found {len(found)}"
-    return found[0]
-
-
-def containers(doc: dict) -> list[dict]:
-    spec = doc["spec"]["template"]["spec"]
-    return spec.get("initContainers", []) + spec["containers"]
-
-
-def env_of(container: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
-def ray_pod_specs(raycluster: dict) -> list[dict]:
-    spec = raycluster["spec"]
-    return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+pytestmark = needs_helm
 
 
 # --- lint -----------------------------------------------------------------------------------------
@@ -150,10 +81,22 @@ def test_raycluster_name_fits_kuberay_limit_of_53(tmp_path):
     assert len(one(docs, "RayCluster")["metadata"]["name"]) <= 53
 
 
-def test_ray_address_points_at_the_kuberay_head_service(tmp_path):
+def test_workers_get_the_kuberay_head_gcs_address_and_join_as_resource_less_nodes(tmp_path):
     docs = render(tmp_path)
-    api = containers(one(docs, "Deployment", "api"))[0]
-    assert env_of(api)["SPARSEFLOW_RAY_ADDRESS"]["value"] == "ray://rel-sparseflow-ray-head-svc:10001"
+    worker = containers(one(docs, "Deployment", "prefect-worker"))[0]
+    assert env_of(worker)["SPARSEFLOW_RAY_ADDRESS"]["value"] == "rel-sparseflow-ray-head-svc:6379"
+    head = one(docs, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "gcs", "containerPort": 6379} in head["ports"]
+    script = worker["args"][0]
+    assert 'ray start --address="$SPARSEFLOW_RAY_ADDRESS"' in script
+    assert "--num-cpus='0'" in script and "--num-gpus='0'" in script
+    # the raylet is started first, then the worker replaces the shell (it gets the pod's signals)
+    assert script.index("ray start") < script.index("exec sparseflow worker")
+
+
+def test_api_gets_no_ray_address_it_runs_no_stage(tmp_path):
+    api = containers(one(render(tmp_path), "Deployment", "api"))[0]
+    assert "SPARSEFLOW_RAY_ADDRESS" not in env_of(api)
 
 
 # --- database ---------------------------------------------------------------------------------------
@@ -174,7 +117,7 @@ def test_database_secret_exists_before_the_pre_install_migration(tmp_path):
     docs = render(tmp_path, {"database": {"external": {"url": "postgresql+psycopg://h/db", "existingSecret": ""}}})
     annotations = one(docs, "Secret", "database")["metadata"]["annotations"]
     assert "pre-install" in annotations["helm.sh/hook"]
-    job_weight = one(docs, "Job")["metadata"]["annotations"]["helm.sh/hook-weight"]
+    job_weight = one(docs, "Job", "migrations")["metadata"]["annotations"]["helm.sh/hook-weight"]
     assert int(annotations["helm.sh/hook-weight"]) < int(job_weight)
 
 
@@ -262,10 +205,32 @@ def test_duplicate_worker_group_names_fail(tmp_path):
     assert "used twice" in fail_message(tmp_path, {"rayCluster": {"workerGroups": groups}})
 
 
-def test_raycluster_can_be_replaced_by_an_external_address(tmp_path):
+def test_raycluster_can_be_replaced_by_a_ray_client_address(tmp_path):
     docs = render(tmp_path, {"rayCluster": {"enabled": False, "externalAddress": "ray://ray:10001"}})
     assert not find(docs, "RayCluster")
-    assert env_of(containers(one(docs, "Deployment", "prefect-worker"))[0])["SPARSEFLOW_RAY_ADDRESS"]["value"] == "ray://ray:10001"
+    worker = containers(one(docs, "Deployment", "prefect-worker"))[0]
+    assert env_of(worker)["SPARSEFLOW_RAY_ADDRESS"]["value"] == "ray://ray:10001"
+    # Ray Client needs no local raylet: the worker runs `sparseflow worker` directly
+    assert worker["command"][:2] == ["sparseflow", "worker"] and "args" not in worker
+
+
+def test_external_gcs_address_is_joined(tmp_path):
+    docs = render(tmp_path, {"rayCluster": {"enabled": False, "externalAddress": "ray-head.ray:6379"}})
+    worker = containers(one(docs, "Deployment", "prefect-worker"))[0]
+    assert env_of(worker)["SPARSEFLOW_RAY_ADDRESS"]["value"] == "ray-head.ray:6379"
+    assert "ray start" in worker["args"][0]
+
+
+def test_without_any_ray_cluster_each_flow_starts_its_own(tmp_path):
+    docs = render(tmp_path, {"rayCluster": {"enabled": False}})
+    worker = containers(one(docs, "Deployment", "prefect-worker"))[0]
+    assert "SPARSEFLOW_RAY_ADDRESS" not in env_of(worker)
+    assert worker["command"][:2] == ["sparseflow", "worker"]
+
+
+def test_malformed_external_ray_address_fails(tmp_path):
+    message = fail_message(tmp_path, {"rayCluster": {"enabled": False, "externalAddress": "http://ray:8265/x"}})
+    assert "`rayCluster.externalAddress`" in message and "host:6379" in message
 
 
 # --- API --------------------------------------------------------------------------------------------
@@ -325,16 +290,135 @@ def test_notes_show_how_to_reach_the_api(tmp_path):
     assert "$SPARSEFLOW_URL/healthz" in notes
 
 
-# --- Prefect ----------------------------------------------------------------------------------------
+# --- Prefect: the API submits, the workers run ----------------------------------------------------
+
+PREFECT_URL = "http://rel-sparseflow-prefect-server:4200/api"
 
 
-def test_worker_polls_the_work_pool_with_the_api_image(tmp_path):
-    docs = render(tmp_path, {"prefectWorker": {"workPool": "gpu-pool"}})
-    worker = containers(one(docs, "Deployment", "prefect-worker"))[0]
-    assert worker["command"][:3] == ["prefect", "worker", "start"]
-    assert worker["command"][worker["command"].index("--pool") + 1] == "gpu-pool"
-    assert worker["image"] == containers(one(docs, "Deployment", "api"))[0]["image"]
-    assert env_of(worker)["PREFECT_API_URL"]["value"] == "http://rel-sparseflow-prefect-server:4200/api"
+def test_worker_runs_sparseflow_worker_on_the_pool_with_the_concurrency_limit(tmp_path):
+    docs = render(tmp_path, {"prefectWorker": {"workPool": "gpu-pool", "concurrencyLimit": 3, "replicaCount": 2}})
+    deployment = one(docs, "Deployment", "prefect-worker")
+    assert deployment["spec"]["replicas"] == 2
+    worker = containers(deployment)[0]
+    env = env_of(worker)
+    assert 'exec sparseflow worker --pool "$SPARSEFLOW_WORK_POOL" --limit 3 --name "$POD_NAME"' in worker["args"][0]
+    assert env["SPARSEFLOW_WORK_POOL"]["value"] == "gpu-pool"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["PREFECT_API_URL"]["value"] == PREFECT_URL
+
+
+def test_worker_gets_database_artifacts_ray_and_prefect_settings(tmp_path):
+    values = {"artifacts": {"type": "s3", "s3": {"bucket": "models", "endpointUrl": "http://minio:9000",
+                                                 "credentialsSecret": "s3"}}}
+    worker = containers(one(render(tmp_path, values), "Deployment", "prefect-worker"))[0]
+    env = env_of(worker)
+    assert env["SPARSEFLOW_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "lineage-db", "key": "url"}
+    assert env["SPARSEFLOW_ARTIFACT_ROOT"]["value"] == "s3://models/sparseflow"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
+    assert worker["envFrom"] == [{"secretRef": {"name": "s3"}}]
+    assert env["SPARSEFLOW_RAY_ADDRESS"]["value"].endswith("-head-svc:6379")
+    assert env["SPARSEFLOW_PREFECT_API_URL"]["value"] == env["PREFECT_API_URL"]["value"] == PREFECT_URL
+    assert env["SPARSEFLOW_DEPLOYMENT"]["value"] == "compression-job"
+
+
+def test_api_is_in_cluster_mode_and_runs_no_jobs(tmp_path):
+    api = containers(one(render(tmp_path), "Deployment", "api"))[0]
+    env = env_of(api)
+    assert api["command"] == ["sparseflow", "serve"]
+    # SPARSEFLOW_PREFECT_API_URL selects cluster mode: the API creates flow runs, runs none
+    assert env["SPARSEFLOW_PREFECT_API_URL"]["value"] == PREFECT_URL
+    assert (env["SPARSEFLOW_WORK_POOL"]["value"], env["SPARSEFLOW_DEPLOYMENT"]["value"]) == (
+        "sparseflow", "compression-job")
+    # no in-process runner settings
+    assert "SPARSEFLOW_MAX_CONCURRENT_JOBS" not in env
+
+
+def test_external_prefect_server_is_used_by_api_worker_and_deploy_hook(tmp_path):
+    url = "https://prefect.example/api"
+    docs = render(tmp_path, {"prefectServer": {"enabled": False, "externalApiUrl": url}})
+    assert not find(docs, "Deployment", "prefect-server")
+    for workload in (one(docs, "Deployment", "api"), one(docs, "Deployment", "prefect-worker"),
+                     one(docs, "Job", "deploy")):
+        env = env_of(containers(workload)[-1])
+        assert env["SPARSEFLOW_PREFECT_API_URL"]["value"] == url, workload["metadata"]["name"]
+
+
+def test_without_a_prefect_server_the_render_fails(tmp_path):
+    message = fail_message(tmp_path, {"prefectServer": {"enabled": False}, "prefectWorker": {"enabled": False}})
+    assert "`prefectServer.externalApiUrl`" in message
+
+
+def test_deploy_hook_runs_sparseflow_deploy_after_migrations(tmp_path):
+    for values in ({}, BUNDLED_PG):
+        docs = render(tmp_path, values)
+        job, migrations = one(docs, "Job", "deploy"), one(docs, "Job", "migrations")
+        annotations = job["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
+        hook_weight = int(migrations["metadata"]["annotations"]["helm.sh/hook-weight"])
+        assert int(annotations["helm.sh/hook-weight"]) > hook_weight
+        (wait,) = job["spec"]["template"]["spec"]["initContainers"]
+        assert "/health" in wait["command"][-1]
+        deploy = job["spec"]["template"]["spec"]["containers"][0]
+        assert deploy["command"] == ["sparseflow", "deploy"]
+        env = env_of(deploy)
+        assert env["PREFECT_API_URL"]["value"] == env_of(wait)["PREFECT_API_URL"]["value"] == PREFECT_URL
+        worker_env = env_of(containers(one(docs, "Deployment", "prefect-worker"))[0])
+        for name in ("SPARSEFLOW_WORK_POOL", "SPARSEFLOW_DEPLOYMENT"):
+            assert env[name] == worker_env[name]
+
+
+def test_deploy_hook_can_be_turned_off(tmp_path):
+    assert not find(render(tmp_path, {"deploy": {"enabled": False}}), "Job", "deploy")
+
+
+def test_settings_reach_api_and_workers_only_when_set(tmp_path):
+    docs = render(tmp_path)
+    for component in ("api", "prefect-worker"):
+        env = env_of(containers(one(docs, "Deployment", component))[0])
+        assert not {"SPARSEFLOW_HEARTBEAT_S", "SPARSEFLOW_RUNNER_LOST_AFTER_S", "SPARSEFLOW_LOCAL_ROOTS"} & set(env)
+    settings = {"heartbeatSeconds": 1.5, "runnerLostAfterSeconds": 20, "reconcileEverySeconds": 3,
+                "localRoots": ["/data/models", "/data/text"], "maxRequestBytes": 4194304, "maxDatasetBytes": 1 << 30}
+    docs = render(tmp_path, {"settings": settings})
+    for component in ("api", "prefect-worker"):
+        env = {k: v["value"] for k, v in env_of(containers(one(docs, "Deployment", component))[0]).items()
+               if "value" in v}
+        assert env["SPARSEFLOW_HEARTBEAT_S"] == "1.5"
+        assert env["SPARSEFLOW_RUNNER_LOST_AFTER_S"] == "20"
+        assert env["SPARSEFLOW_RECONCILE_EVERY_S"] == "3"
+        assert yaml.safe_load(env["SPARSEFLOW_LOCAL_ROOTS"]) == ["/data/models", "/data/text"]
+        assert env["SPARSEFLOW_MAX_REQUEST_BYTES"] == "4194304"
+        assert env["SPARSEFLOW_MAX_DATASET_BYTES"] == str(1 << 30)
+
+
+def test_settings_schema_rejects_a_non_positive_heartbeat(tmp_path):
+    assert "heartbeatSeconds" in fail_message(tmp_path, {"settings": {"heartbeatSeconds": 0}})
+
+
+# --- images and GPUs --------------------------------------------------------------------------------
+
+
+def test_worker_and_ray_use_the_worker_image_and_the_api_the_api_image(tmp_path):
+    docs = render(tmp_path)
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    worker_image = f"ghcr.io/sparseflow/sparseflow-worker:{app_version}"
+    assert containers(one(docs, "Deployment", "prefect-worker"))[0]["image"] == worker_image
+    assert {pod["containers"][0]["image"] for pod in ray_pod_specs(one(docs, "RayCluster"))} == {worker_image}
+    api_image = f"ghcr.io/sparseflow/sparseflow:{app_version}"
+    for workload in (one(docs, "Deployment", "api"), one(docs, "Job", "migrations"), one(docs, "Job", "deploy")):
+        assert {c["image"] for c in containers(workload)} == {api_image}
+
+
+def test_only_ray_worker_groups_request_gpus_by_default(tmp_path):
+    docs = render(tmp_path, BUNDLED_PG)
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+            for c in containers(doc):
+                assert "nvidia.com/gpu" not in yaml.safe_dump(c.get("resources", {})), doc["metadata"]["name"]
+    ray = one(docs, "RayCluster")["spec"]
+    assert "nvidia.com/gpu" not in yaml.safe_dump(ray["headGroupSpec"]["template"])
+    assert ray["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    assert all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+               for g in ray["workerGroupSpecs"])
 
 
 # --- images -----------------------------------------------------------------------------------------
@@ -375,6 +459,7 @@ def test_schema_rejects_an_unknown_nested_key(tmp_path):
         ({"databaseUrl": "postgresql://h/db"}, "database.external.url"),
         ({"postgresql": {"enabled": True}}, "database.postgresql"),
         ({"api": {"tokens": {"t": "alice"}}}, "api.auth.existingSecret"),
+        ({"api": {"maxConcurrentJobs": 4}}, "prefectWorker.concurrencyLimit"),
         ({"rayCluster": {"worker": {"replicas": 2}}}, "rayCluster.workerGroups"),
         ({"rayCluster": {"additionalWorkerGroups": {}}}, "rayCluster.workerGroups"),
         ({"artifacts": {"bucket": "b"}}, "artifacts.s3.bucket"),

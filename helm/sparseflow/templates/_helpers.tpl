@@ -62,6 +62,27 @@ Usage: include "sparseflow.image" (dict "ctx" $ "image" .Values.rayCluster.image
 {{- printf "%s:%s" $repo (toString $tag) -}}
 {{- end -}}
 
+{{/* The worker image (Prefect workers; Ray pods unless `rayCluster.image` says otherwise). */}}
+{{- define "sparseflow.workerImage" -}}
+{{- $img := .image | default dict -}}
+{{- $w := .ctx.Values.workerImage -}}
+{{- $repo := $img.repository | default $w.repository -}}
+{{- $tag := $img.tag | default $w.tag | default .ctx.Chart.AppVersion -}}
+{{- printf "%s:%s" $repo (toString $tag) -}}
+{{- end -}}
+
+{{/*
+A value as the string a command line or a map[string]string wants. YAML numbers reach templates as
+float64, which toString writes as 1e+08; whole numbers are written as integers.
+*/}}
+{{- define "sparseflow.scalar" -}}
+{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "sparseflow.imagePullSecrets" -}}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
@@ -175,32 +196,93 @@ envFrom:
 {{- include "sparseflow.componentName" (dict "ctx" . "component" "ray" "max" 53) -}}
 {{- end -}}
 
+{{/*
+The Ray address of the workers: the KubeRay head's GCS port, or `rayCluster.externalAddress`. A GCS
+address (`host:6379`) needs a raylet next to the Ray driver, so worker pods join that cluster as nodes
+offering no resources; a Ray Client address (`ray://host:10001`) needs nothing local.
+*/}}
 {{- define "sparseflow.rayAddress" -}}
 {{- if .Values.rayCluster.enabled -}}
-{{- printf "ray://%s-head-svc:10001" (include "sparseflow.rayClusterName" .) -}}
+{{- printf "%s-head-svc:6379" (include "sparseflow.rayClusterName" .) -}}
 {{- else -}}
 {{- .Values.rayCluster.externalAddress -}}
 {{- end -}}
 {{- end -}}
 
-{{/* Environment of the processes that run sparseflow code (API, Prefect worker). */}}
-{{- define "sparseflow.appEnv" -}}
+{{- define "sparseflow.rayJoins" -}}
+{{- $address := include "sparseflow.rayAddress" . -}}
+{{- if and $address (not (hasPrefix "ray://" $address)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Paths every sparseflow process writes to (emptyDirs under a read-only root filesystem). */}}
+{{- define "sparseflow.homeEnv" -}}
 - name: SPARSEFLOW_HOME
   value: /var/lib/sparseflow
 - name: PREFECT_HOME
   value: /var/lib/sparseflow/prefect
 - name: HOME
   value: /var/lib/sparseflow
+{{- end -}}
+
+{{/*
+Cluster mode: SPARSEFLOW_PREFECT_API_URL makes `sparseflow serve` record jobs and create flow runs of
+the deployment in the work pool, never run a flow itself; PREFECT_API_URL points Prefect's own client
+(workers, `sparseflow deploy`) at the same server.
+*/}}
+{{- define "sparseflow.prefectEnv" -}}
+{{- $url := include "sparseflow.prefectApiUrl" . }}
+- name: PREFECT_API_URL
+  value: {{ $url | quote }}
+- name: SPARSEFLOW_PREFECT_API_URL
+  value: {{ $url | quote }}
+- name: SPARSEFLOW_WORK_POOL
+  value: {{ .Values.prefectWorker.workPool | quote }}
+- name: SPARSEFLOW_DEPLOYMENT
+  value: {{ .Values.prefectWorker.deploymentName | quote }}
+{{- end -}}
+
+{{/* `settings.*` as SPARSEFLOW_* (only those set; null keeps the application's default). */}}
+{{- define "sparseflow.settingsEnv" -}}
+{{- $s := .Values.settings }}
+{{- $names := dict
+  "heartbeatSeconds" "SPARSEFLOW_HEARTBEAT_S"
+  "runnerLostAfterSeconds" "SPARSEFLOW_RUNNER_LOST_AFTER_S"
+  "reconcileEverySeconds" "SPARSEFLOW_RECONCILE_EVERY_S"
+  "maxRequestBytes" "SPARSEFLOW_MAX_REQUEST_BYTES"
+  "maxDatasetBytes" "SPARSEFLOW_MAX_DATASET_BYTES" }}
+{{- range $key := keys $names | sortAlpha }}
+{{- $value := index $s $key }}
+{{- if not (kindIs "invalid" $value) }}
+- name: {{ index $names $key }}
+  value: {{ include "sparseflow.scalar" $value | quote }}
+{{- end }}
+{{- end }}
+{{- if not (kindIs "invalid" $s.localRoots) }}
+- name: SPARSEFLOW_LOCAL_ROOTS
+  value: {{ toJson $s.localRoots | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Environment of the API: database, artifacts, Prefect (cluster mode), settings. No Ray: it runs no stage. */}}
+{{- define "sparseflow.apiEnv" -}}
+{{- include "sparseflow.homeEnv" . }}
+{{- include "sparseflow.databaseEnv" . }}
+{{- include "sparseflow.artifactsEnv" . }}
+{{- include "sparseflow.prefectEnv" . }}
+{{- include "sparseflow.settingsEnv" . }}
+{{- end -}}
+
+{{/* Environment of the Prefect workers and the flows they run: everything the API has, plus Ray. */}}
+{{- define "sparseflow.workerEnv" -}}
+{{- include "sparseflow.homeEnv" . }}
 {{- include "sparseflow.databaseEnv" . }}
 {{- include "sparseflow.artifactsEnv" . }}
 {{- with (include "sparseflow.rayAddress" .) }}
 - name: SPARSEFLOW_RAY_ADDRESS
   value: {{ . | quote }}
 {{- end }}
-{{- with (include "sparseflow.prefectApiUrl" .) }}
-- name: PREFECT_API_URL
-  value: {{ . | quote }}
-{{- end }}
+{{- include "sparseflow.prefectEnv" . }}
+{{- include "sparseflow.settingsEnv" . }}
 {{- end -}}
 
 {{/* Writable scratch volumes for containers with a read-only root filesystem. */}}

@@ -29,6 +29,9 @@ and fail with their replacement instead of a bare "additional property" error.
 {{- if hasKey .Values.rayCluster "additionalWorkerGroups" -}}
 {{- fail "`rayCluster.additionalWorkerGroups` has been removed. Please use `rayCluster.workerGroups` (a list of groups) instead." -}}
 {{- end -}}
+{{- if hasKey .Values.api "maxConcurrentJobs" -}}
+{{- fail "`api.maxConcurrentJobs` has been removed: the API runs no jobs (cluster mode). Please use `prefectWorker.concurrencyLimit` (flow runs per worker pod) and `prefectWorker.replicaCount` instead." -}}
+{{- end -}}
 {{- if hasKey .Values.artifacts "bucket" -}}
 {{- fail "`artifacts.bucket` has been removed. Please use `artifacts.s3.bucket` instead." -}}
 {{- end -}}
@@ -37,8 +40,9 @@ and fail with their replacement instead of a bare "additional property" error.
 {{- define "sparseflow.validateImages" -}}
 {{- $images := dict
   "image.tag" (toString (.Values.image.tag | default .Chart.AppVersion))
+  "workerImage.tag" (toString (.Values.workerImage.tag | default .Chart.AppVersion))
   "prefectServer.image.tag" (toString .Values.prefectServer.image.tag)
-  "rayCluster.image.tag" (toString (.Values.rayCluster.image.tag | default .Values.image.tag | default .Chart.AppVersion))
+  "rayCluster.image.tag" (toString (.Values.rayCluster.image.tag | default .Values.workerImage.tag | default .Chart.AppVersion))
   "database.postgresql.image.tag" (toString .Values.database.postgresql.image.tag) -}}
 {{- range $key, $tag := $images -}}
 {{- if or (not $tag) (regexMatch "(^|[-.])latest$" $tag) -}}
@@ -79,8 +83,11 @@ and fail with their replacement instead of a bare "additional property" error.
 {{- end -}}
 
 {{- define "sparseflow.validateEndpoints" -}}
-{{- if and .Values.prefectWorker.enabled (not .Values.prefectServer.enabled) (not .Values.prefectServer.externalApiUrl) -}}
-{{- fail "`prefectServer.enabled` is false. Please set `prefectServer.externalApiUrl` for the worker and the API." -}}
+{{- if and (not .Values.prefectServer.enabled) (not .Values.prefectServer.externalApiUrl) -}}
+{{- fail "`prefectServer.enabled` is false. Please set `prefectServer.externalApiUrl`: the API submits every job to it and the workers take them from it." -}}
+{{- end -}}
+{{- if and (not .Values.rayCluster.enabled) .Values.rayCluster.externalAddress (not (regexMatch "^(ray://)?[A-Za-z0-9.-]+:[0-9]+$" .Values.rayCluster.externalAddress)) -}}
+{{- fail (printf "`rayCluster.externalAddress`: %q is not a Ray address. Please use `host:6379` (GCS) or `ray://host:10001` (Ray Client)." .Values.rayCluster.externalAddress) -}}
 {{- end -}}
 {{- end -}}
 
