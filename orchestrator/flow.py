@@ -1,30 +1,35 @@
 """The Prefect flow of one job: one task per stage, each stage executed on Ray.
 
-A task runs in the flow's process: it marks its stage running, hands the stage to a Ray worker with
-the resources the recipe asks for, relays the worker's progress events while it waits, then records
-outputs, metrics and lineage and marks the stage done. Ray workers never need Prefect.
+The flow's only parameter is the job id, so a Prefect worker anywhere can run it: it builds its runtime
+(settings, database sessions) from the environment (`orchestrator.runtime`). A task runs in the flow's
+process: it marks its stage running, hands the stage to a Ray worker with the resources the recipe asks
+for, relays the worker's progress events while it waits, then records outputs, metrics and lineage and
+marks the stage done. Ray workers never need Prefect.
 
-Resuming is the same flow run again: stages that already succeeded are skipped and their outputs feed
-the next stage, so a failed or cancelled job continues where it stopped with its lineage intact.
+While it runs, the flow keeps the job's heartbeat fresh; a runner that dies (SIGKILL, a lost node) goes
+silent and the reconciler (`orchestrator.reconcile`) fails the job and resumes it elsewhere. Resuming is
+the same flow again: stages that already succeeded are skipped and their outputs feed the next stage,
+so a job continues where it stopped with its lineage intact and no finished stage recomputed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import Cancelled
 from pydantic import TypeAdapter
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
+from orchestrator import served_inputs
 from orchestrator.caching import reuse_cached, stage_cache_key
-from orchestrator.kernel_cache import provide_kernel_cache, remember_kernel_plan
-from orchestrator.settings import Settings
+from orchestrator.runtime import Heartbeat, JobRuntime, embedded_runner, runtime_for
 from orchestrator.states import Status
 from orchestrator.store import queries
 from pipelines.recipe import Recipe, StageSpec
@@ -34,7 +39,6 @@ from workers.storage import ArtifactStorage
 
 log = logging.getLogger(__name__)
 
-EventFn = Callable[[dict[str, Any]], None]
 _POLL_S = 0.3
 _PROGRESS_WRITE_S = 1.0
 
@@ -47,17 +51,12 @@ class JobCancelled(RuntimeError):
     """The job was cancelled while a stage ran."""
 
 
+class RunnerReplaced(RuntimeError):
+    """This runner was presumed dead and the job was given to another one: stop without touching it."""
+
+
 class TransientStageError(RuntimeError):
     """The Ray side failed (node or worker lost) after Ray's own retries: worth one more attempt."""
-
-
-@dataclass
-class JobRuntime:
-    """What the flow needs from its host process (not Prefect parameters: never serialized)."""
-
-    settings: Settings
-    sessions: sessionmaker[Session]
-    on_event: EventFn = field(default=lambda event: None)
 
 
 @dataclass
@@ -66,8 +65,15 @@ class Input:
     uri: str
 
 
-def _label(index: int, kind: str) -> str:
+def stage_label(index: int, kind: str) -> str:
     return f"{index:02d}-{kind}"
+
+
+def runner_name(runtime: JobRuntime) -> str:
+    """Who runs this flow: its Prefect flow run in cluster mode, this process in embedded mode."""
+    if runtime.settings.mode == "cluster" and flow_run.id:
+        return f"prefect:{flow_run.id}"
+    return embedded_runner()
 
 
 def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -89,22 +95,46 @@ def _source_inputs(session: Session, job_id: str, model_ref: str) -> dict[str, I
     return {"model": Input(source.id, source.uri), "base_model": Input(source.id, source.uri)}
 
 
-def _wait(runtime: JobRuntime, job_id: str, stage_run_id: str, placed: placement.Placement) -> Any:
-    """Wait for the stage, relaying progress and watching for cancellation; return its outcome."""
+def _storage(runtime: JobRuntime) -> ArtifactStorage:
+    return ArtifactStorage(runtime.settings.artifacts_url, runtime.settings.cache_dir / "artifacts")
+
+
+def _emit_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, label: str, status: str, **extra: Any) -> None:
+    runtime.on_event({"type": "stage", "job_id": job_id, "stage_run_id": stage_run_id, "label": label,
+                      "status": status, **extra})
+
+
+def _wait(runtime: JobRuntime, job_id: str, stage_run_id: str, placed: placement.Placement,
+          heartbeat: Heartbeat) -> Any:
+    """Wait for the stage, relaying progress, counting Ray's own retries and watching for cancellation."""
     last_write = 0.0
+    attempts_seen = 0
     while True:
         ready, _ = ray.wait([placed.ref], timeout=_POLL_S)
         events = placed.drain()
+        progress = [e for e in events if e.get("kind", "progress") == "progress"]
         for event in events:
+            if event.get("kind") != "attempt":
+                continue
+            attempts_seen += 1
+            if attempts_seen > 1:  # Ray re-ran the task after its worker process died
+                note = f"Ray retried the stage (attempt {attempts_seen} on Ray) after its worker process died"
+                with runtime.sessions.begin() as session:
+                    queries.record_stage_retry(session, stage_run_id, note)
+                runtime.on_event({"type": "note", "job_id": job_id, "stage_run_id": stage_run_id, "note": note})
+        for event in progress:
             runtime.on_event({"type": "progress", "job_id": job_id, **event})
         now = time.monotonic()
-        if events and (ready or now - last_write > _PROGRESS_WRITE_S):
-            last = events[-1]
+        if progress and (ready or now - last_write > _PROGRESS_WRITE_S):
+            last = progress[-1]
             with runtime.sessions.begin() as session:
                 queries.record_progress(session, stage_run_id, last["done"], last["total"], last["message"])
             last_write = now
         if ready:
             return ray.get(placed.ref)
+        if heartbeat.lost.is_set():
+            placement.cancel(placed)
+            raise RunnerReplaced(f"job {job_id} was handed to another runner")
         with runtime.sessions() as session:
             if queries.get_job(session, job_id).status == Status.cancelled:
                 placement.cancel(placed)
@@ -130,20 +160,27 @@ def _record_outcome(session: Session, job_id: str, stage_run_id: str, outcome: A
     return produced
 
 
+def _finish(runtime: JobRuntime, job_id: str, stage_run_id: str, label: str, status: Status, error: str) -> None:
+    with runtime.sessions.begin() as session:
+        queries.set_stage_status(session, stage_run_id, status, error=error)
+    _emit_stage(runtime, job_id, stage_run_id, label, status.value, error=error)
+
+
 @task(name="stage", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_is_transient)
-def run_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, inputs: dict[str, Input]) -> dict[str, Input]:
+def run_stage(job_id: str, stage_run_id: str, inputs: dict[str, Input], heartbeat: Heartbeat) -> dict[str, Input]:
     """Run one stage run on Ray and record everything it produced."""
+    runtime = heartbeat.runtime
     with runtime.sessions.begin() as session:
         job = queries.get_job(session, job_id)
         stage_run = queries.get_stage_run(session, stage_run_id)
         recipe = Recipe.model_validate(job.recipe)
         spec = TypeAdapter(StageSpec).validate_python(stage_run.params)
-        label = _label(stage_run.index, stage_run.kind)
+        label = stage_label(stage_run.index, stage_run.kind)
         if stage_run.status == Status.failed:  # a retry of a transient failure
             queries.set_stage_status(session, stage_run_id, Status.queued)
-        if spec.stage == "kernel_tune":  # choices measured by earlier runs, as an input for lineage
-            cache = provide_kernel_cache(session, _storage(runtime), job_id=job_id, label=label)
-            inputs = {**inputs, "kernel_cache": Input(cache.id, cache.uri)}
+        for kind in spec.store_inputs:  # inputs the store serves, e.g. kernel choices measured before
+            served = served_inputs.provide(kind, session, _storage(runtime), job_id=job_id, label=label)
+            inputs = {**inputs, kind: Input(served.id, served.uri)}
         input_rows = {kind: queries.get_artifact(session, item.artifact_id) for kind, item in inputs.items()}
         cache_key = stage_cache_key(kind=spec.stage, params=stage_run.params, data=job.recipe["data"],
                                     seed=recipe.seed, inputs=input_rows, code_version=job.code_version)
@@ -155,11 +192,10 @@ def run_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, inputs: dict[
         if reused is not None:
             queries.set_stage_status(session, stage_run_id, Status.succeeded, cache_key=cache_key)
     if reused is not None:
-        runtime.on_event({"type": "stage", "job_id": job_id, "stage_run_id": stage_run_id, "label": label,
-                          "status": "succeeded", "notes": ["cached: same inputs, parameters and code"]})
+        _emit_stage(runtime, job_id, stage_run_id, label, "succeeded",
+                    notes=["cached: same inputs, parameters and code"])
         return {a.kind: Input(a.id, a.uri) for a in reused}
-    runtime.on_event({"type": "stage", "job_id": job_id, "stage_run_id": stage_run_id, "label": label,
-                      "status": "running"})
+    _emit_stage(runtime, job_id, stage_run_id, label, "running")
     request = StageRequest(
         job_id=job_id, stage_run_id=stage_run_id, label=label, spec=spec.model_dump(mode="json"),
         data=recipe.data.model_dump(mode="json"), seed=recipe.seed,
@@ -171,7 +207,7 @@ def run_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, inputs: dict[
         with runtime.sessions.begin() as session:
             queries.add_tag(session, job_id=job_id, stage_run_id=stage_run_id, key="degraded", value=placed.note)
     try:
-        outcome = _wait(runtime, job_id, stage_run_id, placed)
+        outcome = _wait(runtime, job_id, stage_run_id, placed, heartbeat)
     except JobCancelled:
         _finish(runtime, job_id, stage_run_id, label, Status.cancelled, "job cancelled")
         raise
@@ -185,57 +221,70 @@ def run_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, inputs: dict[
         raise TransientStageError(f"stage {label}: {type(error).__name__}") from error
     with runtime.sessions.begin() as session:
         produced = _record_outcome(session, job_id, stage_run_id, outcome)
-        if spec.stage == "kernel_tune" and "kernel_plan" in produced:
-            remember_kernel_plan(session, _storage(runtime), stage_run_id=stage_run_id,
-                                 plan_uri=produced["kernel_plan"].uri)
+        for kind, item in produced.items():
+            served_inputs.record(kind, session, _storage(runtime), stage_run_id=stage_run_id, uri=item.uri)
         queries.set_stage_status(session, stage_run_id, Status.succeeded, cache_key=cache_key)
-    runtime.on_event({"type": "stage", "job_id": job_id, "stage_run_id": stage_run_id, "label": label,
-                      "status": "succeeded", "seconds": outcome.seconds, "notes": outcome.notes})
+    _emit_stage(runtime, job_id, stage_run_id, label, "succeeded", seconds=outcome.seconds, notes=outcome.notes)
     return produced
 
 
-def _storage(runtime: JobRuntime) -> ArtifactStorage:
-    return ArtifactStorage(runtime.settings.artifacts_url, runtime.settings.cache_dir / "artifacts")
+def _flow_run_name() -> str:
+    job_id = flow_run.parameters.get("job_id", "?")
+    try:
+        with runtime_for(job_id).sessions() as session:
+            return f"{queries.get_job(session, job_id).name}-{job_id[:8]}"
+    except Exception:  # a name is cosmetic: never fail a run over it
+        return f"job-{job_id[:8]}"
 
 
-def _finish(runtime: JobRuntime, job_id: str, stage_run_id: str, label: str, status: Status, error: str) -> None:
+def _fail_job(runtime: JobRuntime, job_id: str, error: str) -> None:
+    """Record the job failed, the stages it never reached skipped."""
     with runtime.sessions.begin() as session:
-        queries.set_stage_status(session, stage_run_id, status, error=error)
-    runtime.on_event({"type": "stage", "job_id": job_id, "stage_run_id": stage_run_id, "label": label,
-                      "status": status.value, "error": error})
+        queries.set_job_status(session, job_id, Status.failed, error=error)
+        queries.skip_unreached(session, job_id)
+    runtime.on_event({"type": "job", "job_id": job_id, "status": "failed", "error": error})
 
 
-@flow(name="compression-job", validate_parameters=False, log_prints=False)
-def compression_job(runtime: JobRuntime, job_id: str) -> str:
+@flow(name="compression-job", flow_run_name=_flow_run_name, validate_parameters=False, log_prints=False)
+def compression_job(job_id: str) -> Any:
     """Run (or resume) every stage of job `job_id` in order; return the job's final status."""
-    placement.connect(runtime.settings.ray_address, num_cpus=runtime.settings.ray_num_cpus,
-                      num_gpus=runtime.settings.ray_num_gpus)
+    runtime = runtime_for(job_id)
+    settings = runtime.settings
+    runner = runner_name(runtime)
     with runtime.sessions.begin() as session:
+        queries.claim_job(session, job_id, runner)
+        if queries.get_job(session, job_id).status == Status.cancelled:  # cancelled before it started
+            return Cancelled(message=f"job {job_id} was cancelled before it started")
         job = queries.set_job_status(session, job_id, Status.running)
         current = _source_inputs(session, job_id, job.recipe["model"])
         plan = [(run.id, run.index, run.kind, run.status) for run in queries.stage_runs(session, job_id)]
     runtime.on_event({"type": "job", "job_id": job_id, "status": "running"})
-    try:
-        for stage_run_id, index, kind, status in plan:
-            with runtime.sessions() as session:
-                if queries.get_job(session, job_id).status == Status.cancelled:
-                    raise JobCancelled(f"job {job_id} was cancelled")
-            if status == Status.succeeded:
+    with Heartbeat(runtime, job_id, runner) as heartbeat:
+        try:
+            placement.connect(settings.ray_address, num_cpus=settings.ray_num_cpus,
+                              num_gpus=settings.ray_num_gpus, bind_host=settings.ray_bind_host)
+            for stage_run_id, index, kind, status in plan:
+                label = stage_label(index, kind)
                 with runtime.sessions() as session:
-                    done = queries.stage_outputs(session, stage_run_id)
-                current.update({a.kind: Input(a.id, a.uri) for a in done})
-                runtime.on_event({"type": "stage", "job_id": job_id, "stage_run_id": stage_run_id,
-                                  "label": _label(index, kind), "status": "skipped"})
-                continue
-            current.update(run_stage(runtime, job_id, stage_run_id, dict(current)))
-    except JobCancelled:
-        runtime.on_event({"type": "job", "job_id": job_id, "status": "cancelled"})
-        return Status.cancelled.value
-    except Exception as error:
-        with runtime.sessions.begin() as session:
-            queries.set_job_status(session, job_id, Status.failed, error=str(error))
-        runtime.on_event({"type": "job", "job_id": job_id, "status": "failed", "error": str(error)})
-        raise
+                    if queries.get_job(session, job_id).status == Status.cancelled:
+                        raise JobCancelled(f"job {job_id} was cancelled")
+                if status == Status.succeeded:
+                    with runtime.sessions() as session:
+                        done = queries.stage_outputs(session, stage_run_id)
+                    current.update({a.kind: Input(a.id, a.uri) for a in done})
+                    _emit_stage(runtime, job_id, stage_run_id, label, "skipped")
+                    continue
+                stage = run_stage.with_options(task_run_name=label)
+                current.update(stage(job_id, stage_run_id, dict(current), heartbeat))
+        except JobCancelled:
+            runtime.on_event({"type": "job", "job_id": job_id, "status": "cancelled"})
+            return Cancelled(message=f"job {job_id} was cancelled")
+        except RunnerReplaced as error:
+            log.warning("%s; this runner stops", error)
+            return Cancelled(message=str(error))
+        except Exception as error:
+            _fail_job(runtime, job_id, str(error))
+            raise
     with runtime.sessions.begin() as session:
         queries.set_job_status(session, job_id, Status.succeeded)
     runtime.on_event({"type": "job", "job_id": job_id, "status": "succeeded"})

@@ -1,94 +1,39 @@
-"""Job lifecycle for callers (API, CLI, schedules): submit, run, resume, cancel.
+"""Job lifecycle for callers (API, CLI, schedules): submit, dispatch, run, resume, cancel, reconcile.
 
-`Orchestrator` owns the database engine and a small thread pool that runs job flows in this process
-(the embedded mode `sparseflow serve` uses). In production the same flow runs from a Prefect worker.
+`Orchestrator` owns the database engine and hands jobs to runners. In embedded mode (the default) it
+runs each job's flow in a small thread pool of this process. In cluster mode (`SPARSEFLOW_PREFECT_API_URL`
+set) it runs nothing: it creates a flow run of the `compression-job` deployment, which a Prefect worker
+(`sparseflow worker`) picks up. Either way the same flow runs the job, and the reconciler resumes jobs
+whose runner died.
 """
 
 from __future__ import annotations
 
 import logging
-import subprocess
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import lru_cache
-from importlib import metadata
-from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.flow import EventFn, JobRuntime, compression_job
+from orchestrator import deployments, reconcile
+from orchestrator.flow import compression_job
+from orchestrator.lifecycle import cancel_job, code_version, package_versions, requeue_job, submit_job
+from orchestrator.runtime import EventFn, JobRuntime, embedded_runner, registered
 from orchestrator.settings import Settings
 from orchestrator.states import Status
 from orchestrator.store import db, queries
-from orchestrator.store.models import Job
-from pipelines.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-TRACKED_PACKAGES = ("sparseflow", "torch", "transformers", "compressed-tensors", "prefect", "ray", "sqlalchemy")
+__all__ = ["Orchestrator", "cancel_job", "code_version", "package_versions", "requeue_job", "submit_job"]
 
 
-@lru_cache
-def code_version() -> str:
-    """The package version, plus the git commit when running from a checkout."""
-    version = metadata.version("sparseflow")
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=5, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return version
-    return f"{version}+g{sha}" if sha else version
-
-
-@lru_cache
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def submit_job(session: Session, recipe: Recipe, *, owner: str = "local") -> Job:
-    """Record a queued job and its queued stage runs."""
-    stages = [(spec.stage, spec.model_dump(mode="json")) for spec in recipe.stages]
-    return queries.create_job(
-        session, name=recipe.name, recipe=recipe.model_dump(mode="json"), stages=stages,
-        code_version=code_version(), package_versions=package_versions(), owner=owner,
-    )
-
-
-def requeue_job(session: Session, job_id: str, *, force: bool = False) -> Job:
-    """Make a failed or cancelled job runnable again; its succeeded stages will be skipped.
-
-    `force` also takes a job still marked running, for when the process that ran it died: its
-    unfinished stage runs are recorded as failed ("interrupted") before being queued again.
-    """
-    if force and queries.get_job(session, job_id).status == Status.running:
-        queries.set_job_status(session, job_id, Status.failed, error="interrupted: the runner process died")
-    job = queries.set_job_status(session, job_id, Status.queued)
-    for run in queries.stage_runs(session, job_id):
-        if run.status == Status.running:
-            queries.set_stage_status(session, run.id, Status.failed, error="interrupted")
-        if run.status in (Status.failed, Status.cancelled):
-            queries.set_stage_status(session, run.id, Status.queued)
-    return job
-
-
-def cancel_job(session: Session, job_id: str) -> Job:
-    """Cancel a queued or running job; a running stage is stopped by the flow that watches it."""
-    job = queries.set_job_status(session, job_id, Status.cancelled)
-    for run in queries.stage_runs(session, job_id):
-        if run.status == Status.queued:
-            queries.set_stage_status(session, run.id, Status.cancelled)
-    return job
+class DispatchFailed(RuntimeError):
+    """The job was recorded but could not be handed to a runner (the cluster is unreachable)."""
 
 
 class Orchestrator:
-    """Database + in-process job runner, configured from `Settings`."""
+    """Database + dispatcher, configured from `Settings`."""
 
     def __init__(self, settings: Settings, *, max_workers: int | None = None) -> None:
         settings.ensure_dirs()
@@ -97,18 +42,90 @@ class Orchestrator:
         db.migrate(self.engine)
         self.sessions: sessionmaker[Session] = db.session_factory(self.engine)
         self._pool = ThreadPoolExecutor(max_workers or settings.max_concurrent_jobs, thread_name_prefix="job")
+        self._stop = threading.Event()
+        self._reconciler: threading.Thread | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
 
     def run(self, job_id: str, on_event: EventFn | None = None) -> str:
-        """Run job `job_id` to the end in this thread; returns its final status."""
+        """Run job `job_id` to the end in this thread; returns its final status (raises if it failed)."""
+        with self.sessions.begin() as session:
+            queries.claim_job(session, job_id, embedded_runner())
         runtime = JobRuntime(self.settings, self.sessions, on_event or (lambda event: None))
-        return compression_job(runtime, job_id)
+        with registered(job_id, runtime):
+            state = compression_job(job_id, return_state=True)
+        if state.is_cancelled():
+            return Status.cancelled.value
+        return state.result()
 
-    def start(self, job_id: str) -> Future:
-        """Run job `job_id` in the background pool."""
+    def start(self, job_id: str) -> Future | str:
+        """Hand job `job_id` to a runner: this process's pool (embedded) or a Prefect flow run (cluster)."""
+        if self.mode == "cluster":
+            return self._submit_flow_run(job_id)
+        with self.sessions.begin() as session:
+            queries.claim_job(session, job_id, embedded_runner())
         future = self._pool.submit(self.run, job_id)
         future.add_done_callback(lambda f: f.exception() and log.warning("job %s: %s", job_id, f.exception()))
         return future
 
+    def _submit_flow_run(self, job_id: str) -> str:
+        with self.sessions() as session:
+            job = queries.get_job(session, job_id)
+            name = f"{job.name}-{job_id[:8]}"
+        try:
+            flow_run_id = deployments.submit(self.settings, job_id, name=name)
+        except deployments.ClusterUnavailable as error:
+            with self.sessions.begin() as session:
+                queries.set_job_status(session, job_id, Status.running)
+                queries.set_job_status(session, job_id, Status.failed, error=f"not submitted: {error}")
+                queries.skip_unreached(session, job_id)
+            raise DispatchFailed(str(error)) from error
+        with self.sessions.begin() as session:
+            queries.claim_job(session, job_id, f"prefect:{flow_run_id}")
+            queries.get_job(session, job_id).flow_run_id = flow_run_id
+        log.info("job %s: flow run %s", job_id, flow_run_id)
+        return flow_run_id
+
+    def cancel(self, session: Session, job_id: str) -> None:
+        """Cancel the job in the store (its flow stops its Ray task within a poll) and, in cluster mode, a
+        flow run that has not started yet."""
+        job = cancel_job(session, job_id)
+        if self.mode == "cluster" and job.flow_run_id:
+            try:
+                deployments.cancel(self.settings, job.flow_run_id)
+            except deployments.ClusterUnavailable as error:  # the flow still sees the cancel when it starts
+                log.warning("job %s: could not cancel flow run %s: %s", job_id, job.flow_run_id, error)
+
+    def reconcile(self) -> list[str]:
+        """Fail (and resume, as recipes allow) every job whose runner is gone; return their ids."""
+        return reconcile.reconcile_once(self.sessions, self.settings, self._dispatch_quietly)
+
+    def _dispatch_quietly(self, job_id: str) -> None:
+        try:
+            self.start(job_id)
+        except DispatchFailed as error:
+            log.warning("job %s could not be resumed: %s", job_id, error)
+
+    def start_reconciler(self) -> None:
+        """Reconcile now, then every `reconcile_every_s` from a daemon thread, until `close`."""
+        self._safe_reconcile()
+
+        def loop() -> None:
+            while not self._stop.wait(self.settings.reconcile_every_s):
+                self._safe_reconcile()
+
+        self._reconciler = threading.Thread(target=loop, name="reconciler", daemon=True)
+        self._reconciler.start()
+
+    def _safe_reconcile(self) -> None:
+        try:
+            self.reconcile()
+        except Exception:  # a failed round must not stop the next one
+            log.exception("reconcile failed")
+
     def close(self) -> None:
+        self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()

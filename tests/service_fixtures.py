@@ -24,7 +24,9 @@ TEXT = "\n\n".join(
 def ray_cluster() -> Any:
     import ray
 
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a new Ray of our own, never one that another process started on this machine
+    ray.init(address="local", num_cpus=2, num_gpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
     yield ray.cluster_resources()
     ray.shutdown()
 

@@ -9,7 +9,6 @@ dead worker); an exception raised by the stage itself is not retried and reaches
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from ray.util.queue import Queue
 
 from pipelines.recipe import Resources
+from workers import local_ray
 from workers.progress import ProgressSink
 from workers.runner import StageOutcome, StageRequest, execute_stage
 
@@ -26,21 +26,19 @@ log = logging.getLogger(__name__)
 SYSTEM_RETRIES = 2
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
-    """Join the cluster at `address` (or `SPARSEFLOW_RAY_ADDRESS`), else start a local one. Idempotent."""
+def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+            bind_host: str = "127.0.0.1") -> dict:
+    """Join the cluster at `address` (the caller's settings), else start a local one. Idempotent.
+
+    A local node listens on `bind_host` only when that is a loopback address (Ray binds either loopback or
+    every interface; `workers.local_ray` says why and checks it).
+    """
     if ray.is_initialized():
         return ray.cluster_resources()
-    address = address or os.environ.get("SPARSEFLOW_RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, log_to_driver=False)
+        local_ray.connect_address(address)
     else:
-        ray.init(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        local_ray.start(bind_host, num_cpus=num_cpus, num_gpus=num_gpus)
     resources = ray.cluster_resources()
     log.info("ray cluster resources: %s", resources)
     return resources
@@ -49,6 +47,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 def _run_on_worker(request: StageRequest, queue: Any | None, num_cpus: float) -> StageOutcome:
     """The Ray task body: use the CPUs Ray granted, run the stage, note which GPUs Ray assigned."""
     torch.set_num_threads(max(1, int(num_cpus)))
+    if queue is not None:  # one per attempt: a second one means Ray re-ran the task after its worker died
+        queue.put_nowait({"kind": "attempt", "stage_run_id": request.stage_run_id})
     outcome = execute_stage(request, ProgressSink(queue, request.stage_run_id))
     outcome.gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
     return outcome
@@ -75,17 +75,35 @@ class Placement:
 
 
 def fit_resources(resources: Resources, cluster: dict[str, float]) -> tuple[dict[str, Any], str | None]:
-    """Ray options for `resources` on this cluster, and a note when a GPU request had to fall back to CPU."""
+    """Ray options for `resources` on this cluster, and a note for every request the cluster can never meet.
+
+    Ray would keep an infeasible task pending forever, so a request beyond the whole cluster is cut to what
+    the cluster has (GPUs to CPU when it has none) and the note says so; it is recorded on the stage run.
+    """
     available = cluster.get("CPU", 1.0)
     options: dict[str, Any] = {"num_cpus": min(resources.num_cpus or available, available)}
-    note = None
-    if resources.num_gpus > 0 and cluster.get("GPU", 0.0) <= 0:
-        note = f"asked for {resources.num_gpus:g} GPU(s) but the cluster has none: ran on CPU"
+    notes = []
+    if resources.num_cpus and resources.num_cpus > available:
+        notes.append(f"resources.num_cpus: asked for {resources.num_cpus:g}, the cluster has {available:g}: "
+                     f"ran with {available:g}")
+    gpus = cluster.get("GPU", 0.0)
+    if resources.num_gpus > 0 and gpus <= 0:
+        notes.append(f"resources.num_gpus: asked for {resources.num_gpus:g} GPU(s) but the cluster has none: "
+                     "ran on CPU")
+    elif resources.num_gpus > gpus:
+        options["num_gpus"] = gpus
+        notes.append(f"resources.num_gpus: asked for {resources.num_gpus:g}, the cluster has {gpus:g}: "
+                     f"ran with {gpus:g}")
     elif resources.num_gpus > 0:
         options["num_gpus"] = resources.num_gpus
     if resources.memory_gb is not None:
-        options["memory"] = int(resources.memory_gb * 1024**3)
-    return options, note
+        wanted, memory = int(resources.memory_gb * 1024**3), int(cluster.get("memory", 0))
+        if memory and wanted > memory:
+            notes.append(f"resources.memory_gb: asked for {resources.memory_gb:g} GB, the cluster has "
+                         f"{memory / 1024**3:.1f} GB: ran without a memory reservation")
+        else:
+            options["memory"] = wanted
+    return options, "; ".join(notes) or None
 
 
 def submit(request: StageRequest, resources: Resources) -> Placement:

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, selectinload
@@ -392,3 +392,54 @@ def _apply_status(row: Job | StageRun, status: Status, error: str | None) -> dat
         row.finished_at = None
         row.error = None
     return now
+
+
+# --- runners and liveness -------------------------------------------------------------------------------
+# A job that is being run has a `runner` (who: "embedded:<host>:<pid>" or "prefect:<flow run id>") and a
+# `heartbeat_at` the runner refreshes while it works. A queued or running job whose beat went stale has no
+# live runner: the reconciler fails it and, as its recipe allows, resumes it elsewhere.
+
+
+def claim_job(session: Session, job_id: str, runner: str) -> Job:
+    """Record `runner` as the one running (or about to run) `job_id`, with a fresh heartbeat."""
+    job = _require(session, Job, job_id, lock=True)
+    job.runner, job.heartbeat_at = runner, utcnow()
+    session.flush()
+    return job
+
+
+def beat(session: Session, job_id: str, runner: str) -> bool:
+    """Refresh the heartbeat of `job_id` if `runner` still owns it; False means it was taken over or ended."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.runner == runner, Job.status.in_((Status.queued, Status.running)))
+        .values(heartbeat_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def silent_jobs(session: Session, *, beat_before: datetime) -> list[Job]:
+    """Queued or running jobs handed to a runner whose last heartbeat is older than `beat_before`."""
+    query = select(Job).where(
+        Job.status.in_((Status.queued, Status.running)), Job.runner.is_not(None), Job.heartbeat_at < beat_before
+    )
+    return list(session.scalars(query))
+
+
+def skip_unreached(session: Session, job_id: str) -> int:
+    """Mark the queued stage runs of an ended job `skipped` (it never reached them); return how many."""
+    runs = [run for run in stage_runs(session, job_id) if run.status == Status.queued]
+    for run in runs:
+        set_stage_status(session, run.id, Status.skipped)
+    return len(runs)
+
+
+def record_stage_retry(session: Session, stage_run_id: str, note: str) -> StageRun:
+    """A new attempt of a running stage that the cluster retried by itself (its worker process died):
+    count it, restart its clock and progress, and say why in a note."""
+    run = _require(session, StageRun, stage_run_id, lock=True)
+    run.attempt += 1
+    run.started_at = utcnow()
+    run.progress_done, run.progress_total, run.progress_message = 0, 0, "retrying"
+    session.add(Tag(job_id=run.job_id, stage_run_id=run.id, key="note", value=note))
+    session.flush()
+    return run

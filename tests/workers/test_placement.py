@@ -24,6 +24,14 @@ def test_resources_map_to_ray_options() -> None:
     assert note is None
 
 
+def test_requests_beyond_the_cluster_are_cut_with_a_note_naming_the_field() -> None:
+    """Ray would leave an infeasible task pending forever: run with what exists and say so."""
+    options, note = placement.fit_resources(Resources(num_cpus=64, num_gpus=8, memory_gb=64),
+                                            {"CPU": 4.0, "GPU": 2.0, "memory": 8 * 1024**3})
+    assert options == {"num_cpus": 4.0, "num_gpus": 2.0}
+    assert "resources.num_cpus" in note and "resources.num_gpus" in note and "resources.memory_gb" in note
+
+
 def test_default_cpus_take_the_whole_node() -> None:
     options, _ = placement.fit_resources(Resources(), {"CPU": 6.0})
     assert options["num_cpus"] == 6.0
