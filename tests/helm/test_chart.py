@@ -314,7 +314,8 @@ def test_worker_gets_database_artifacts_ray_and_prefect_settings(tmp_path):
     env = env_of(worker)
     assert env["SPARSEFLOW_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "lineage-db", "key": "url"}
     assert env["SPARSEFLOW_ARTIFACT_ROOT"]["value"] == "s3://models/sparseflow"
-    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL"):  # boto and s3fs
+        assert env[name]["value"] == "http://minio:9000"
     assert worker["envFrom"] == [{"secretRef": {"name": "s3"}}]
     assert env["SPARSEFLOW_RAY_ADDRESS"]["value"].endswith("-head-svc:6379")
     assert env["SPARSEFLOW_PREFECT_API_URL"]["value"] == env["PREFECT_API_URL"]["value"] == PREFECT_URL
@@ -365,6 +366,12 @@ def test_deploy_hook_runs_sparseflow_deploy_after_migrations(tmp_path):
         worker_env = env_of(containers(one(docs, "Deployment", "prefect-worker"))[0])
         for name in ("SPARSEFLOW_WORK_POOL", "SPARSEFLOW_DEPLOYMENT"):
             assert env[name] == worker_env[name]
+
+
+def test_deploy_hook_sets_a_pool_wide_limit_only_when_asked(tmp_path):
+    assert "args" not in one(render(tmp_path), "Job", "deploy")["spec"]["template"]["spec"]["containers"][0]
+    job = one(render(tmp_path, {"deploy": {"poolConcurrencyLimit": 6}}), "Job", "deploy")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["--pool-limit", "6"]
 
 
 def test_deploy_hook_can_be_turned_off(tmp_path):

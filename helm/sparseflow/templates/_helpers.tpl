@@ -146,7 +146,12 @@ password
   value: {{ . | quote }}
 {{- end }}
 {{- with $a.s3.endpointUrl }}
+{{- /* boto reads AWS_ENDPOINT_URL(_S3); fsspec's s3fs takes its endpoint from FSSPEC_S3_ENDPOINT_URL */}}
 - name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+- name: AWS_ENDPOINT_URL_S3
+  value: {{ . | quote }}
+- name: FSSPEC_S3_ENDPOINT_URL
   value: {{ . | quote }}
 {{- end }}
 {{- else }}
