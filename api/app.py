@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routers import artifacts, jobs, lineage
+from api.routers import artifacts, jobs, lineage, metrics
 from orchestrator.service import Orchestrator
 from orchestrator.settings import Settings, get_settings
 
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (jobs.router, artifacts.router, lineage.router):
+    for router in (jobs.router, artifacts.router, lineage.router, metrics.router):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])

@@ -139,13 +139,27 @@ def jobs(url: UrlOpt = None, token: TokenOpt = None, limit: int = 20) -> None:
 @app.command()
 def download(
     artifact_id: str,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write into.")] = Path("."),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory to write into (created if missing); "
+                                         "the artifact lands there under its own name.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file or folder of that name.")] = False,
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Download an artifact and verify its sha256."""
+    """Download an artifact, verify its sha256, then move it into place (an interrupted one resumes)."""
+    from api.client import ApiError
+    from api.download import ChecksumMismatch, DownloadError
+
     with _client(url, token) as client:
-        path = client.download(artifact_id, output)
+        try:
+            path = client.download(artifact_id, output, force=force)
+        except ChecksumMismatch as error:
+            _fail(f"checksum mismatch: {error}", 1)
+        except DownloadError as error:
+            _fail(str(error), 1)
+        except ApiError as error:
+            if error.status == 404:
+                _fail(f"artifact {artifact_id} not found (or not downloadable with this token)", 1)
+            _fail(f"cannot download artifact {artifact_id}: {error.detail}", 1)
     console.print(f"{path} (sha256 verified)")
 
 

@@ -6,9 +6,7 @@ Given a URL it speaks HTTP; without one it mounts the app in-process (same handl
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -73,42 +71,16 @@ class ApiClient:
     def artifacts(self, job_id: str) -> list[dict[str, Any]]:
         return self.get(f"/v1/jobs/{job_id}/artifacts")
 
-    def download(self, artifact_id: str, output: Path) -> Path:
-        """Stream an artifact into `output` and verify it against the sha256 the server announced."""
-        output.mkdir(parents=True, exist_ok=True)
-        with self._http.stream("GET", f"/v1/artifacts/{artifact_id}/download") as response:
-            if response.status_code >= 400:
-                response.read()
-                self._check(response)
-            expected = response.headers.get("X-Sparseflow-Sha256", "")
-            name = response.headers["Content-Disposition"].split('filename="')[1].rstrip('"')
-            target = output / name
-            digest = hashlib.sha256()
-            with target.open("wb") as handle:
-                for chunk in response.iter_bytes():
-                    digest.update(chunk)
-                    handle.write(chunk)
-            is_tar = response.headers.get("X-Sparseflow-Format") == "tar"
-        if not is_tar:
-            if expected and digest.hexdigest() != expected:
-                raise ApiError(502, f"sha256 mismatch for {target}: got {digest.hexdigest()}, expected {expected}")
-            return target
-        return _unpack_verified(target, output, expected)
+    def download(self, artifact_id: str, output: Path, *, force: bool = False) -> Path:
+        """Download an artifact into directory `output` as `output/<name>`, verified against its sha256.
 
+        Written to a temp file first and renamed into place only once verified; an interrupted download
+        is resumed (api/download.py). Raises `ApiError` (404: no such artifact, 409: the server found its
+        copy corrupt), `DownloadError` (the target exists without `force`) or `ChecksumMismatch`.
+        """
+        from api.download import Download
 
-def _unpack_verified(archive: Path, output: Path, expected: str) -> Path:
-    """Unpack a directory artifact and check its manifest digest and every file's checksum."""
-    from workers.storage import MANIFEST, verify_manifest
-
-    with tarfile.open(archive) as tar:
-        top = tar.getnames()[0].split("/")[0]
-        tar.extractall(output, filter="data")
-    archive.unlink()
-    directory = output / top
-    manifest = (directory / MANIFEST).read_bytes()
-    if expected and hashlib.sha256(manifest).hexdigest() != expected:
-        raise ApiError(502, f"manifest sha256 mismatch for {directory}")
-    bad = verify_manifest(directory)
-    if bad:
-        raise ApiError(502, f"checksum mismatch in {directory}: {', '.join(bad)}")
-    return directory
+        download = Download(self._http, self.get(f"/v1/artifacts/{artifact_id}"), output, force=force)
+        path = download.run()
+        self.resumed_from = download.resumed_from
+        return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from rich.console import Console
@@ -89,15 +88,14 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_summary(console: Console, orchestrator: Any, job_id: str) -> None:
     """The job's outcome: perplexities, sparsity, size, time per stage, artifacts."""
-    from api.views import job_detail
+    from api.views import artifact_public, job_detail
     from orchestrator.store import queries
 
     with orchestrator.sessions() as session:
         detail = job_detail(session, queries.get_job(session, job_id))
         artifacts = queries.list_artifacts(session, job_id)
     print_job(console, detail.model_dump(mode="json"), [
-        {"id": a.id, "kind": a.kind, "uri": a.uri, "size_bytes": a.size_bytes, "stage_run_id": a.stage_run_id}
-        for a in artifacts
+        artifact_public(a).model_dump(mode="json") for a in artifacts
     ])
 
 
@@ -136,14 +134,12 @@ def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, A
 
     produced = [a for a in artifacts if a.get("stage_run_id")]
     if produced:
-        prefix = os.path.commonprefix([a["uri"] for a in produced])
-        root = prefix[: prefix.rfind("/")] if len(produced) > 1 else ""
-        table = Table(title=f"artifacts under {root}/" if root else "artifacts")
-        for column in ("id", "kind", "size", "path"):
+        table = Table(title="artifacts")
+        for column in ("id", "kind", "size", "name"):
             table.add_column(column, overflow="fold")
         for art in produced:
-            table.add_row(art["id"], art["kind"], _fmt_bytes(art.get("size_bytes")),
-                          art["uri"][len(root) + 1:] if root else art["uri"])
+            name = art["name"] + ("  [red]corrupt[/red]" if art.get("corrupt_reason") else "")
+            table.add_row(art["id"], art["kind"], _fmt_bytes(art.get("size_bytes")), name)
         console.print(table)
     console.print(f"job id: [bold]{job['id']}[/bold]")
     console.print("download: sparseflow download ARTIFACT_ID -o DIR   (verifies sha256)")

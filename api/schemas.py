@@ -18,6 +18,12 @@ class JobCreate(BaseModel):
     start: bool = True
 
 
+class ErrorBody(BaseModel):
+    """An error answer: what went wrong, naming the field or the resource."""
+
+    detail: Any
+
+
 class MetricPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     stage_run_id: str
@@ -25,6 +31,15 @@ class MetricPublic(BaseModel):
     value: float
     step: int
     timestamp: datetime
+
+
+class MetricsPage(BaseModel):
+    """One page of a job's metric points, ordered by stage index, name, step."""
+
+    data: list[MetricPublic]
+    total: int = Field(description="Points matching the filters, over all pages.")
+    limit: int
+    offset: int
 
 
 class StageRunPublic(BaseModel):
@@ -40,7 +55,11 @@ class StageRunPublic(BaseModel):
     progress_done: int
     progress_total: int
     progress_message: str | None
-    metrics: dict[str, float] = Field(default_factory=dict, description="Last value of each metric.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Last value of this stage's headline metrics (a fixed short list); every metric and its "
+        "time series: `GET /v1/jobs/{job_id}/metrics`.",
+    )
     notes: list[str] = Field(default_factory=list)
 
 
@@ -69,15 +88,18 @@ class JobsPublic(BaseModel):
 
 
 class ArtifactPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    """An artifact as a tenant sees it: its name, never where the server keeps it."""
+
     id: str
     job_id: str
     stage_run_id: str | None
     kind: str
-    uri: str
-    sha256: str | None
+    name: str = Field(description="The file or directory name (a directory downloads as `<name>.tar`).")
+    sha256: str | None = Field(description="sha256 of the file; of a directory, its checksums.json manifest's.")
     size_bytes: int | None
     created_at: datetime
+    verified_at: datetime | None = Field(None, description="When the server last re-checked the bytes.")
+    corrupt_reason: str | None = Field(None, description="Set when the stored bytes no longer match sha256.")
     download_url: str | None = None
 
 

@@ -2,35 +2,66 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from pathlib import PurePosixPath
 
 from sqlalchemy.orm import Session
 
 from api.schemas import ArtifactPublic, JobDetail, StageRunPublic
-from orchestrator.store import queries
+from orchestrator.store import reads
+from orchestrator.store.errors import NotFound
 from orchestrator.store.models import Artifact, Job
+
+HEADLINE_METRICS = (
+    "perplexity", "dense_perplexity", "sparsity", "param_count", "nonzero_params", "model_size_bytes",
+    "stage_seconds", "prune_time_s", "peak_gpu_mem_bytes", "calibration_tokens", "loss", "tokens_per_s",
+    "kernel_tuned_shapes", "kernel_cached_shapes", "act_dense_ppl", "weight_sparsity",
+)
+"""What the job status carries per stage (at most these 16, each its last value); every other metric,
+per-layer values and time series included, is paged under `GET /v1/jobs/{job_id}/metrics`."""
+
+
+def artifact_name(uri: str) -> str:
+    """The artifact's file or directory name: the last path component of its storage URI."""
+    return PurePosixPath(uri.rstrip("/")).name or uri.rsplit(":", 1)[-1]
 
 
 def artifact_public(artifact: Artifact) -> ArtifactPublic:
-    body = ArtifactPublic.model_validate(artifact)
-    if artifact.stage_run_id is not None:
-        body.download_url = f"/v1/artifacts/{artifact.id}/download"
-    return body
+    return ArtifactPublic(
+        id=artifact.id,
+        job_id=artifact.job_id,
+        stage_run_id=artifact.stage_run_id,
+        kind=artifact.kind,
+        name=artifact_name(artifact.uri),
+        sha256=artifact.sha256,
+        size_bytes=artifact.size_bytes,
+        created_at=artifact.created_at,
+        verified_at=artifact.verified_at,
+        corrupt_reason=artifact.corrupt_reason,
+        download_url=f"/v1/artifacts/{artifact.id}/download" if artifact.stage_run_id is not None else None,
+    )
+
+
+def _stages(session: Session, job_id: str) -> list[StageRunPublic]:
+    metrics = reads.last_metric_values(session, job_id, HEADLINE_METRICS)
+    notes = reads.notes(session, job_id)
+    return [
+        StageRunPublic(**row._mapping, metrics=metrics.get(row.id, {}), notes=notes.get(row.id, []))
+        for row in reads.stage_rows(session, job_id)
+    ]
 
 
 def job_detail(session: Session, job: Job) -> JobDetail:
-    """A job with its stages, each carrying the last value of its metrics and its notes."""
-    last: dict[str, dict[str, float]] = defaultdict(dict)
-    for metric in queries.job_metrics(session, job.id):
-        last[metric.stage_run_id][metric.name] = metric.value
-    notes: dict[str | None, list[str]] = defaultdict(list)
-    for tag in queries.job_tags(session, job.id):
-        if tag.key in ("note", "degraded"):
-            notes[tag.stage_run_id].append(tag.value)
-    columns = [name for name in StageRunPublic.model_fields if name not in ("metrics", "notes")]
-    stages = [
-        StageRunPublic(**{c: getattr(run, c) for c in columns}, metrics=last[run.id], notes=notes[run.id])
-        for run in queries.stage_runs(session, job.id)
-    ]
-    base = {k: getattr(job, k) for k in JobDetail.model_fields if k != "stages"}
-    return JobDetail(**base, stages=stages)
+    """A job with its stages, each carrying its headline metrics' last values and its notes."""
+    base = {column: getattr(job, column) for column in reads.JOB_COLUMNS}
+    return JobDetail(**base, stages=_stages(session, job.id))
+
+
+def job_status(session: Session, job_id: str, owner: str) -> JobDetail:
+    """`job_detail` for the polled status path: four column-only queries, no ORM objects loaded.
+
+    Another owner's job reads as not found, as an unknown one does.
+    """
+    row = reads.job_row(session, job_id)
+    if row is None or row.owner != owner:
+        raise NotFound("job", job_id)
+    return JobDetail(**row._mapping, stages=_stages(session, job_id))

@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 
 from api.deps import CurrentUser, OrchestratorDep, OwnedJob, SessionDep
 from api.schemas import JobCreate, JobDetail, JobPublic, JobsPublic
-from api.views import job_detail
+from api.views import job_detail, job_status
 from orchestrator import service
 from orchestrator.states import Status
 from orchestrator.store import queries
@@ -32,8 +32,9 @@ def list_jobs(session: SessionDep, user: CurrentUser, status: Status | None = No
 
 
 @router.get("/{job_id}", response_model=JobDetail)
-def get_job(job: OwnedJob, session: SessionDep) -> JobDetail:
-    return job_detail(session, job)
+def get_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobDetail:
+    """State, stages with their headline metrics and notes; full metrics: `GET /v1/jobs/{job_id}/metrics`."""
+    return job_status(session, job_id, user)
 
 
 @router.post("/{job_id}/cancel", response_model=JobDetail)

@@ -1,0 +1,84 @@
+"""Read-only queries shaped for the API's hot paths: the job status page and paginated metrics.
+
+`GET /v1/jobs/{id}` is polled by every client watching a job, so it costs a fixed four indexed queries
+whatever the job's size (job, stage runs, the last value of a short list of headline metrics per stage,
+notes), each selecting only the columns the answer needs. A job's full metrics (hundreds of per-layer
+values, fine-tuning time series) are paged separately.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Row, func, select
+from sqlalchemy.orm import Session
+
+from orchestrator.store.models import Job, Metric, StageRun, Tag
+
+JOB_COLUMNS = ("id", "name", "status", "owner", "created_at", "started_at", "finished_at", "error",
+               "code_version", "recipe", "package_versions")
+STAGE_COLUMNS = ("id", "index", "kind", "status", "attempt", "started_at", "finished_at", "error",
+                 "progress_done", "progress_total", "progress_message")
+NOTE_KEYS = ("note", "degraded")
+
+
+def job_row(session: Session, job_id: str) -> Row[Any] | None:
+    """The job's status-page columns, or None if there is no such job."""
+    return session.execute(select(*(getattr(Job, c) for c in JOB_COLUMNS)).where(Job.id == job_id)).first()
+
+
+def stage_rows(session: Session, job_id: str) -> Sequence[Row[Any]]:
+    """The job's stage runs in order, without their params."""
+    columns = [getattr(StageRun, c) for c in STAGE_COLUMNS]
+    return session.execute(select(*columns).where(StageRun.job_id == job_id).order_by(StageRun.index)).all()
+
+
+def last_metric_values(session: Session, job_id: str, names: Iterable[str]) -> dict[str, dict[str, float]]:
+    """stage run id -> {name: last recorded value} for the metrics in `names` (last = latest appended)."""
+    latest = (
+        select(func.max(Metric.id).label("id"))
+        .where(Metric.job_id == job_id, Metric.name.in_(list(names)))
+        .group_by(Metric.stage_run_id, Metric.name)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Metric.stage_run_id, Metric.name, Metric.value).join(latest, Metric.id == latest.c.id)
+    )
+    values: dict[str, dict[str, float]] = defaultdict(dict)
+    for stage_run_id, name, value in rows:
+        values[stage_run_id][name] = value
+    return values
+
+
+def notes(session: Session, job_id: str) -> dict[str | None, list[str]]:
+    """stage run id (None: the job's own) -> its notes and recorded degradations, in order."""
+    rows = session.execute(
+        select(Tag.stage_run_id, Tag.value).where(Tag.job_id == job_id, Tag.key.in_(NOTE_KEYS)).order_by(Tag.id)
+    )
+    found: dict[str | None, list[str]] = defaultdict(list)
+    for stage_run_id, value in rows:
+        found[stage_run_id].append(value)
+    return found
+
+
+def metrics_page(
+    session: Session, job_id: str, *, stage_run_id: str | None, name: str | None, limit: int, offset: int
+) -> tuple[list[Metric], int]:
+    """One page of the job's metric points (by stage index, name, step) and how many match in all."""
+    where = [Metric.job_id == job_id]
+    if stage_run_id is not None:
+        where.append(Metric.stage_run_id == stage_run_id)
+    if name is not None:
+        where.append(Metric.name == name)
+    total = session.scalar(select(func.count()).select_from(Metric).where(*where)) or 0
+    query = (
+        select(Metric)
+        .join(StageRun, StageRun.id == Metric.stage_run_id)
+        .where(*where)
+        .order_by(StageRun.index, Metric.name, Metric.step, Metric.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(session.scalars(query)), total
