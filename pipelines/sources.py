@@ -16,6 +16,12 @@ A local `.txt` file, or a directory of them (read in sorted name order), is spli
 (blocks separated by a blank line): every 10th paragraph (indices 9, 19, 29, ...) is the evaluation
 part, the rest calibration. An existing local directory given as a model is used as is; any other
 model reference is a hub id fetched with `huggingface_hub.snapshot_download`.
+
+Text and models may also be fsspec URLs (`file:///...`, `s3://...`): the orchestrator hands uploaded
+datasets over this way, and recipes may name them where the service allows paths. A `file://` URL is
+its local path; a remote text is read directly; a remote model directory is copied once into
+`<cache>/remote/` (keyed by its URL: stored artifacts are never rewritten in place). Error messages
+name a URL only by its last component, since the orchestrator's URLs are the server's, not the user's.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ import shutil
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +60,22 @@ _MIN_ARTICLE_CHARS = 500
 
 class SourceError(ValueError):
     """A model or data reference that cannot be resolved; the message says why and what is known."""
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def is_url(ref: str) -> bool:
+    """True for an fsspec URL (`file:///...`, `s3://...`), as opposed to a plain path or an id."""
+    return _URL.match(ref) is not None
+
+
+def _shown(ref: str) -> str:
+    """How a reference appears in messages: a URL only by its last component (it may be server-internal)."""
+    if not is_url(ref):
+        return repr(ref)
+    name = PurePosixPath(ref.rstrip("/")).name or "?"
+    return repr(f"{ref.split('://', 1)[0]}://.../{name}")
 
 
 def default_home() -> Path:
@@ -139,12 +164,31 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
             raise SourceError(f"unknown built-in model {ref!r}; known: {known}")
         dirname, build = BUILTIN_MODELS[name]
         return _atomic_build(cache_dir / "models" / dirname, build)
+    if is_url(ref):
+        return _model_from_url(ref, cache_dir)
     local = Path(ref).expanduser()
     if local.is_dir():
         return local
     if ref.startswith((".", "/", "~")) or local.suffix in (".gguf", ".safetensors", ".bin"):
         raise SourceError(f"model path {ref!r} is not an existing directory")
     return _download_hub(ref, cache_dir / "hub")
+
+
+def _model_from_url(uri: str, cache_dir: Path) -> Path:
+    """A model directory named by URL: a `file://` one as is, a remote one copied into the cache once."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as error:  # unknown protocol, or its fsspec backend is not installed
+        raise SourceError(f"model {_shown(uri)}: cannot open this URL ({error})") from error
+    if isinstance(fs, LocalFileSystem):
+        if not Path(path).is_dir():
+            raise SourceError(f"model {_shown(uri)} is not an existing directory")
+        return Path(path)
+    if not fs.isdir(path):
+        raise SourceError(f"model {_shown(uri)} is not a directory in its storage")
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache_dir / "remote" / key / (PurePosixPath(path.rstrip("/")).name or "model")
+    return _atomic_build(target, lambda out: fs.get(path.rstrip("/") + "/", str(out), recursive=True))
 
 
 def _download_hub(repo_id: str, cache: Path) -> Path:
@@ -298,13 +342,40 @@ def _enwiki_split(split: Split, cache_dir: Path) -> list[dict[str, str]]:
     return [a for a in enwiki_articles(cache_dir) if is_evaluation_article(a["title"]) == want_eval]
 
 
-def _read_local_text(path: Path) -> str:
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    files = sorted(path.glob("*.txt"))
+def _read_local_text(path: Path, shown: str | None = None) -> str:
+    """A local file's text, or its directory's `.txt` files joined; `shown` names it in messages."""
+    shown = shown or repr(str(path))
+    files = [path] if path.is_file() else sorted(path.glob("*.txt"))
     if not files:
-        raise SourceError(f"text directory {path} contains no .txt files")
-    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+        raise SourceError(f"text directory {shown} contains no .txt files")
+    try:
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    except UnicodeDecodeError as error:
+        raise SourceError(f"text source {shown} is not UTF-8 text") from error
+
+
+def _read_url_text(uri: str) -> str:
+    """The text at an fsspec URL: one file, or the `.txt` files of a directory in sorted name order."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as error:
+        raise SourceError(f"text source {_shown(uri)}: cannot open this URL ({error})") from error
+    if isinstance(fs, LocalFileSystem):
+        if not Path(path).exists():
+            raise SourceError(f"text source {_shown(uri)}: no such file or directory")
+        return _read_local_text(Path(path), _shown(uri))
+    if fs.isfile(path):
+        files = [path]
+    elif fs.isdir(path):
+        files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".txt"))
+        if not files:
+            raise SourceError(f"text directory {_shown(uri)} contains no .txt files")
+    else:
+        raise SourceError(f"text source {_shown(uri)}: nothing is stored there")
+    try:
+        return "\n\n".join(fs.cat_file(f).decode("utf-8") for f in files)
+    except UnicodeDecodeError as error:
+        raise SourceError(f"text source {_shown(uri)} is not UTF-8 text") from error
 
 
 def split_paragraphs(text: str, split: Split) -> str:
@@ -328,11 +399,13 @@ def load_text(ref: str, split: Split, cache_dir: Path | None = None) -> str:
             known = ", ".join(f"builtin:{k}" for k in BUILTIN_TEXTS)
             raise SourceError(f"unknown built-in text {ref!r}; known: {known}")
         text = "\n\n".join(a["text"] for a in _enwiki_split(split, cache_dir))
+    elif is_url(ref):
+        text = split_paragraphs(_read_url_text(ref), split)
     else:
         path = Path(ref).expanduser()
         if not path.exists():
             raise SourceError(f"text source {ref!r}: no such file or directory (or use builtin:enwiki)")
         text = split_paragraphs(_read_local_text(path), split)
     if not text.strip():
-        raise SourceError(f"text source {ref!r} has an empty {split} part (too few paragraphs?)")
+        raise SourceError(f"text source {_shown(ref)} has an empty {split} part (too few paragraphs?)")
     return text
