@@ -8,17 +8,24 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routers import artifacts, jobs, lineage, metrics
+from api.limits import install_limits
+from api.routers import artifacts, datasets, jobs, lineage, metrics
 from orchestrator.service import Orchestrator
 from orchestrator.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """An app bound to `settings` (default: from the environment), running jobs in-process."""
+    """An app bound to `settings` (default: from the environment).
+
+    Embedded mode runs jobs in this process; cluster mode only records them and creates Prefect flow runs.
+    Either way the app reconciles at start and then periodically: jobs whose runner died are failed and,
+    as their recipe allows, resumed.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.orchestrator = Orchestrator(settings or get_settings())
+        app.state.orchestrator.start_reconciler()
         try:
             yield
         finally:
@@ -31,7 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (jobs.router, artifacts.router, lineage.router, metrics.router):
+    install_limits(app, settings or get_settings())
+    for router in (jobs.router, artifacts.router, lineage.router, datasets.router, metrics.router):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])

@@ -48,14 +48,16 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _load_recipe(path: str):
+    from rich.markup import escape
+
     from pipelines.recipe import RecipeError, load_recipe
 
     if path == QUICKSTART:
         path = str(Path(__file__).resolve().parent.parent / "pipelines" / "recipes" / "quickstart.yaml")
     try:
         return load_recipe(path)
-    except RecipeError as error:
-        _fail(f"invalid recipe {path}: {error}")
+    except RecipeError as error:  # names the field; brackets in it are text, not rich markup
+        _fail(escape(f"invalid recipe {path}: {error}"))
 
 
 @app.command()
@@ -65,12 +67,24 @@ def run(
     """Run a compression job here, showing progress, then a summary."""
     parsed = _load_recipe(recipe)
     _quiet_frameworks()
+    from api.reaper import install_reaper
+
+    install_reaper()  # Ray and Prefect's processes end with this one
     from api.display import JobDisplay, print_summary
+    from orchestrator.access import AccessDenied, check_recipe
     from orchestrator.service import Orchestrator, submit_job
     from orchestrator.settings import get_settings
+    from orchestrator.store.errors import NotFound
 
     orchestrator = Orchestrator(get_settings())
     with orchestrator.sessions.begin() as session:
+        try:  # the same data access policy as the API (no auth: owner 'local', paths unrestricted)
+            check_recipe(session, parsed, owner="local", settings=orchestrator.settings)
+        except (AccessDenied, NotFound) as error:
+            from rich.markup import escape
+
+            orchestrator.close()
+            _fail(escape(str(error)))
         job_id = submit_job(session, parsed).id
     console.print(f"job [bold]{job_id}[/bold] ({parsed.name}): {len(parsed.stages)} stages")
     with JobDisplay(console, parsed) as display:
@@ -94,11 +108,17 @@ def serve(
 ) -> None:
     """Serve the REST API, running submitted jobs in this process."""
     _quiet_frameworks()
+    from api.reaper import install_reaper, shutdown_ray
+
+    install_reaper()  # Ray and Prefect's processes end with this one, even after SIGKILL
     import uvicorn
 
     from api.app import create_app
 
-    uvicorn.run(create_app(), host=host, port=port)
+    try:
+        uvicorn.run(create_app(), host=host, port=port)
+    finally:  # SIGTERM/SIGINT: stop the local Ray too, so a running job's thread ends and we exit
+        shutdown_ray()
 
 
 def _client(url: str | None, token: str | None):
@@ -173,14 +193,22 @@ def cancel(job_id: str, url: UrlOpt = None, token: TokenOpt = None) -> None:
 @app.command()
 def resume(
     job_id: str,
-    force: Annotated[bool, typer.Option(help="Also resume a job still marked running whose process died.")] = False,
+    force: Annotated[bool, typer.Option(help="Also take over a job still recorded queued or running whose runner "
+                                        "died (a live runner notices and stops).")] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
-    """Run a failed or cancelled job again here, from its first unfinished stage."""
+    """Run a failed or cancelled job again from its first unfinished stage: here, or through the API (--url)."""
+    if url is not None:
+        with _client(url, token) as client:
+            job = client.post(f"/v1/jobs/{job_id}/resume?force={str(force).lower()}")
+        console.print(f"{job['id']} {job['status']}")
+        return
     _quiet_frameworks()
     from api.display import JobDisplay, print_summary
     from orchestrator.service import Orchestrator, requeue_job
     from orchestrator.settings import get_settings
-    from orchestrator.states import InvalidTransition
+    from orchestrator.states import InvalidTransition, Status
     from orchestrator.store import queries
     from orchestrator.store.errors import NotFound, StoreError
     from pipelines.recipe import Recipe
@@ -190,13 +218,130 @@ def resume(
         with orchestrator.sessions.begin() as session:
             requeue_job(session, job_id, force=force)
             recipe = Recipe.model_validate(queries.get_job(session, job_id).recipe)
-    except (NotFound, StoreError, InvalidTransition) as error:
+    except InvalidTransition as error:
+        hint = " (its runner died? resume with --force to take it over)" \
+            if error.current in (Status.queued, Status.running) else ""
+        _fail(f"{error}{hint}")
+    except (NotFound, StoreError) as error:
         _fail(str(error))
     with JobDisplay(console, recipe) as display:
         final = orchestrator.run(job_id, on_event=display.handle)
     print_summary(console, orchestrator, job_id)
     orchestrator.close()
     raise typer.Exit(0 if final == "succeeded" else 1)
+
+
+def _cluster_settings():
+    from orchestrator.settings import get_settings
+
+    settings = get_settings()
+    if settings.mode != "cluster":
+        _fail("cluster mode is off: set SPARSEFLOW_PREFECT_API_URL to the Prefect server's API "
+              "(e.g. http://127.0.0.1:4200/api)")
+    return settings
+
+
+@app.command()
+def deploy(
+    pool_limit: Annotated[int | None, typer.Option(help="Jobs the whole work pool runs at once.")] = None,
+) -> None:
+    """Cluster mode: create the `sparseflow` process work pool and the `compression-job` deployment (idempotent)."""
+    from orchestrator import deployments
+
+    settings = _cluster_settings()
+    try:
+        deployment_id = deployments.register(settings, pool_concurrency=pool_limit)
+    except deployments.ClusterUnavailable as error:
+        _fail(str(error))
+    console.print(f"deployment {deployments.FLOW_NAME}/{settings.deployment} ({deployment_id}) "
+                  f"in work pool {settings.work_pool}")
+
+
+@app.command()
+def worker(
+    pool: Annotated[str | None, typer.Option(help="Work pool (default: SPARSEFLOW_WORK_POOL).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Jobs this worker runs at once.")] = 1,
+    name: Annotated[str | None, typer.Option(help="Worker name shown in Prefect.")] = None,
+) -> None:
+    """Cluster mode: run jobs from the work pool (a Prefect process worker; each job runs as its own process)."""
+    settings = _cluster_settings()
+    from api.reaper import install_reaper
+
+    install_reaper()  # the worker's job processes end with it (the reaper watches this pid across exec)
+    prefect = Path(sys.executable).parent / "prefect"
+    command = [str(prefect), "worker", "start", "--pool", pool or settings.work_pool, "--type", "process",
+               "--limit", str(limit), *(["--name", name] if name else [])]
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": settings.prefect_api_url,
+        # flow-run heartbeats for Prefect's own zombie-run automations; ours beat in the store too
+        "PREFECT_RUNNER_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", "30"),
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
+    }
+    os.execve(command[0], command, env)
+
+
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option(min=0, help="Prefect workers, one job at a time each.")] = 2,
+    gpus: Annotated[int, typer.Option(min=0, help="Logical GPUs the Ray head offers.")] = 0,
+    cpus: Annotated[int | None, typer.Option(min=1, help="CPUs the Ray head offers (default: all).")] = None,
+    postgres: Annotated[str, typer.Option(help="Admin URL of the PostgreSQL server to use.")] = (
+        "postgresql://postgres@127.0.0.1:5432/postgres"),
+    store_db: Annotated[str, typer.Option(help="Database for our store (created if missing).")] = "sparseflow_local",
+    prefect_db: Annotated[str, typer.Option(help="Database for Prefect (created if missing).")] = "prefect_local",
+    bucket: Annotated[str, typer.Option(help="S3 bucket for artifacts.")] = "sparseflow",
+    api_port: Annotated[int | None, typer.Option(help="API port (default: a free one).")] = None,
+    prefect_port: Annotated[int | None, typer.Option(help="Prefect server port (default: a free one).")] = None,
+    ray_port: Annotated[int | None, typer.Option(help="Ray GCS port (default: a free one).")] = None,
+    s3_port: Annotated[int | None, typer.Option(help="S3 server port (default: a free one).")] = None,
+    ray_dashboard: Annotated[bool, typer.Option(help="Start Ray's dashboard (on 127.0.0.1).")] = False,
+    deploy_first: Annotated[bool, typer.Option("--deploy/--no-deploy", help="Run `sparseflow deploy`.")] = True,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds each part may take to be ready.")] = 180.0,
+    env_file: Annotated[Path | None, typer.Option(help="Also write the export lines to this file.")] = None,
+) -> None:
+    """Start the whole service on this machine (PostgreSQL databases, S3 stand-in, Prefect, Ray, workers, API)."""
+    from rich.table import Table
+
+    from api import localcluster
+    from orchestrator.settings import get_settings
+
+    settings = get_settings()
+    config = localcluster.ClusterConfig(
+        home=settings.home, workers=workers, gpus=gpus, cpus=cpus, postgres_url=postgres, store_db=store_db,
+        prefect_db=prefect_db, bucket=bucket, api_port=api_port, prefect_port=prefect_port, ray_port=ray_port,
+        s3_port=s3_port, ray_dashboard=ray_dashboard, deploy=deploy_first, work_pool=settings.work_pool,
+        timeout_s=timeout)
+    try:
+        state = localcluster.up(config, echo=lambda line: console.print(line, markup=False, highlight=False))
+    except localcluster.ClusterError as error:
+        err.print("[red]error:[/red] ", end="")
+        err.print(str(error), markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title=f"local cluster {state.instance[:8]} (home {state.home})")
+    for column in ("part", "pid", "address", "log"):
+        table.add_column(column)
+    for record in state.processes:
+        table.add_row(record.name, str(record.pid), record.address, record.log)
+    console.print(table)
+    exports = state.exports()
+    if env_file:
+        env_file.write_text("\n".join(exports) + "\n")
+        console.print(f"export lines written to {env_file}", markup=False)
+    console.print("talk to it with:", *exports, sep="\n", markup=False, highlight=False, soft_wrap=True)
+    console.print("stop it with: sparseflow down", markup=False)
+
+
+@app.command()
+def down() -> None:
+    """Stop the local cluster that `sparseflow up` started (idempotent)."""
+    from api import localcluster
+    from orchestrator.settings import get_settings
+
+    try:
+        localcluster.down(get_settings().home, echo=lambda line: console.print(line, markup=False, highlight=False))
+    except localcluster.ClusterError as error:
+        _fail(str(error))
 
 
 @app.command()

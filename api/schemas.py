@@ -11,9 +11,13 @@ from pipelines.recipe import Recipe
 
 
 class JobCreate(BaseModel):
-    """`POST /v1/jobs`: the recipe to run; `start: false` only records the job."""
+    """`POST /v1/jobs`: the recipe to run; `start: false` only records the job (`POST .../start` runs it).
 
-    model_config = ConfigDict(extra="forbid")
+    The recipe's own types bound every string, list and number; the body as a whole is bounded by
+    `max_request_bytes` before it is parsed (api/limits.py).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     recipe: Recipe
     start: bool = True
 

@@ -29,10 +29,57 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# Bounds on what a recipe may ask for. They are far beyond any real job, and exist so that a recipe can
+# neither make the store hold megabytes per job nor ask a stage for a count that overflows later.
+MAX_SEED = 2**32 - 1  # numpy and torch seed generators take 32 bits
+MAX_SEQ_LEN = 1 << 20  # tokens per sequence
+MAX_SAMPLES = 1 << 20  # sequences, windows
+MAX_STEPS = 10_000_000  # optimizer steps, repeats
+MAX_BATCH = 1 << 16
+MAX_LIST = 256  # items of any list but `stages`
+MAX_STAGES = 64
+MAX_REF = 4096  # a model or data reference: hub id, path, builtin:, dataset: or artifact: reference
+MAX_PATTERN = 512  # a module-name pattern in `targets` / `ignore`
+MAX_NUM_GPUS = 64  # one stage runs on one node
+MAX_NUM_CPUS = 4096
+MAX_MEMORY_GB = 16384
+MAX_RECIPE_FILE_BYTES = 1 << 20  # like the API's default request limit
+NUL_FREE = r"^[^\x00]*$"
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL's text types cannot store NUL, and no path, hub id or name contains one
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\x00) characters")
+    return value
+
+
+def bounded_str(max_length: int, min_length: int = 0) -> Any:
+    """A str type of bounded length without NUL characters (the OpenAPI schema shows both)."""
+    return Annotated[
+        str,
+        StringConstraints(min_length=min_length, max_length=max_length),
+        AfterValidator(_no_nul),
+        Field(json_schema_extra={"pattern": NUL_FREE}),
+    ]
+
+
+Ref = bounded_str(MAX_REF, 1)
+ModulePattern = bounded_str(MAX_PATTERN, 1)
 
 
 class RecipeError(ValueError):
@@ -44,15 +91,18 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: NaN or Infinity in any number is an error naming the field, never a crash later
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Resources(_Strict):
     """What one stage asks of the cluster; passed to Ray's `.options()` at call time."""
 
-    num_cpus: float | None = Field(None, gt=0, description="CPUs for the stage; None takes a whole node's.")
-    num_gpus: float = Field(0.0, ge=0)
-    memory_gb: float | None = Field(None, gt=0)
+    num_cpus: float | None = Field(
+        None, gt=0, le=MAX_NUM_CPUS, description="CPUs for the stage; None takes a whole node's."
+    )
+    num_gpus: float = Field(0.0, ge=0, le=MAX_NUM_GPUS, description="GPUs for the stage, all on one node.")
+    memory_gb: float | None = Field(None, gt=0, le=MAX_MEMORY_GB, description="Memory reserved for the stage.")
 
 
 class DataSpec(_Strict):
@@ -62,21 +112,23 @@ class DataSpec(_Strict):
     article into a calibration part and a held-out evaluation part that never overlap.
     """
 
-    calibration: str = "builtin:enwiki"
-    evaluation: str = "builtin:enwiki"
+    calibration: Ref = "builtin:enwiki"
+    evaluation: Ref = "builtin:enwiki"
 
 
 class _StageBase(_Strict):
     resources: Resources = Resources()
+    store_inputs: ClassVar[tuple[str, ...]] = ()
+    """Inputs the service's store serves to this stage (by kind) besides the outputs of earlier stages."""
 
 
 class CalibrateStage(_StageBase):
     """Tokenize calibration samples and record per-Linear input statistics."""
 
     stage: Literal["calibrate"] = "calibrate"
-    samples: int = Field(32, ge=1, description="Number of calibration sequences.")
-    seq_len: int = Field(256, ge=8, description="Tokens per calibration sequence.")
-    batch_size: int = Field(4, ge=1)
+    samples: int = Field(32, ge=1, le=MAX_SAMPLES, description="Number of calibration sequences.")
+    seq_len: int = Field(256, ge=8, le=MAX_SEQ_LEN, description="Tokens per calibration sequence.")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -102,14 +154,20 @@ class PruneStage(_StageBase):
     stage: Literal["prune"] = "prune"
     method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    pattern: str = "unstructured"
+    pattern: bounded_str(32, 1) = "unstructured"
     profile: Literal["uniform", "owl"] = "uniform"
     owl_lambda: float = Field(0.08, ge=0.0, lt=1.0, description="OWL: max deviation from the mean sparsity.")
-    owl_threshold: float = Field(5.0, gt=0.0, description="OWL: outlier if |act| > M x mean.")
-    targets: list[str] = Field(default_factory=lambda: [r"re:.*\.(self_attn|mlp)\.\w+_proj$"])
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head", r"re:.*embed_tokens$"])
-    block_size: int = Field(128, ge=1, description="SparseGPT: columns per lazy update block.")
-    dampening: float = Field(0.01, gt=0.0, description="SparseGPT: diagonal damping, fraction of mean diag.")
+    owl_threshold: float = Field(5.0, gt=0.0, le=1e6, description="OWL: outlier if |act| > M x mean.")
+    targets: list[ModulePattern] = Field(
+        default_factory=lambda: [r"re:.*\.(self_attn|mlp)\.\w+_proj$"], max_length=MAX_LIST
+    )
+    ignore: list[ModulePattern] = Field(
+        default_factory=lambda: ["lm_head", r"re:.*embed_tokens$"], max_length=MAX_LIST
+    )
+    block_size: int = Field(128, ge=1, le=MAX_BATCH, description="SparseGPT: columns per lazy update block.")
+    dampening: float = Field(
+        0.01, gt=0.0, le=1e6, description="SparseGPT: diagonal damping, fraction of mean diag."
+    )
     act_order: bool | None = Field(
         None, description="SparseGPT: visit columns (N:M: whole groups) by decreasing Hessian diagonal, as GPTQ does. "
         "None: on for N:M (every group must drop M-N weights, so the heaviest groups are decided first, before "
@@ -118,7 +176,9 @@ class PruneStage(_StageBase):
     damping_retries: int = Field(
         4, ge=0, le=12, description="SparseGPT: times to retry a failed Cholesky with 10x more damping."
     )
-    batch_size: int = Field(4, ge=1, description="Calibration sequences per forward pass of a decoder layer.")
+    batch_size: int = Field(
+        4, ge=1, le=MAX_BATCH, description="Calibration sequences per forward pass of a decoder layer."
+    )
     sequential: bool = Field(
         True, description="Feed each layer the outputs of the already pruned layers (False: dense outputs)."
     )
@@ -188,25 +248,35 @@ class FinetuneStage(_StageBase):
     """
 
     stage: Literal["finetune"] = "finetune"
-    steps: int = Field(20, ge=0)
-    lr: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(2, ge=0)
-    batch_size: int = Field(4, ge=1)
-    seq_len: int = Field(256, ge=8)
-    grad_accum: int = Field(1, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
-    alpha_ce: float = Field(1.0, ge=0, description="Weight of the cross-entropy loss.")
-    beta_kd: float = Field(0.0, ge=0, description="Weight of T^2 KL(dense teacher || student); 0 turns KD off.")
-    temperature: float = Field(2.0, gt=0)
-    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
-    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm (0: no clipping).")
-    gamma_hidden: float = Field(0.0, ge=0, description="Weight of the per-layer hidden-state MSE to the teacher.")
-    teacher_topk: int = Field(0, ge=0, description="Distil from the teacher's top-k logits only (0: all).")
+    steps: int = Field(20, ge=0, le=MAX_STEPS)
+    lr: float = Field(1e-4, gt=0, le=10.0)
+    warmup_steps: int = Field(2, ge=0, le=MAX_STEPS)
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
+    seq_len: int = Field(256, ge=8, le=MAX_SEQ_LEN)
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH)
+    weight_decay: float = Field(0.0, ge=0, le=1e3)
+    alpha_ce: float = Field(1.0, ge=0, le=1e6, description="Weight of the cross-entropy loss.")
+    beta_kd: float = Field(
+        0.0, ge=0, le=1e6, description="Weight of T^2 KL(dense teacher || student); 0 turns KD off."
+    )
+    temperature: float = Field(2.0, gt=0, le=1e3)
+    checkpoint_every: int = Field(
+        0, ge=0, le=MAX_STEPS, description="Save a resumable checkpoint every N steps (0: never)."
+    )
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Clip the global gradient norm (0: no clipping).")
+    gamma_hidden: float = Field(
+        0.0, ge=0, le=1e6, description="Weight of the per-layer hidden-state MSE to the teacher."
+    )
+    teacher_topk: int = Field(
+        0, ge=0, le=1 << 24, description="Distil from the teacher's top-k logits only (0: all)."
+    )
     teacher_cache: bool = Field(False, description="Cache teacher logits on disk, once per model and data.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, else fp32.")
     gradient_checkpointing: bool = False
-    lora_rank: int = Field(0, ge=0, description="Train rank-r LoRA on the kept weights, merged at the end (0: full).")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale is lora_alpha / lora_rank.")
+    lora_rank: int = Field(
+        0, ge=0, le=1 << 16, description="Train rank-r LoRA on the kept weights, merged at the end (0: full)."
+    )
+    lora_alpha: float = Field(16.0, gt=0, le=1e6, description="LoRA scale is lora_alpha / lora_rank.")
 
     @model_validator(mode="after")
     def _check_loss(self) -> FinetuneStage:
@@ -223,9 +293,9 @@ class EvaluateStage(_StageBase):
     """Held-out perplexity, sparsity per layer and in total, parameter count and size on disk."""
 
     stage: Literal["evaluate"] = "evaluate"
-    seq_len: int = Field(1024, ge=8, description="Tokens per perplexity window.")
-    max_windows: int | None = Field(48, ge=1, description="Cap on evaluation windows (None: all).")
-    batch_size: int = Field(2, ge=1)
+    seq_len: int = Field(1024, ge=8, le=MAX_SEQ_LEN, description="Tokens per perplexity window.")
+    max_windows: int | None = Field(48, ge=1, le=MAX_SAMPLES, description="Cap on evaluation windows (None: all).")
+    batch_size: int = Field(2, ge=1, le=MAX_BATCH)
     compare_dense: bool = Field(True, description="Also measure the job's original dense model.")
 
 
@@ -233,9 +303,12 @@ class KernelTuneStage(_StageBase):
     """Per Linear shape, time dense vs 2:4 sparse kernels on the GPU and write a kernel plan."""
 
     stage: Literal["kernel_tune"] = "kernel_tune"
-    tokens: list[int] = Field(default_factory=lambda: [1, 16, 512, 2048])
+    store_inputs: ClassVar[tuple[str, ...]] = ("kernel_cache",)
+    tokens: list[Annotated[int, Field(le=MAX_SEQ_LEN)]] = Field(
+        default_factory=lambda: [1, 16, 512, 2048], max_length=MAX_LIST
+    )
     dtype: Literal["float16", "bfloat16"] = "float16"
-    repeats: int = Field(50, ge=1)
+    repeats: int = Field(50, ge=1, le=MAX_STEPS)
 
     @field_validator("tokens")
     @classmethod
@@ -261,29 +334,35 @@ class ActivationProfileStage(_StageBase):
 
     stage: Literal["activation_profile"] = "activation_profile"
     sparsities: list[float] = Field(
-        default_factory=lambda: [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9],
+        default_factory=lambda: [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9], max_length=MAX_LIST,
         description="Uniform activation sparsities measured on all layers at once, each in [0, 1).",
     )
     tolerances: list[float] = Field(
-        default_factory=lambda: [0.01, 0.05], description="Relative perplexity increases defining critical sparsity."
+        default_factory=lambda: [0.01, 0.05], max_length=MAX_LIST,
+        description="Relative perplexity increases defining critical sparsity.",
     )
     layer_sparsities: list[float] | None = Field(
-        None, description="Sparsities of the one-layer-at-a-time curves (None: the non-zero `sparsities`)."
+        None, max_length=MAX_LIST,
+        description="Sparsities of the one-layer-at-a-time curves (None: the non-zero `sparsities`).",
     )
     allocate_at: list[float] | None = Field(
-        None, description="Mean sparsities at which the per-layer allocation is compared to uniform (None: all)."
+        None, max_length=MAX_LIST,
+        description="Mean sparsities at which the per-layer allocation is compared to uniform (None: all).",
     )
-    samples: int = Field(16, ge=1, description="Calibration sequences.")
-    seq_len: int = Field(256, ge=8, description="Tokens per calibration sequence.")
-    eval_seq_len: int = Field(512, ge=8, description="Tokens per held-out perplexity window.")
-    eval_windows: int = Field(16, ge=1, description="Held-out windows for the uniform and allocated curves.")
+    samples: int = Field(16, ge=1, le=MAX_SAMPLES, description="Calibration sequences.")
+    seq_len: int = Field(256, ge=8, le=MAX_SEQ_LEN, description="Tokens per calibration sequence.")
+    eval_seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN, description="Tokens per held-out perplexity window.")
+    eval_windows: int = Field(
+        16, ge=1, le=MAX_SAMPLES, description="Held-out windows for the uniform and allocated curves."
+    )
     layer_samples: int = Field(
-        8, ge=1, description="Calibration sequences (the first ones) for the one-layer-at-a-time curves."
+        8, ge=1, le=MAX_SAMPLES,
+        description="Calibration sequences (the first ones) for the one-layer-at-a-time curves.",
     )
     allocation_max_deviation: float = Field(
         0.1, ge=0.0, le=1.0, description="Per-layer allocation: no layer further than this from the mean sparsity."
     )
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
     export: bool = Field(False, description="Also write a model whose config carries per-layer thresholds.")
     export_sparsity: float | None = Field(
         None, ge=0.0, lt=1.0, description="Mean sparsity of the export (None: critical sparsity at tolerances[0])."
@@ -331,10 +410,10 @@ StageSpec = Annotated[
 class Recipe(_Strict):
     """A whole compression job."""
 
-    name: str = Field("job", min_length=1, max_length=200)
-    model: str = Field("builtin:smollm2-135m", min_length=1)
+    name: bounded_str(200, 1) = "job"
+    model: Ref = "builtin:smollm2-135m"
     data: DataSpec = DataSpec()
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds data sampling and training (32 bits).")
     reuse_cached: bool = Field(
         True, description="Reuse outputs of an earlier identical stage run (same inputs, parameters, code)."
     )
@@ -342,7 +421,7 @@ class Recipe(_Strict):
         1, ge=0, le=10, description="Times the service resumes this job by itself after its runner died "
         "(a killed worker or API process); finished stages are never recomputed.",
     )
-    stages: list[StageSpec] = Field(min_length=1)
+    stages: list[StageSpec] = Field(min_length=1, max_length=MAX_STAGES)
 
     @model_validator(mode="after")
     def _check_order(self) -> Recipe:
@@ -350,14 +429,39 @@ class Recipe(_Strict):
             calibrated = any(s.stage == "calibrate" for s in self.stages[:i])
             if isinstance(stage, PruneStage) and stage.method != "magnitude" and not calibrated:
                 raise ValueError(f"stages.{i}: method {stage.method!r} needs a 'calibrate' stage before it")
+        self._check_model_stages_first()
         return self
+
+    def _check_model_stages_first(self) -> None:
+        """Prune and finetune change the model; evaluate and kernel_tune measure the model they are given.
+
+        A measuring stage placed before a changing one would report on the unpruned model (its perplexity
+        shown as the sparse one), so the order is refused rather than guessed. Finetune recovers what
+        pruning lost, so when both are present the first finetune follows a prune.
+        """
+        kinds = [s.stage for s in self.stages]
+        for i, kind in enumerate(kinds):
+            if kind not in ("prune", "finetune"):
+                continue
+            measured = next((j for j in range(i) if kinds[j] in ("evaluate", "kernel_tune")), None)
+            if measured is not None:
+                raise ValueError(
+                    f"stages.{i}: {kind!r} comes after the {kinds[measured]!r} at stages.{measured}; "
+                    "prune and finetune must come before evaluate and kernel_tune, which measure the final model"
+                )
+        if "prune" in kinds and "finetune" in kinds and kinds.index("finetune") < kinds.index("prune"):
+            i, j = kinds.index("finetune"), kinds.index("prune")
+            raise ValueError(
+                f"stages.{i}: 'finetune' comes before the 'prune' at stages.{j}; "
+                "finetune recovers the pruned model's quality, so it must come after prune"
+            )
 
 
 def format_validation_error(error: ValidationError) -> str:
     """One line per problem, each naming the field path (`stages.1.sparsity`) and the reason."""
     parts = []
     for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "recipe"
+        loc = ".".join(str(p)[:100] for p in item["loc"]) or "recipe"  # a huge unknown key is cut, not echoed
         parts.append(f"{loc}: {item['msg']}")
     return "; ".join(parts)
 
@@ -377,9 +481,15 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    text = path.read_text()
+    size = path.stat().st_size
+    if size > MAX_RECIPE_FILE_BYTES:
+        raise RecipeError(f"{path}: recipe file is {size} bytes; the limit is {MAX_RECIPE_FILE_BYTES} bytes")
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{path}: cannot read the recipe file as UTF-8 text: {error}") from error
+    try:
+        data = json.loads(content) if path.suffix == ".json" else yaml.safe_load(content)
+    except (json.JSONDecodeError, yaml.YAMLError, RecursionError) as error:
         raise RecipeError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from error
     return parse_recipe(data)
