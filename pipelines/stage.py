@@ -58,6 +58,10 @@ class StageContext:
     checkpoint_dir: Path | None = None
     """Where a stage keeps resumable state. Unlike `workdir`, it outlives a failed or killed attempt, and
     the runner hands it back as the `checkpoint` input of the next attempt. None: keep it in `workdir`."""
+    on_checkpoint: Callable[[Path], None] | None = None
+    """Called with the checkpoint directory each time a stage has finished writing one (the runner
+    publishes it to shared storage so an attempt on another node can resume). The directory may be
+    replaced by the next checkpoint once the call returns, so a callee that keeps it copies it first."""
 
     def require(self, kind: str) -> Path:
         """The local path of input `kind`, or a clear error naming the missing artifact."""

@@ -3,6 +3,18 @@
 `execute_stage` takes a plain, serializable `StageRequest` (artifact URIs, never models or tensors),
 brings the inputs to local paths, runs the stage from `pipelines/`, stores the outputs and returns a
 `StageOutcome`. It emits progress events and never touches job state: the orchestrator owns that.
+
+Resumable state goes through the artifact root too (`workers.checkpoints`): every checkpoint a stage
+writes is published under `<root>/_checkpoints/<job_id>/<stage_run_id>/`, and an attempt starting on
+any node first fetches the latest one, so a retry after a dead worker resumes wherever Ray places it.
+
+What stays on the node (`cache_dir`), because any node recomputes it and a hit or a miss gives the
+same result: models built or downloaded from their source (`models/`, `hub/`), data sources
+(`data/`), downloaded artifacts (`artifacts/`, keyed by URI and remote version), the dense-perplexity
+figure of evaluate (`dense_ppl/`) and finetune's teacher logits (`teacher_logits/`). The teacher
+cache is deliberately not shared: full-vocabulary logits are larger than recomputing them costs, and
+a resumed attempt only needs the steps its predecessor never reached, which that one never cached.
+Calibration data is not a cache but an artifact (kind `calibration`) and is stored like any other.
 """
 
 from __future__ import annotations
@@ -22,8 +34,9 @@ from pipelines.recipe import DataSpec, StageSpec
 from pipelines.sources import resolve_model
 from pipelines.stage import StageContext
 from pipelines.stages import get_stage
+from workers.checkpoints import CheckpointPublisher, RemoteCheckpoints
 from workers.progress import ProgressSink
-from workers.storage import ArtifactStorage
+from workers.storage import ArtifactStorage, remove_local
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +77,33 @@ def pick_device() -> torch.device:
 
 
 def attempt_checkpoint_dir(request: StageRequest) -> Path:
-    """Resumable state of one stage run, kept across its attempts (a retry after a killed worker included).
+    """The node-local working copy of one stage run's resumable state.
 
-    It lives under the node's cache directory: a retry on the same node resumes; on a multi-node cluster
-    this directory must be on shared storage (the Helm chart's artifacts volume) for every node to see it.
+    The stage writes its checkpoints here; each one is also published under the artifact root, and
+    an attempt starting on any node fetches the latest published one into this directory first.
     """
     return Path(request.cache_dir) / "checkpoints" / request.stage_run_id
+
+
+def remote_checkpoints(request: StageRequest) -> RemoteCheckpoints:
+    """Where the checkpoints of this stage run are published: `<root>/_checkpoints/<job>/<stage run>/`."""
+    return RemoteCheckpoints(request.artifact_root, request.job_id, request.stage_run_id)
+
+
+def _restore_checkpoint(remote: RemoteCheckpoints, local: Path, notes: list[str]) -> bool:
+    """Bring the latest published checkpoint into `local`; True when there is one to resume from.
+
+    A published checkpoint wins over the local working copy (another node may have got further). If
+    none was published, a local working copy left by an earlier attempt on this node is used; if the
+    published one cannot be fetched, the attempt says so and falls back the same way.
+    """
+    try:
+        if remote.fetch(local):
+            return True
+    except OSError as error:
+        log.warning("could not fetch the checkpoint from %s: %s", remote.uri, error)
+        notes.append(f"published checkpoint unusable ({type(error).__name__}: {error}); not resumed from it")
+    return local.is_dir() and any(local.iterdir())
 
 
 def _resolve_inputs(request: StageRequest, storage: ArtifactStorage) -> dict[str, Path]:
@@ -93,35 +127,47 @@ def execute_stage(request: StageRequest, sink: ProgressSink | None = None) -> St
     sink.emit(0, 1, f"starting on {device}")
     inputs = _resolve_inputs(request, storage)
     checkpoint_dir = attempt_checkpoint_dir(request)
-    if checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):  # an earlier attempt got this far
+    remote = remote_checkpoints(request)
+    notes: list[str] = []
+    if _restore_checkpoint(remote, checkpoint_dir, notes):  # an earlier attempt got this far
         inputs.setdefault("checkpoint", checkpoint_dir)
         sink.emit(0, 1, "resuming from the last checkpoint")
+    publisher = CheckpointPublisher(remote, checkpoint_dir.parent / ".publishing" / request.stage_run_id)
     workdir = Path(tempfile.mkdtemp(prefix=f"sparseflow-{request.label}-"))
     try:
-        torch.manual_seed(request.seed)
-        ctx = StageContext(
-            workdir=workdir,
-            inputs=inputs,
-            data=DataSpec.model_validate(request.data),
-            seed=request.seed,
-            device=device,
-            cache_dir=Path(request.cache_dir),
-            progress=sink.emit,
-            checkpoint_dir=checkpoint_dir,
-        )
-        result = get_stage(spec.stage)(spec, ctx)
+        try:
+            torch.manual_seed(request.seed)
+            ctx = StageContext(
+                workdir=workdir,
+                inputs=inputs,
+                data=DataSpec.model_validate(request.data),
+                seed=request.seed,
+                device=device,
+                cache_dir=Path(request.cache_dir),
+                progress=sink.emit,
+                checkpoint_dir=checkpoint_dir,
+                on_checkpoint=publisher,
+            )
+            result = get_stage(spec.stage)(spec, ctx)
+        except BaseException:
+            publisher.close(flush=True)  # the next attempt resumes from the newest checkpoint we have
+            raise
+        publisher.close(flush=False)
         stored = [
             storage.put(path, job_id=request.job_id, label=request.label, kind=kind)
             for kind, path in result.outputs.items()
         ]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    remote.discard()  # the stage is done: its resumable state is no longer needed anywhere
+    remove_local(checkpoint_dir)
+    notes += [f"checkpoint not published: {error}" for error in publisher.errors[-1:]]
     sink.flush()
     return StageOutcome(
         artifacts=[vars(a) for a in stored],
         metrics=[(m.name, float(m.value), int(m.step)) for m in result.metrics],
         summary=result.summary,
-        notes=list(result.notes),
+        notes=list(result.notes) + notes,
         device=str(device),
         seconds=time.perf_counter() - started,
     )

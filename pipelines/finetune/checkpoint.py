@@ -9,7 +9,10 @@ A checkpoint directory holds::
 
 Masks are not stored: a resumed run recaptures them from its input model, the same pruned model the
 interrupted run started from. A checkpoint is written to a sibling temp dir and renamed over the old
-one, so a kill mid-write leaves the previous checkpoint intact.
+one, so a kill mid-write leaves the previous checkpoint intact; a file of a written checkpoint is never
+rewritten in place, so whoever is told of a checkpoint (`StageContext.on_checkpoint`: the worker, which
+publishes it to the artifact root for an attempt on another node) may hard-link its files and read them
+at leisure while training goes on.
 """
 
 from __future__ import annotations

@@ -180,6 +180,8 @@ def train(model: PreTrainedModel, spec: FinetuneStage, ctx: StageContext) -> Tra
         metrics += [Metric("lr", lr, step), Metric("tokens_per_s", tokens / elapsed, step)]
         if spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0:
             save_checkpoint(checkpoint_dir, model, optimizer, step + 1, metrics, spec)
+            if ctx.on_checkpoint is not None:
+                ctx.on_checkpoint(checkpoint_dir)
         ctx.progress(step + 1, spec.steps, f"step {step + 1}/{spec.steps} loss {totals['loss']:.4f}")
 
     model.eval()
