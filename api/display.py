@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -142,6 +143,12 @@ def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, A
             table.add_row(art["id"], art["kind"], _fmt_bytes(art.get("size_bytes")), name)
         console.print(table)
     console.print(f"job id: [bold]{job['id']}[/bold]")
+    if job.get("flow_run_id"):
+        console.print(f"Prefect flow run: {job['flow_run_id']}")
+    if job.get("resumes"):
+        console.print(f"resumed automatically {job['resumes']} time(s) after its runner died")
+    if job.get("error"):
+        console.print(f"[red]error:[/red] {escape(job['error'])}")
     console.print("download: sparseflow download ARTIFACT_ID -o DIR   (verifies sha256)")
 
 

@@ -78,6 +78,8 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     error: str | None
     code_version: str
+    flow_run_id: str | None = Field(None, description="Cluster mode: the Prefect flow run now running the job.")
+    resumes: int = Field(0, description="Times the service resumed the job by itself after its runner died.")
 
 
 class JobDetail(JobPublic):

@@ -9,7 +9,6 @@ code download: the same package (image) is installed everywhere. The API then on
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelled, Crashed
 
 from orchestrator.settings import Settings
@@ -54,9 +54,9 @@ class FlowRunState:
 def _client(settings: Settings) -> Iterator[SyncPrefectClient]:
     if not settings.prefect_api_url:
         raise ClusterUnavailable("cluster mode needs SPARSEFLOW_PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # the Prefect client reads its own setting
     try:
-        with get_client(sync_client=True) as client:
+        # Prefect's client reads its own setting, fixed when prefect was imported: override it here
+        with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}), get_client(sync_client=True) as client:
             yield client
     except (ObjectNotFound, ClusterUnavailable):
         raise

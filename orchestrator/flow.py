@@ -15,6 +15,8 @@ so a job continues where it stopped with its lineage intact and no finished stag
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +29,14 @@ from prefect.states import Cancelled
 from pydantic import TypeAdapter
 from sqlalchemy.orm import Session
 
-from orchestrator import served_inputs
+from orchestrator import access, served_inputs
 from orchestrator.caching import reuse_cached, stage_cache_key
 from orchestrator.runtime import Heartbeat, JobRuntime, embedded_runner, runtime_for
 from orchestrator.states import Status
 from orchestrator.store import queries
 from pipelines.recipe import Recipe, StageSpec
 from workers import placement
-from workers.runner import SOURCE_PREFIX, StageRequest
+from workers.runner import StageRequest
 from workers.storage import ArtifactStorage
 
 log = logging.getLogger(__name__)
@@ -86,12 +88,14 @@ def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _source_inputs(session: Session, job_id: str, model_ref: str) -> dict[str, Input]:
-    """The job's source model as an artifact (registered once per job) feeding `model` and `base_model`."""
+def _source_inputs(session: Session, job_id: str, model_ref: str, owner: str) -> dict[str, Input]:
+    """The job's model feeding `model` and `base_model`: another artifact of the owner's (`artifact:<id>`,
+    checked again now), or a source reference registered once per job as an artifact of its own."""
+    uri, artifact_id = access.model_input(session, model_ref, owner=owner)
+    if artifact_id is not None:
+        return {"model": Input(artifact_id, uri), "base_model": Input(artifact_id, uri)}
     sources = [a for a in queries.list_artifacts(session, job_id, kind="model") if a.stage_run_id is None]
-    source = sources[0] if sources else queries.add_artifact(
-        session, job_id=job_id, kind="model", uri=SOURCE_PREFIX + model_ref
-    )
+    source = sources[0] if sources else queries.add_artifact(session, job_id=job_id, kind="model", uri=uri)
     return {"model": Input(source.id, source.uri), "base_model": Input(source.id, source.uri)}
 
 
@@ -173,7 +177,7 @@ def run_stage(job_id: str, stage_run_id: str, inputs: dict[str, Input], heartbea
     with runtime.sessions.begin() as session:
         job = queries.get_job(session, job_id)
         stage_run = queries.get_stage_run(session, stage_run_id)
-        recipe = Recipe.model_validate(job.recipe)
+        recipe, owner = Recipe.model_validate(job.recipe), job.owner
         spec = TypeAdapter(StageSpec).validate_python(stage_run.params)
         label = stage_label(stage_run.index, stage_run.kind)
         if stage_run.status == Status.failed:  # a retry of a transient failure
@@ -196,9 +200,11 @@ def run_stage(job_id: str, stage_run_id: str, inputs: dict[str, Input], heartbea
                     notes=["cached: same inputs, parameters and code"])
         return {a.kind: Input(a.id, a.uri) for a in reused}
     _emit_stage(runtime, job_id, stage_run_id, label, "running")
+    with runtime.sessions() as session:
+        data = access.data_spec(session, recipe.data.model_dump(mode="json"), owner=owner)
     request = StageRequest(
         job_id=job_id, stage_run_id=stage_run_id, label=label, spec=spec.model_dump(mode="json"),
-        data=recipe.data.model_dump(mode="json"), seed=recipe.seed,
+        data=data, seed=recipe.seed,
         inputs={kind: item.uri for kind, item in inputs.items()},
         artifact_root=runtime.settings.artifacts_url, cache_dir=str(runtime.settings.cache_dir),
     )
@@ -253,14 +259,19 @@ def compression_job(job_id: str) -> Any:
     runner = runner_name(runtime)
     with runtime.sessions.begin() as session:
         queries.claim_job(session, job_id, runner)
+        queries.add_tag(session, job_id=job_id, key="runner_process",
+                        value=f"{socket.gethostname()}:{os.getpid()} parent {os.getppid()}")
         if queries.get_job(session, job_id).status == Status.cancelled:  # cancelled before it started
             return Cancelled(message=f"job {job_id} was cancelled before it started")
         job = queries.set_job_status(session, job_id, Status.running)
-        current = _source_inputs(session, job_id, job.recipe["model"])
+        owner, recipe = job.owner, Recipe.model_validate(job.recipe)
         plan = [(run.id, run.index, run.kind, run.status) for run in queries.stage_runs(session, job_id)]
     runtime.on_event({"type": "job", "job_id": job_id, "status": "running"})
     with Heartbeat(runtime, job_id, runner) as heartbeat:
         try:
+            with runtime.sessions.begin() as session:  # the policy again: settings or references may have changed
+                access.check_recipe(session, recipe, owner=owner, settings=settings)
+                current = _source_inputs(session, job_id, recipe.model, owner)
             placement.connect(settings.ray_address, num_cpus=settings.ray_num_cpus,
                               num_gpus=settings.ray_num_gpus, bind_host=settings.ray_bind_host)
             for stage_run_id, index, kind, status in plan:
