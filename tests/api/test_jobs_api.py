@@ -79,7 +79,9 @@ def test_cancel_queued_job_then_cancel_again_is_409(client: TestClient, recipe: 
 
 
 def test_tokens_scope_jobs_by_owner(settings: Any, recipe: dict[str, Any]) -> None:
-    settings = settings.model_copy(update={"api_tokens": {"tok-a": "alice", "tok-b": "bob"}})
+    # with auth, recipes may name local paths only under configured roots (the recipe's are in tmp_path)
+    roots = [str(Path(recipe["model"]).parent)]
+    settings = settings.model_copy(update={"api_tokens": {"tok-a": "alice", "tok-b": "bob"}, "local_roots": roots})
     with TestClient(create_app(settings)) as client:
         assert client.post("/v1/jobs", json={"recipe": recipe, "start": False}).status_code == 401
         alice = {"Authorization": "Bearer tok-a"}
