@@ -34,6 +34,8 @@ from pipelines.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_RESUMES = Recipe.model_fields["max_resumes"].default
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -103,11 +105,12 @@ def reconcile_once(sessions: sessionmaker[Session], settings: Settings,
             if not fail_lost(session, job_id, runner, reason):
                 continue
             job = queries.get_job(session, job_id)
-            if job.resumes < Recipe.model_validate(job.recipe).max_resumes:
+            allowed = job.recipe.get("max_resumes", DEFAULT_MAX_RESUMES)  # rows from before the field: default
+            if job.resumes < allowed:
                 job.resumes += 1
                 requeue_job(session, job_id)
                 queries.add_tag(session, job_id=job_id, key="note",
-                                value=f"resumed automatically ({job.resumes} of {job.recipe.get('max_resumes', 1)})")
+                                value=f"resumed automatically ({job.resumes} of {allowed})")
                 resumable.append(job_id)
         failed.append(job_id)
         log.warning("job %s: %s%s", job_id, reason, "; resuming it" if job_id in resumable else "")
