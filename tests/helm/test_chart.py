@@ -90,8 +90,11 @@ def test_workers_get_the_kuberay_head_gcs_address_and_join_as_resource_less_node
     script = worker["args"][0]
     assert 'ray start --address="$SPARSEFLOW_RAY_ADDRESS"' in script
     assert "--num-cpus='0'" in script and "--num-gpus='0'" in script
-    # the raylet is started first, then the worker replaces the shell (it gets the pod's signals)
-    assert script.index("ray start") < script.index("exec sparseflow worker")
+    # the raylet is started first (retried while the head starts), then the worker replaces the shell
+    assert script.index("until ray start") < script.index("exec sparseflow worker")
+    assert '[ "$tries" -lt 60 ] || exit 1' in script
+    # a worker pod whose raylet died is restarted, and rejoins
+    assert "'raylet'" in worker["livenessProbe"]["exec"]["command"][-1]
 
 
 def test_api_gets_no_ray_address_it_runs_no_stage(tmp_path):
@@ -212,6 +215,7 @@ def test_raycluster_can_be_replaced_by_a_ray_client_address(tmp_path):
     assert env_of(worker)["SPARSEFLOW_RAY_ADDRESS"]["value"] == "ray://ray:10001"
     # Ray Client needs no local raylet: the worker runs `sparseflow worker` directly
     assert worker["command"][:2] == ["sparseflow", "worker"] and "args" not in worker
+    assert "livenessProbe" not in worker
 
 
 def test_external_gcs_address_is_joined(tmp_path):
