@@ -14,7 +14,7 @@
 # Both run as the non-root user 1000:1000, the uid the Helm chart's securityContexts name.
 
 ARG PYTHON_VERSION=3.12
-ARG CUDA_VERSION=12.8.1
+ARG CUDA_VERSION=13.0.1
 ARG UBUNTU_VERSION=24.04
 ARG TORCH_VERSION=2.13.0
 ARG CUTLASS_VERSION=4.2.0.0
@@ -67,8 +67,9 @@ ENV CUDA_HOME=/usr/local/cuda
 FROM cuda-base AS worker-build
 ARG TORCH_VERSION
 ARG CUTLASS_VERSION
-# Another CUDA flavour of torch: e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG TORCH_INDEX_URL=https://pypi.org/simple
+# torch's CUDA flavour, on the same CUDA major as CUDA_VERSION (older drivers: CUDA_VERSION=12.8.1 with
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128)
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 # 0 skips the ahead-of-time kernel build (minutes); the tuner then skips the sm90 backend and says why
 ARG BUILD_KERNELS=1
 ENV PIP_NO_CACHE_DIR=1 \
