@@ -8,13 +8,10 @@ Resumable state goes through the artifact root too (`workers.checkpoints`): ever
 writes is published under `<root>/_checkpoints/<job_id>/<stage_run_id>/`, and an attempt starting on
 any node first fetches the latest one, so a retry after a dead worker resumes wherever Ray places it.
 
-What stays on the node (`cache_dir`), because any node recomputes it and a hit or a miss gives the
-same result: models built or downloaded from their source (`models/`, `hub/`), data sources
-(`data/`), downloaded artifacts (`artifacts/`, keyed by URI and remote version), the dense-perplexity
-figure of evaluate (`dense_ppl/`) and finetune's teacher logits (`teacher_logits/`). The teacher
-cache is deliberately not shared: full-vocabulary logits are larger than recomputing them costs, and
-a resumed attempt only needs the steps its predecessor never reached, which that one never cached.
-Calibration data is not a cache but an artifact (kind `calibration`) and is stored like any other.
+Node caches (`cache_dir`) stay on the node, except the few worth sharing (evaluate's dense
+perplexity), which `workers.shared_cache` mirrors under the artifact root around the stage; its
+docstring lists every cache and why it is shared or not. Calibration data is not a cache but an
+artifact (kind `calibration`) and is stored like any other.
 """
 
 from __future__ import annotations
@@ -36,6 +33,7 @@ from pipelines.stage import StageContext
 from pipelines.stages import get_stage
 from workers.checkpoints import CheckpointPublisher, RemoteCheckpoints
 from workers.progress import ProgressSink
+from workers.shared_cache import shared_cache_for, sync
 from workers.storage import ArtifactStorage, remove_local
 
 log = logging.getLogger(__name__)
@@ -132,6 +130,8 @@ def execute_stage(request: StageRequest, sink: ProgressSink | None = None) -> St
     if _restore_checkpoint(remote, checkpoint_dir, notes):  # an earlier attempt got this far
         inputs.setdefault("checkpoint", checkpoint_dir)
         sink.emit(0, 1, "resuming from the last checkpoint")
+    shared = shared_cache_for(spec.stage, request.artifact_root, Path(request.cache_dir))
+    sync(shared, "pull")
     publisher = CheckpointPublisher(remote, checkpoint_dir.parent / ".publishing" / request.stage_run_id)
     workdir = Path(tempfile.mkdtemp(prefix=f"sparseflow-{request.label}-"))
     try:
@@ -153,6 +153,7 @@ def execute_stage(request: StageRequest, sink: ProgressSink | None = None) -> St
             publisher.close(flush=True)  # the next attempt resumes from the newest checkpoint we have
             raise
         publisher.close(flush=False)
+        sync(shared, "push")
         stored = [
             storage.put(path, job_id=request.job_id, label=request.label, kind=kind)
             for kind, path in result.outputs.items()

@@ -23,6 +23,7 @@ import pytest
 
 from workers.checkpoints import POINTER, CheckpointFetchError, RemoteCheckpoints
 from workers.runner import SOURCE_PREFIX, StageRequest, attempt_checkpoint_dir, execute_stage, remote_checkpoints
+from workers.shared_cache import CACHE_PREFIX as SHARED_PREFIX
 from workers.storage import MANIFEST, ArtifactStorage, IncompleteArtifactError, sha256_file, upload_dir
 
 pytest.importorskip("s3fs")
@@ -263,3 +264,26 @@ def test_finetune_killed_on_one_node_resumes_on_another_from_its_published_check
     assert kinds["model"] == f"{s3_root}/job-x/02-finetune/model" and "checkpoint" in kinds
     assert remote.latest() is None and not remote.fs.exists(remote.prefix), "done: published checkpoints deleted"
     assert not attempt_checkpoint_dir(node_b).exists(), "done: the working copy is deleted"
+
+
+def test_dense_perplexity_measured_on_one_node_is_reused_on_another(s3_root: str, tiny_model_dir: Path,
+                                                                    tiny_text_file: Path, tmp_path: Path) -> None:
+    def evaluate_on(node: str) -> dict[str, float]:
+        outcome = execute_stage(StageRequest(
+            job_id=f"job-{node}", stage_run_id=f"eval-{node}", label="03-evaluate",
+            spec={"stage": "evaluate", "seq_len": 32, "max_windows": 2, "batch_size": 2, "compare_dense": True},
+            data={"calibration": str(tiny_text_file), "evaluation": str(tiny_text_file)}, seed=0,
+            inputs={"model": SOURCE_PREFIX + str(tiny_model_dir), "base_model": SOURCE_PREFIX + str(tiny_model_dir)},
+            artifact_root=s3_root, cache_dir=str(tmp_path / node)))
+        return {name: value for name, value, _ in outcome.metrics} | {"cached": float(
+            "dense perplexity taken from the cache" in outcome.notes)}
+
+    first = evaluate_on("node-a")
+    fs, root = fsspec.core.url_to_fs(s3_root)
+    shared = fs.find(f"{root}/{SHARED_PREFIX}/dense_ppl")
+    assert len(shared) == 1 and shared[0].endswith(".json")
+    assert first["cached"] == 0.0
+    second = evaluate_on("node-b")
+    assert second["cached"] == 1.0, "node b took the dense figure node a measured"
+    assert second["dense_perplexity"] == first["dense_perplexity"]
+    assert list((tmp_path / "node-b" / "dense_ppl").iterdir())[0].name == shared[0].rsplit("/", 1)[-1]
