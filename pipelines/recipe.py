@@ -58,6 +58,7 @@ MAX_NUM_GPUS = 64  # one stage runs on one node
 MAX_NUM_CPUS = 4096
 MAX_MEMORY_GB = 16384
 MAX_RECIPE_FILE_BYTES = 1 << 20  # like the API's default request limit
+MAX_SLEEP_S = 3600.0  # the stand-in `sleep` stage: an hour is beyond any benchmark's need
 NUL_FREE = r"^[^\x00]*$"
 
 
@@ -401,8 +402,19 @@ class ActivationProfileStage(_StageBase):
         return self
 
 
+class SleepStage(_StageBase):
+    """Stand-in for benchmarks: hold the stage's resources for `seconds`, report progress, write a marker.
+
+    It changes and measures nothing, so it may go anywhere in a recipe.
+    """
+
+    stage: Literal["sleep"] = "sleep"
+    seconds: float = Field(1.0, ge=0.0, le=MAX_SLEEP_S, description="How long to hold the stage's resources.")
+
+
 StageSpec = Annotated[
-    CalibrateStage | PruneStage | FinetuneStage | EvaluateStage | KernelTuneStage | ActivationProfileStage,
+    CalibrateStage | PruneStage | FinetuneStage | EvaluateStage | KernelTuneStage | ActivationProfileStage
+    | SleepStage,
     Field(discriminator="stage"),
 ]
 

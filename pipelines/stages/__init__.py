@@ -18,6 +18,7 @@ STAGE_MODULES: dict[str, str] = {
     "evaluate": "pipelines.stages.evaluate",
     "kernel_tune": "pipelines.stages.kernel_tune",
     "activation_profile": "pipelines.stages.activation_profile",
+    "sleep": "pipelines.stages.sleep",
 }
 
 
