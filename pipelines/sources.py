@@ -70,12 +70,19 @@ def is_url(ref: str) -> bool:
     return _URL.match(ref) is not None
 
 
-def _shown(ref: str) -> str:
-    """How a reference appears in messages: a URL only by its last component (it may be server-internal)."""
+def describe(ref: str) -> str:
+    """A reference as messages and reports may show it: a URL only by its scheme and last component.
+
+    URLs reach the pipelines from the orchestrator (an uploaded dataset's storage location), so their
+    full form is the server's business, not something to hand back to the tenant.
+    """
     if not is_url(ref):
-        return repr(ref)
-    name = PurePosixPath(ref.rstrip("/")).name or "?"
-    return repr(f"{ref.split('://', 1)[0]}://.../{name}")
+        return ref
+    return f"{ref.split('://', 1)[0]}://.../{PurePosixPath(ref.rstrip('/')).name or '?'}"
+
+
+def _shown(ref: str) -> str:
+    return repr(describe(ref))
 
 
 def default_home() -> Path:

@@ -17,12 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentUser, OrchestratorDep, SessionDep, SettingsDep
+from api.schemas import ErrorBody
 from orchestrator import dataset_files
 from orchestrator.access import DATASET_PREFIX
 from orchestrator.store import datasets
 from orchestrator.store.errors import NotFound
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"],
+                   responses={401: {"description": "Missing or unknown bearer token.", "model": ErrorBody}})
+_NOT_FOUND = {404: {"description": "No such dataset for this owner.", "model": ErrorBody}}
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ACCEPTED_TYPES = ("text/plain", "application/octet-stream")
@@ -74,8 +77,8 @@ def _check_declared_length(request: Request, limit: int) -> None:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic,
              openapi_extra={"requestBody": _TEXT_BODY},
-             responses={413: {"description": "Larger than max_dataset_bytes."},
-                        415: {"description": "Not text/plain or application/octet-stream."}})
+             responses={413: {"description": "Larger than max_dataset_bytes.", "model": ErrorBody},
+                        415: {"description": "Not text/plain or application/octet-stream.", "model": ErrorBody}})
 async def upload_dataset(
     request: Request,
     user: CurrentUser,
@@ -131,12 +134,13 @@ def _owned(session: SessionDep, user: str, dataset_id: str):
     return datasets.get_dataset(session, dataset_id, owner=user)
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic)
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses=_NOT_FOUND)
 def get_dataset(dataset_id: str, session: SessionDep, user: CurrentUser) -> DatasetPublic:
     return DatasetPublic.model_validate(_owned(session, user, dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+               responses=_NOT_FOUND)
 def delete_dataset(dataset_id: str, session: SessionDep, user: CurrentUser) -> Response:
     """Forget the dataset and delete its text; jobs that still name it fail when they read it."""
     row = _owned(session, user, dataset_id)

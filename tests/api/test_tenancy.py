@@ -31,9 +31,9 @@ from orchestrator import access, dataset_files
 from orchestrator.service import Orchestrator
 from orchestrator.settings import Settings
 from orchestrator.store import db, queries
-from orchestrator.store.models import Dataset, Job
+from orchestrator.store.models import Artifact, Dataset, Job
 from pipelines.recipe import parse_recipe
-from pipelines.sources import load_text, resolve_model
+from pipelines.sources import SourceError, load_text, resolve_model
 from workers.runner import SOURCE_PREFIX
 
 POSTGRES_URL = os.environ.get("SPARSEFLOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -280,6 +280,16 @@ def test_an_artifact_that_is_not_a_model_is_refused(server: Server) -> None:
     assert "not a model" in response.json()["detail"]
 
 
+def test_an_artifact_marked_corrupt_is_refused(server: Server) -> None:
+    own, _ = server.model_artifact("alice")
+    with server.orchestrator.sessions.begin() as session:
+        session.get(Artifact, own).corrupt_reason = "checksums.json does not match config.json"
+    before = server.job_count()
+    response = submit(server.strict, recipe(model=f"artifact:{own}"))
+    assert_refused(server, response, "recipe.model", sent="", jobs_before=before, status=409)
+    assert "corrupt" in response.json()["detail"]
+
+
 def test_references_of_the_wrong_kind_are_refused(server: Server) -> None:
     own, _ = server.model_artifact("alice")
     before = server.job_count()
@@ -401,6 +411,15 @@ def test_pipelines_read_models_and_text_from_fsspec_urls(tiny_model_dir: Path, t
         assert resolve_model(tiny_model_dir.as_uri(), tmp_path) == tiny_model_dir
     finally:
         fs.rm(root, recursive=True)
+
+
+def test_pipeline_errors_name_urls_only_by_their_last_component(tmp_path: Path) -> None:
+    """A dataset URL is the server's: when it is gone, the stage's error must not hand its path back."""
+    uri = (tmp_path / "datasets" / "0123abcd" / "gone.txt").as_uri()
+    for call in (lambda: load_text(uri, "calibration", tmp_path), lambda: resolve_model(uri, tmp_path)):
+        with pytest.raises(SourceError) as error:
+            call()
+        assert "gone.txt" in str(error.value) and str(tmp_path) not in str(error.value)
 
 
 def test_cli_run_applies_the_same_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
