@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,6 +11,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.limits import install_limits
 from api.routers import artifacts, datasets, jobs, lineage, metrics
+from orchestrator.integrity import verify_forever
 from orchestrator.service import Orchestrator
 from orchestrator.settings import Settings, get_settings
 
@@ -18,18 +20,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """An app bound to `settings` (default: from the environment).
 
     Embedded mode runs jobs in this process; cluster mode only records them and creates Prefect flow runs.
-    Either way the app reconciles at start and then periodically: jobs whose runner died are failed and,
-    as their recipe allows, resumed.
+    Either way the app reconciles at start and then periodically (jobs whose runner died are failed and,
+    as their recipe allows, resumed) and re-hashes a few stored artifacts every `verify_every_s`.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.orchestrator = Orchestrator(settings or get_settings())
-        app.state.orchestrator.start_reconciler()
+        orchestrator = app.state.orchestrator = Orchestrator(settings or get_settings())
+        orchestrator.start_reconciler()
+        verifier = asyncio.create_task(verify_forever(orchestrator.sessions, orchestrator.settings.verify_every_s))
         try:
             yield
         finally:
-            app.state.orchestrator.close()
+            verifier.cancel()
+            orchestrator.close()
 
     app = FastAPI(
         title="sparseflow",

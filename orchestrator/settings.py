@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(2.0, gt=0)
     runner_lost_after_s: float = Field(30.0, gt=0)
     reconcile_every_s: float = Field(5.0, gt=0)
+    verify_every_s: float = Field(60.0, gt=0, description="The API re-hashes a few stored artifacts this often.")
 
     # tenancy and limits
     local_roots: list[str] | None = Field(
