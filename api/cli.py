@@ -23,8 +23,8 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-UrlOpt = Annotated[str | None, typer.Option("--url", envvar="SPARSEFLOW_URL", help="API base URL.")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="SPARSEFLOW_TOKEN", help="API bearer token.")]
+UrlOpt = Annotated[str | None, typer.Option("--url", help="API base URL (default: SPARSEFLOW_URL).")]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="API bearer token (default: SPARSEFLOW_TOKEN).")]
 QUICKSTART = "quickstart"
 
 
@@ -108,22 +108,29 @@ def serve(
 ) -> None:
     """Serve the REST API, running submitted jobs in this process."""
     _quiet_frameworks()
-    from api.reaper import install_reaper, shutdown_ray
+    from api.reaper import exit_service, install_reaper
 
     install_reaper()  # Ray and Prefect's processes end with this one, even after SIGKILL
     import uvicorn
 
     from api.app import create_app
 
+    code = 0
     try:
         uvicorn.run(create_app(), host=host, port=port)
-    finally:  # SIGTERM/SIGINT: stop the local Ray too, so a running job's thread ends and we exit
-        shutdown_ray()
+    except SystemExit as stop:  # SIGTERM (after uvicorn's graceful shutdown), or uvicorn could not start
+        code = stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:
+        code = 130
+    exit_service(code)  # stop Ray and Prefect's server now, without waiting for a running job's thread
 
 
 def _client(url: str | None, token: str | None):
     from api.client import ApiClient
+    from orchestrator.settings import get_settings
 
+    settings = get_settings()  # the one reader of SPARSEFLOW_URL / SPARSEFLOW_TOKEN
+    url, token = url or settings.url, token or settings.token
     if url is None:
         _quiet_frameworks()
     return ApiClient(url, token)
@@ -199,7 +206,9 @@ def resume(
     token: TokenOpt = None,
 ) -> None:
     """Run a failed or cancelled job again from its first unfinished stage: here, or through the API (--url)."""
-    if url is not None:
+    from orchestrator.settings import get_settings
+
+    if (url or get_settings().url) is not None:
         with _client(url, token) as client:
             job = client.post(f"/v1/jobs/{job_id}/resume?force={str(force).lower()}")
         console.print(f"{job['id']} {job['status']}")

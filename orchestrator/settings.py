@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     )
     max_concurrent_jobs: int = Field(1, ge=1, description="Embedded mode: jobs one process runs at once.")
 
+    # the CLI's client side
+    url: str | None = Field(None, description="API base URL for submit/status/jobs/download/cancel/resume.")
+    token: str | None = Field(None, description="Bearer token the CLI sends to that API.")
+
     # cluster mode
     prefect_api_url: str | None = Field(None, description="Prefect server API; set, it selects cluster mode.")
     work_pool: str = Field("sparseflow", min_length=1, max_length=100)
