@@ -1,0 +1,110 @@
+"""A local Ray node that listens only where it is told to, and the check that it does.
+
+Ray's gRPC servers (GCS, raylet, object manager, core workers) listen either on loopback only or on
+every interface, and they pick loopback only when the node's IP is 127.0.0.1. On Linux, though,
+`ray.init(_node_ip_address="127.0.0.1")` swaps a loopback address for the host's routable IP (so
+other nodes could join), and the GCS then listens on every interface. Ray keeps loopback addresses
+only in its single-machine mode (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read at import into
+`ray_constants.ENABLE_RAY_CLUSTER`). So for a loopback bind host the node is started with that mode
+on; every Ray process then listens on 127.0.0.1 (its dashboard agent and metrics ports included).
+Clients of such a node need the same mode to keep its loopback address: `connect_address` applies it.
+
+Any other bind host becomes the node's advertised IP, but Ray has no per-interface bind: it then
+listens on every interface, and `exposed_sockets` reports so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Iterator
+
+import psutil
+import ray
+from ray._private import ray_constants
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def _single_machine(on: bool) -> Iterator[None]:
+    """Ray's single-machine mode for the duration (it keeps loopback addresses as they are)."""
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    if on:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def start(bind_host: str, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Start a Ray node in this process, listening on `bind_host` (loopback: loopback only)."""
+    loopback = is_loopback(bind_host)
+    with _single_machine(loopback):
+        ray.init(
+            address="local",  # start our own, never join a Ray that happens to run on this machine
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            _node_ip_address="127.0.0.1" if loopback else bind_host,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    exposed = exposed_sockets(bind_host)
+    if exposed:
+        log.warning("the local Ray node listens beyond %s: %s", bind_host, ", ".join(exposed))
+
+
+def connect_address(address: str) -> None:
+    """Join the Ray cluster at `address` (host:port); a loopback head keeps its loopback address."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    with _single_machine(is_loopback(host)):
+        ray.init(address=address, log_to_driver=False)
+
+
+def _allowed(bind_host: str) -> set[str]:
+    if is_loopback(bind_host):
+        return {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    return {bind_host, f"::ffff:{bind_host}"}
+
+
+def _node_pids() -> set[int]:
+    """Pids of this node's GCS and raylet: the processes listening on the ports Ray reports for them."""
+    context = ray.get_runtime_context()
+    node = next(n for n in ray.nodes() if n["NodeID"] == context.get_node_id())
+    ports = {int(context.gcs_address.rsplit(":", 1)[1]), node["NodeManagerPort"], node["ObjectManagerPort"]}
+    return {c.pid for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port in ports and c.pid is not None}
+
+
+def listening(pids: set[int]) -> list[tuple[str, str, int]]:
+    """(name[pid], ip, port) of every socket the processes `pids` listen on."""
+    found = []
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            for conn in process.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((f"{process.name()}[{pid}]", conn.laddr.ip, conn.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def exposed_sockets(bind_host: str) -> list[str]:
+    """Sockets of this node's GCS and raylet that listen on an address other than `bind_host`."""
+    allowed = _allowed(bind_host)
+    return [f"{name} {ip}:{port}" for name, ip, port in listening(_node_pids()) if ip not in allowed]
