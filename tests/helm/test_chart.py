@@ -7,7 +7,12 @@ helm comes from PATH or `.venv/bin/helm` (`bash scripts/get-helm.sh` installs it
 from __future__ import annotations
 
 import base64
+import http.server
+import os
 import re
+import subprocess
+import sys
+import threading
 
 import pytest
 import yaml
@@ -370,6 +375,40 @@ def test_deploy_hook_runs_sparseflow_deploy_after_migrations(tmp_path):
         worker_env = env_of(containers(one(docs, "Deployment", "prefect-worker"))[0])
         for name in ("SPARSEFLOW_WORK_POOL", "SPARSEFLOW_DEPLOYMENT"):
             assert env[name] == worker_env[name]
+
+
+def test_inline_scripts_of_worker_and_deploy_hook_parse(tmp_path):
+    docs = render(tmp_path)
+    worker = containers(one(docs, "Deployment", "prefect-worker"))[0]
+    script = tmp_path / "worker.sh"
+    script.write_text(worker["args"][0])
+    done = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    compile(worker["livenessProbe"]["exec"]["command"][-1], "liveness", "exec")
+    (wait,) = one(docs, "Job", "deploy")["spec"]["template"]["spec"]["initContainers"]
+    compile(wait["command"][-1], "wait-for-prefect", "exec")
+
+
+def test_deploy_hook_wait_returns_once_prefect_answers(tmp_path):
+    """The init container's script, run for real against a server that answers /api/health."""
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args):
+            pass
+
+    (wait,) = one(render(tmp_path), "Job", "deploy")["spec"]["template"]["spec"]["initContainers"]
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{server.server_address[1]}/api/"}
+        done = subprocess.run([sys.executable, "-c", wait["command"][-1]], env=env, capture_output=True,
+                              text=True, timeout=30)
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
 
 
 def test_deploy_hook_sets_a_pool_wide_limit_only_when_asked(tmp_path):
