@@ -427,7 +427,8 @@ def test_settings_reach_api_and_workers_only_when_set(tmp_path):
         env = env_of(containers(one(docs, "Deployment", component))[0])
         assert not {"SPARSEFLOW_HEARTBEAT_S", "SPARSEFLOW_RUNNER_LOST_AFTER_S", "SPARSEFLOW_LOCAL_ROOTS"} & set(env)
     settings = {"heartbeatSeconds": 1.5, "runnerLostAfterSeconds": 20, "reconcileEverySeconds": 3,
-                "localRoots": ["/data/models", "/data/text"], "maxRequestBytes": 4194304, "maxDatasetBytes": 1 << 30}
+                "verifyEverySeconds": 600, "localRoots": ["/data/models", "/data/text"], "maxRequestBytes": 4194304,
+                "maxDatasetBytes": 1 << 30}
     docs = render(tmp_path, {"settings": settings})
     for component in ("api", "prefect-worker"):
         env = {k: v["value"] for k, v in env_of(containers(one(docs, "Deployment", component))[0]).items()
@@ -435,6 +436,7 @@ def test_settings_reach_api_and_workers_only_when_set(tmp_path):
         assert env["SPARSEFLOW_HEARTBEAT_S"] == "1.5"
         assert env["SPARSEFLOW_RUNNER_LOST_AFTER_S"] == "20"
         assert env["SPARSEFLOW_RECONCILE_EVERY_S"] == "3"
+        assert env["SPARSEFLOW_VERIFY_EVERY_S"] == "600"
         assert yaml.safe_load(env["SPARSEFLOW_LOCAL_ROOTS"]) == ["/data/models", "/data/text"]
         assert env["SPARSEFLOW_MAX_REQUEST_BYTES"] == "4194304"
         assert env["SPARSEFLOW_MAX_DATASET_BYTES"] == str(1 << 30)

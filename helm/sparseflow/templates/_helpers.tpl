@@ -253,6 +253,7 @@ the deployment in the work pool, never run a flow itself; PREFECT_API_URL points
   "heartbeatSeconds" "SPARSEFLOW_HEARTBEAT_S"
   "runnerLostAfterSeconds" "SPARSEFLOW_RUNNER_LOST_AFTER_S"
   "reconcileEverySeconds" "SPARSEFLOW_RECONCILE_EVERY_S"
+  "verifyEverySeconds" "SPARSEFLOW_VERIFY_EVERY_S"
   "maxRequestBytes" "SPARSEFLOW_MAX_REQUEST_BYTES"
   "maxDatasetBytes" "SPARSEFLOW_MAX_DATASET_BYTES" }}
 {{- range $key := keys $names | sortAlpha }}
