@@ -94,6 +94,7 @@ class RemoteCheckpoints:
         return version
 
     def _prune(self, keep: set[str | None]) -> None:
+        self.fs.invalidate_cache(self.prefix)
         for entry in self.fs.ls(self.prefix, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith("v") and name not in keep:
@@ -127,6 +128,7 @@ class RemoteCheckpoints:
 
     def discard(self) -> None:
         """Delete every published checkpoint of this stage run."""
+        self.fs.invalidate_cache(self.prefix)
         if self.fs.exists(self.prefix):
             self.fs.rm(self.prefix, recursive=True)
 
@@ -135,6 +137,7 @@ def discard_job_checkpoints(artifact_root: str, job_id: str) -> None:
     """Delete the published checkpoints of every stage run of `job_id` (for deleting a job)."""
     fs, root = fsspec.core.url_to_fs(artifact_root.rstrip("/"))
     prefix = f"{root}/{CHECKPOINTS_PREFIX}/{job_id}"
+    fs.invalidate_cache(prefix)
     if fs.exists(prefix):
         fs.rm(prefix, recursive=True)
 

@@ -51,6 +51,7 @@ class SharedCache:
 
     def _remote_entries(self, name: str) -> set[str]:
         base = f"{self.prefix}/{name}"
+        self.fs.invalidate_cache(base)  # other nodes add entries; never trust this process's old listing
         if not self.fs.exists(base):
             return set()
         found = self.fs.find(base)

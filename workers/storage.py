@@ -11,7 +11,7 @@ No reader ever sees half an artifact:
   target and renamed into place, so a kill leaves either nothing or the whole artifact there;
 - remote root: a file is one object PUT (object stores make it visible only once complete); a
   directory's files are uploaded first and its manifest last, and a remote directory without its
-  manifest counts as absent (`local_path` and `verify` say "incomplete").
+  manifest counts as absent (`local_path` says "incomplete"; `orchestrator.integrity` finds it corrupt).
 
 `local_path` brings a remote artifact into the node's local cache, keyed by the URI and the remote
 version (the manifest's digest for a directory, fsspec's `ukey` for a file), downloading into a temp
@@ -50,14 +50,6 @@ class IncompleteArtifactError(FileNotFoundError):
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_remote(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -174,6 +166,7 @@ class ArtifactStorage:
             if local.is_dir() and not (local / MANIFEST).is_file():
                 raise IncompleteArtifactError(f"artifact incomplete in storage (no {MANIFEST}): {uri}")
             return local
+        fs.invalidate_cache(path)  # another node may have stored it since this process last listed there
         if not fs.exists(path):
             raise FileNotFoundError(f"artifact missing from storage: {uri}")
         is_dir = fs.isdir(path)
@@ -201,30 +194,6 @@ class ArtifactStorage:
         finally:
             remove_local(staging)
         return cached
-
-    def verify(self, uri: str, sha256: str) -> list[str]:
-        """What is wrong with the stored bytes of `uri` against its recorded `sha256` (empty list: intact).
-
-        Reads the stored bytes themselves (not a cached copy); a directory is checked through its manifest.
-        """
-        fs, path = fsspec.core.url_to_fs(uri)
-        if not fs.exists(path):
-            return ["missing"]
-        if not fs.isdir(path):
-            return [] if _sha256_remote(fs, path) == sha256 else ["content does not match its sha256"]
-        if not fs.exists(f"{path}/{MANIFEST}"):
-            return [f"incomplete: no {MANIFEST}"]
-        text = fs.cat_file(f"{path}/{MANIFEST}")
-        if hashlib.sha256(text).hexdigest() != sha256:
-            return [f"{MANIFEST} does not match the artifact's sha256"]
-        problems = []
-        for name, digest in json.loads(text)["files"].items():
-            file = f"{path}/{name}"
-            if not fs.exists(file):
-                problems.append(f"{name}: missing")
-            elif _sha256_remote(fs, file) != digest:
-                problems.append(f"{name}: content does not match {MANIFEST}")
-        return problems
 
     def open(self, uri: str, mode: str = "rb"):
         """Open a file artifact for streaming (the API's download path)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from orchestrator.integrity import full_check, snapshot
 from workers.checkpoints import POINTER, CheckpointFetchError, RemoteCheckpoints
 from workers.runner import SOURCE_PREFIX, StageRequest, attempt_checkpoint_dir, execute_stage, remote_checkpoints
 from workers.shared_cache import CACHE_PREFIX as SHARED_PREFIX
@@ -99,8 +100,8 @@ def test_file_and_model_directory_round_trip_between_nodes(s3_root: str, tmp_pat
     assert sha256_file(local_dir / MANIFEST) == stored_dir.sha256
     assert reader.local_path(stored_dir.uri) == local_dir  # cached: the same copy again
     assert not [p for p in local_dir.parent.parent.rglob(".*")]  # no staging names left behind
-    assert reader.verify(stored_file.uri, stored_file.sha256) == []
-    assert reader.verify(stored_dir.uri, stored_dir.sha256) == []
+    assert full_check(snapshot(stored_file.uri), stored_file.sha256) is None  # the server's integrity check
+    assert full_check(snapshot(stored_dir.uri), stored_dir.sha256) is None
 
 
 def test_changed_remote_bytes_are_caught_and_never_served_from_a_stale_cache(s3_root: str, tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ def test_changed_remote_bytes_are_caught_and_never_served_from_a_stale_cache(s3_
     first = storage.local_path(stored.uri)
     fs, path = fsspec.core.url_to_fs(stored.uri)
     fs.pipe_file(f"{path}/sub/model.safetensors", b"bit rot")
-    assert storage.verify(stored.uri, stored.sha256) == [f"sub/model.safetensors: content does not match {MANIFEST}"]
+    assert full_check(snapshot(stored.uri), stored.sha256) == "changed: sub/model.safetensors"
 
     report = tmp_path / "report.json"
     report.write_text("v1")
@@ -118,7 +119,7 @@ def test_changed_remote_bytes_are_caught_and_never_served_from_a_stale_cache(s3_
     report.write_text("v2, a retried stage storing again")
     storage.put(report, job_id="j2", label="03-evaluate", kind="report")
     assert storage.local_path(file_artifact.uri).read_text() == "v2, a retried stage storing again"
-    assert storage.verify(file_artifact.uri, file_artifact.sha256) == ["content does not match its sha256"]
+    assert full_check(snapshot(file_artifact.uri), file_artifact.sha256).startswith("sha256 of the file is")
     assert (first / "sub" / "model.safetensors").read_bytes() == bytes(range(256)) * 64  # cached copy untouched
 
 
@@ -130,12 +131,12 @@ def test_a_half_uploaded_directory_is_absent_until_its_manifest_lands(s3_root: s
     upload_dir(fs, model, f"{root}/j3/01-prune/model")  # a worker that died before writing the manifest
     with pytest.raises(IncompleteArtifactError, match="incomplete"):
         storage.local_path(uri)
-    assert storage.verify(uri, "0" * 64) == [f"incomplete: no {MANIFEST}"]
+    assert full_check(snapshot(uri), "0" * 64) == f"{MANIFEST} is missing"
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
 
     stored = storage.put(model, job_id="j3", label="01-prune", kind="model")  # the retry stores it whole
     assert stored.uri == uri
-    assert storage.verify(uri, stored.sha256) == []
+    assert full_check(snapshot(uri), stored.sha256) is None
     assert json.loads(storage.local_path(uri).joinpath(MANIFEST).read_text())["files"].keys() == {
         "config.json", "sub/model.safetensors"}
 
@@ -173,7 +174,7 @@ def test_local_put_that_dies_mid_copy_leaves_nothing_at_the_target(tmp_path: Pat
 
         stored = storage.put(model, job_id="j4", label="01-prune", kind="model")  # the retry
         assert sorted(p.name for p in label_dir.iterdir()) == ["model"]
-        assert storage.verify(stored.uri, stored.sha256) == []
+        assert full_check(snapshot(stored.uri), stored.sha256) is None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
