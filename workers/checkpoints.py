@@ -23,7 +23,8 @@ artifact). When it fails they stay, for the next attempt or a `resume`.
 Uploads run on a background thread so training does not wait on the network; a newer checkpoint
 supersedes one still waiting. The publisher snapshots the checkpoint with hard links when called (the
 pipeline never rewrites a checkpoint file in place, it writes a new directory and renames it), so the
-next save cannot change a checkpoint while it is being uploaded.
+next save cannot change a checkpoint while it is being uploaded. On a local (or mounted) root the same
+holds, and publishing and fetching hard-link files instead of copying them where the filesystem allows.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from workers.storage import remove_local, replace_local, sha256_file, upload_dir
 
@@ -51,6 +53,13 @@ POINTER = "LATEST.json"
 
 def _digests(directory: Path) -> dict[str, str]:
     return {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copy2(source, target)
 
 
 class CheckpointFetchError(OSError):
@@ -85,7 +94,10 @@ class RemoteCheckpoints:
             raise ValueError(f"checkpoint {local} is empty")
         previous = self.latest()
         version = f"v{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-        upload_dir(self.fs, local, f"{self.prefix}/{version}")
+        if isinstance(self.fs, LocalFileSystem):  # a local or mounted root: link where it can, no copy
+            shutil.copytree(local, f"{self.prefix}/{version}", copy_function=_link_or_copy)
+        else:
+            upload_dir(self.fs, local, f"{self.prefix}/{version}")
         pointer = {"version": version, "previous": previous["version"] if previous else None, "files": files}
         staged = f"{self.prefix}/.{POINTER}.{uuid.uuid4().hex[:8]}"
         self.fs.pipe_file(staged, json.dumps(pointer, sort_keys=True).encode())
@@ -114,7 +126,11 @@ class RemoteCheckpoints:
             for name in pointer["files"]:
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(f"{self.prefix}/{pointer['version']}/{name}", str(target))
+                source = f"{self.prefix}/{pointer['version']}/{name}"
+                if isinstance(self.fs, LocalFileSystem):
+                    _link_or_copy(source, str(target))
+                else:
+                    self.fs.get_file(source, str(target))
             got = _digests(staging)
             if got != pointer["files"]:
                 bad = sorted(n for n in pointer["files"] if got.get(n) != pointer["files"][n])
@@ -140,13 +156,6 @@ def discard_job_checkpoints(artifact_root: str, job_id: str) -> None:
     fs.invalidate_cache(prefix)
     if fs.exists(prefix):
         fs.rm(prefix, recursive=True)
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another filesystem, or links not supported
-        shutil.copy2(source, target)
 
 
 class CheckpointPublisher:

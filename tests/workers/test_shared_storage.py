@@ -288,3 +288,16 @@ def test_dense_perplexity_measured_on_one_node_is_reused_on_another(s3_root: str
     assert second["cached"] == 1.0, "node b took the dense figure node a measured"
     assert second["dense_perplexity"] == first["dense_perplexity"]
     assert list((tmp_path / "node-b" / "dense_ppl").iterdir())[0].name == shared[0].rsplit("/", 1)[-1]
+
+
+def test_a_local_root_publishes_and_fetches_checkpoints_by_hard_links(tmp_path: Path) -> None:
+    remote = RemoteCheckpoints((tmp_path / "root").as_uri(), "j6", "run-1")
+    checkpoint = tmp_path / "node-a" / "run-1"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainable.safetensors").write_bytes(b"\x00" * 4096)
+    version = remote.publish(checkpoint)
+    published = tmp_path / "root" / "_checkpoints" / "j6" / "run-1" / version / "trainable.safetensors"
+    assert published.stat().st_ino == (checkpoint / "trainable.safetensors").stat().st_ino
+    assert remote.fetch(tmp_path / "node-b" / "run-1")
+    assert (tmp_path / "node-b" / "run-1" / "trainable.safetensors").read_bytes() == b"\x00" * 4096
+    assert sorted(p.name for p in published.parent.parent.iterdir()) == [POINTER, version]
