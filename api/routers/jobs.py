@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
 from api.deps import CurrentUser, OrchestratorDep, OwnedJob, SessionDep
+from api.polled import PollingUser, status_response
 from api.schemas import JobCreate, JobDetail, JobPublic, JobsPublic
-from api.views import job_detail, job_status
+from api.views import job_detail
 from orchestrator import access, service
 from orchestrator.states import Status
 from orchestrator.store import queries
@@ -24,6 +25,7 @@ def create_job(body: JobCreate, session: SessionDep, user: CurrentUser, orchestr
     session.commit()
     if body.start:
         orchestrator.start(job.id)
+        session.refresh(job)  # the dispatch recorded its runner (and flow run) in its own transaction
     return job_detail(session, job)
 
 
@@ -55,13 +57,14 @@ def start_job(job: OwnedJob, session: SessionDep, orchestrator: OrchestratorDep)
             "only a queued job that never ran can be started (a failed or cancelled one: POST .../resume)",
         )
     orchestrator.start(job.id)
+    session.refresh(job)
     return job_detail(session, job)
 
 
 @router.get("/{job_id}", response_model=JobDetail)
-def get_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobDetail:
+async def get_job(job_id: str, request: Request, user: PollingUser) -> Response:
     """State, stages with their headline metrics and notes; full metrics: `GET /v1/jobs/{job_id}/metrics`."""
-    return job_status(session, job_id, user)
+    return await status_response(request, job_id, user)
 
 
 @router.post("/{job_id}/cancel", response_model=JobDetail)
@@ -84,4 +87,5 @@ def resume_job(
     service.requeue_job(session, job.id, force=force)
     session.commit()
     orchestrator.start(job.id)
+    session.refresh(job)
     return job_detail(session, job)
