@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from orchestrator.store.models import Artifact, Dataset, Job
 from pipelines.recipe import parse_recipe
 from pipelines.sources import SourceError, load_text, resolve_model
 from workers.runner import SOURCE_PREFIX
+from workers.storage import write_manifest
 
 POSTGRES_URL = os.environ.get("SPARSEFLOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TOKENS = {"token-alice": "alice", "token-bob": "bob", "token-odd": "../../odd/owner"}
@@ -442,6 +444,37 @@ def test_cli_run_applies_the_same_policy(tmp_path: Path, monkeypatch: pytest.Mon
         get_settings.cache_clear()
     assert result.exit_code == 2, result.output
     assert "recipe.data.calibration" in result.output and "root:x:0:0" not in result.output
+
+
+@pytest.mark.usefixtures("ray_cluster", "prefect_harness")
+def test_a_job_runs_on_an_uploaded_dataset_and_an_own_artifact(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """End to end with auth on and no local roots: Alice's job loads her model by `artifact:` reference and
+    calibrates and evaluates on her uploaded text; Bob can name neither."""
+    settings = Settings(home=tmp_path / "home", api_tokens=TOKENS)
+    text = "\n\n".join(f"Paragraph {i}. Alice writes about rivers, mountains and the sea, day {i}." for i in range(120))
+    with TestClient(create_app(settings)) as client:
+        orchestrator = client.app.state.orchestrator
+        with orchestrator.sessions.begin() as session:  # a model an earlier job of Alice's produced
+            seed = queries.create_job(session, name="seed", recipe={}, stages=[("prune", {})], code_version="test",
+                                      package_versions={}, owner="alice")
+            folder = Path(fsspec.core.url_to_fs(settings.artifacts_url)[1]) / seed.id / "1-prune" / "model"
+            shutil.copytree(tiny_model_dir, folder)
+            sha, size = write_manifest(folder)  # as ArtifactStorage.put stores a folder
+            model = queries.add_artifact(session, job_id=seed.id, kind="model", uri=folder.as_uri(), sha256=sha,
+                                         size_bytes=size, stage_run_id=seed.stage_runs[0].id).id
+        ref = upload(client, text.encode(), name="rivers").json()["ref"]
+        body = recipe(model=f"artifact:{model}", data={"calibration": ref, "evaluation": ref}, stages=[
+            {"stage": "calibrate", "samples": 2, "seq_len": 16, "batch_size": 2},
+            {"stage": "evaluate", "seq_len": 32, "max_windows": 2},
+        ])
+        assert submit(client, body, headers=BOB).status_code == 404
+        job = submit(client, body).json()
+        assert orchestrator.run(job["id"]) == "succeeded"
+        with orchestrator.sessions() as session:
+            metrics = {m.name: m.value for m in queries.job_metrics(session, job["id"])}
+            read = {e.artifact_id for e in queries.lineage_edges(session, job["id"]) if e.direction == "input"}
+        assert metrics["perplexity"] > 1 and metrics["calibration_tokens"] == 2 * 16
+        assert model in read  # the stages read Alice's artifact itself, not a copy registered as a source
 
 
 def test_check_recipe_directly_matches_the_api(server: Server) -> None:
