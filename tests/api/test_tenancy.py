@@ -415,6 +415,27 @@ def test_pipelines_read_models_and_text_from_fsspec_urls(tiny_model_dir: Path, t
         fs.rm(root, recursive=True)
 
 
+def test_datasets_live_in_any_fsspec_artifact_root(tmp_path: Path) -> None:
+    """A remote artifact root (here fsspec's in-memory one) stores, serves and deletes uploads the same way."""
+    root = f"memory://tenancy-{uuid.uuid4().hex[:8]}"
+    settings = Settings(home=tmp_path / "home", api_tokens=TOKENS, artifact_root=root)
+    fs = fsspec.filesystem("memory")
+    try:
+        with TestClient(create_app(settings)) as client:
+            created = upload(client, TEXT.encode()).json()
+            with client.app.state.orchestrator.sessions() as session:
+                uri = access.data_spec(session, {"evaluation": created["ref"]}, owner="alice")["evaluation"]
+            assert uri.startswith(root + "/datasets/") and fs.cat_file(uri) == TEXT.encode()
+            assert load_text(uri, "evaluation", tmp_path).startswith("Paragraph 9 of Alice")
+            assert client.delete(f"/v1/datasets/{created['id']}", headers=ALICE).status_code == 204
+            assert not fs.exists(uri)
+            assert upload(client, b"bad \xff").status_code == 422
+            assert not fs.find(root)  # the refused upload left nothing either
+    finally:
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
 def test_pipeline_errors_name_urls_only_by_their_last_component(tmp_path: Path) -> None:
     """A dataset URL is the server's: when it is gone, the stage's error must not hand its path back."""
     uri = (tmp_path / "datasets" / "0123abcd" / "gone.txt").as_uri()
