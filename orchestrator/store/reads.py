@@ -10,55 +10,64 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.store.models import Job, Metric, StageRun, Tag
 
 JOB_COLUMNS = ("id", "name", "status", "owner", "created_at", "started_at", "finished_at", "error",
-               "code_version", "recipe", "package_versions")
+               "code_version", "flow_run_id", "resumes", "recipe", "package_versions")
 STAGE_COLUMNS = ("id", "index", "kind", "status", "attempt", "started_at", "finished_at", "error",
                  "progress_done", "progress_total", "progress_message")
 NOTE_KEYS = ("note", "degraded")
 
+# Built once: constructing a select costs more CPU than SQLite takes to run it (compiled forms are cached).
+_JOB = select(*(getattr(Job, c) for c in JOB_COLUMNS)).where(Job.id == bindparam("job_id"))
+_STAGES = (select(*(getattr(StageRun, c) for c in STAGE_COLUMNS))
+           .where(StageRun.job_id == bindparam("job_id")).order_by(StageRun.index))
+_NOTES = (select(Tag.stage_run_id, Tag.value)
+          .where(Tag.job_id == bindparam("job_id"), Tag.key.in_(NOTE_KEYS)).order_by(Tag.id))
+
+
+@lru_cache(maxsize=8)
+def _last_values(names: tuple[str, ...]) -> Select[Any]:
+    # By stage run, not by job: (stage_run_id, name) leads the metrics index, so only the rows of these
+    # names are visited (on SQLite from the index alone), never the job's hundreds of other points.
+    stage_ids = select(StageRun.id).where(StageRun.job_id == bindparam("job_id")).scalar_subquery()
+    latest = (
+        select(func.max(Metric.id).label("id"))
+        .where(Metric.stage_run_id.in_(stage_ids), Metric.name.in_(names))
+        .group_by(Metric.stage_run_id, Metric.name)
+        .subquery()
+    )
+    return select(Metric.stage_run_id, Metric.name, Metric.value).join(latest, Metric.id == latest.c.id)
+
 
 def job_row(session: Session, job_id: str) -> Row[Any] | None:
     """The job's status-page columns, or None if there is no such job."""
-    return session.execute(select(*(getattr(Job, c) for c in JOB_COLUMNS)).where(Job.id == job_id)).first()
+    return session.connection().execute(_JOB, {"job_id": job_id}).first()
 
 
 def stage_rows(session: Session, job_id: str) -> Sequence[Row[Any]]:
     """The job's stage runs in order, without their params."""
-    columns = [getattr(StageRun, c) for c in STAGE_COLUMNS]
-    return session.execute(select(*columns).where(StageRun.job_id == job_id).order_by(StageRun.index)).all()
+    return session.connection().execute(_STAGES, {"job_id": job_id}).all()
 
 
 def last_metric_values(session: Session, job_id: str, names: Iterable[str]) -> dict[str, dict[str, float]]:
     """stage run id -> {name: last recorded value} for the metrics in `names` (last = latest appended)."""
-    latest = (
-        select(func.max(Metric.id).label("id"))
-        .where(Metric.job_id == job_id, Metric.name.in_(list(names)))
-        .group_by(Metric.stage_run_id, Metric.name)
-        .subquery()
-    )
-    rows = session.execute(
-        select(Metric.stage_run_id, Metric.name, Metric.value).join(latest, Metric.id == latest.c.id)
-    )
     values: dict[str, dict[str, float]] = defaultdict(dict)
-    for stage_run_id, name, value in rows:
+    for stage_run_id, name, value in session.connection().execute(_last_values(tuple(names)), {"job_id": job_id}):
         values[stage_run_id][name] = value
     return values
 
 
 def notes(session: Session, job_id: str) -> dict[str | None, list[str]]:
     """stage run id (None: the job's own) -> its notes and recorded degradations, in order."""
-    rows = session.execute(
-        select(Tag.stage_run_id, Tag.value).where(Tag.job_id == job_id, Tag.key.in_(NOTE_KEYS)).order_by(Tag.id)
-    )
     found: dict[str | None, list[str]] = defaultdict(list)
-    for stage_run_id, value in rows:
+    for stage_run_id, value in session.connection().execute(_NOTES, {"job_id": job_id}):
         found[stage_run_id].append(value)
     return found
 

@@ -1,0 +1,44 @@
+"""The polled job status path, kept cheap: an async handler whose store reads take one thread hop.
+
+Every client watching a job polls `GET /v1/jobs/{job_id}`. A sync handler with the usual dependencies
+costs seven thread-pool hops per request (each sync dependency, the session's enter and exit, the
+handler, and response validation); here the caller is resolved on the event loop (the same token check
+as `api.deps.get_current_user`, which does no I/O) and the four store reads plus serialization run in one
+hop. The body is the `JobDetail` model dumped once, not validated twice.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from api import deps
+from api.views import job_status
+from orchestrator.service import Orchestrator
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def polling_user(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
+    """`api.deps.get_current_user`, resolved without leaving the event loop."""
+    return deps.get_current_user(deps.get_app_settings(deps.get_orchestrator(request)), credentials)
+
+
+PollingUser = Annotated[str, Depends(polling_user)]
+
+
+def _status_json(orchestrator: Orchestrator, job_id: str, owner: str) -> bytes:
+    with orchestrator.sessions() as session:
+        return job_status(session, job_id, owner).model_dump_json().encode()
+
+
+async def status_response(request: Request, job_id: str, owner: str) -> Response:
+    """The job's `JobDetail` as JSON; `NotFound` (unknown or another owner's job) propagates as 404."""
+    body = await run_in_threadpool(_status_json, deps.get_orchestrator(request), job_id, owner)
+    return Response(body, media_type="application/json")
