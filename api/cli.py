@@ -327,11 +327,11 @@ def up(
         err.print("[red]error:[/red] ", end="")
         err.print(str(error), markup=False, highlight=False)
         raise typer.Exit(1) from None
-    table = Table(title=f"local cluster {state.instance[:8]} (home {state.home})")
+    table = Table(title=f"local cluster {state.instance[:8]}", caption=f"logs in {state.home}/cluster/logs")
     for column in ("part", "pid", "address", "log"):
         table.add_column(column)
     for record in state.processes:
-        table.add_row(record.name, str(record.pid), record.address, record.log)
+        table.add_row(record.name, str(record.pid), record.address, Path(record.log).name)
     console.print(table)
     exports = state.exports()
     if env_file:

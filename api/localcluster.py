@@ -45,6 +45,7 @@ S3_KEY = "sparseflow-local"  # moto accepts any credentials; these only have to 
 S3_REGION = "us-east-1"
 GRACE_S = 10.0
 _POLL_S = 0.5
+_NOT_EXPORTED = {CLUSTER_MARKER, "PREFECT_API_DATABASE_CONNECTION_URL", "PYTHONUNBUFFERED"}
 _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -120,10 +121,14 @@ class ClusterState:
             raise ClusterError(f"unreadable cluster state {path}: {error}") from error
 
     def exports(self) -> list[str]:
-        """Shell lines that point a client (CLI, prefect, ray, s3fs) at this cluster."""
+        """Shell lines that point a client (CLI, prefect, ray, s3fs) at this cluster.
+
+        Never the marker: whatever a shell with it started would be stopped by `down`.
+        """
         import shlex
 
-        values = {**self.env, "SPARSEFLOW_URL": self.urls["api"]}
+        values = {key: value for key, value in self.env.items() if key not in _NOT_EXPORTED}
+        values["SPARSEFLOW_URL"] = self.urls["api"]
         return [f"export {key}={shlex.quote(value)}" for key, value in sorted(values.items())]
 
 
@@ -137,6 +142,7 @@ class Part:
     address: str = ""
     oneshot: bool = False  # runs to completion (exit 0 = done) instead of staying up
     after: Callable[[], None] | None = None
+    attempts: int = 1
 
 
 # ---------------------------------------------------------------- helpers
@@ -241,18 +247,39 @@ def cluster_env(config: ClusterConfig, instance: str, ports: dict[str, int]) -> 
         # Ray replaces a loopback address by the host's IP (and then fails to reach a loopback-only
         # head) unless its single-machine mode is on: every client of this head needs it
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # the head's own token, not the user's shared ~/.ray/auth_token
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(ray_token_path(config.home)),
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",
     }
 
 
+def ray_token_path(home: Path) -> Path:
+    return home / "cluster" / "ray_auth_token"
+
+
+def _write_ray_token(home: Path) -> None:
+    """A fresh token for this cluster's Ray, readable by this user only."""
+    import secrets
+
+    path = ray_token_path(home)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+
+
 def _make_bucket(config: ClusterConfig, endpoint: str) -> None:
     import s3fs
 
-    fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_KEY, endpoint_url=endpoint, skip_instance_cache=True,
-                           client_kwargs={"region_name": S3_REGION})
-    if not fs.exists(config.bucket):
-        fs.mkdir(config.bucket)
+    # no region here: s3fs would send it as a LocationConstraint, which us-east-1 must not have
+    fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_KEY, endpoint_url=endpoint, skip_instance_cache=True)
+    try:
+        if not fs.exists(config.bucket):
+            fs.mkdir(config.bucket)
+    except OSError as error:
+        raise ClusterError(f"s3: could not create bucket {config.bucket!r} at {endpoint}: {error}") from error
 
 
 def _worker_registered(prefect_api: str, pool: str, name: str) -> bool:
@@ -289,7 +316,9 @@ def parts(config: ClusterConfig, ports: dict[str, int]) -> list[Part]:
         Part("prefect", [_tool("prefect", "install Prefect"), "server", "start", "--host", "127.0.0.1",
                          "--port", str(ports["prefect"])],
              ready=lambda _: _http_ok(f"{prefect_api}/health"), address=prefect_api),
-        Part("ray", ray, ready=_log_says("Ray runtime started"), address=f"127.0.0.1:{ports['ray']}"),
+        # the raylet gives its Python agents 15 s to report their ports and aborts otherwise, which a busy
+        # machine can miss while their imports are cold: a second attempt finds them warm
+        Part("ray", ray, ready=_log_says("Ray runtime started"), address=f"127.0.0.1:{ports['ray']}", attempts=3),
     ]
     if config.deploy:
         found.append(Part("deploy", sparseflow + ["deploy"], ready=lambda _: True, oneshot=True))
@@ -307,9 +336,9 @@ def parts(config: ClusterConfig, ports: dict[str, int]) -> list[Part]:
 # ---------------------------------------------------------------- up / down
 
 
-def _spawn(part: Part, env: dict[str, str], logs: Path) -> tuple[subprocess.Popen, ProcessRecord]:
+def _spawn(part: Part, env: dict[str, str], logs: Path, attempt: int = 1) -> tuple[subprocess.Popen, ProcessRecord]:
     log_path = logs / f"{part.name}.log"
-    with open(log_path, "wb") as log_file:  # a fresh log per `up`
+    with open(log_path, "wb" if attempt == 1 else "ab") as log_file:  # a fresh log per `up`
         process = subprocess.Popen(part.argv, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     created = psutil.Process(process.pid).create_time()
@@ -362,6 +391,7 @@ def up(config: ClusterConfig, echo: Callable[[str], None] = print) -> ClusterSta
     logs = config.home / "cluster" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (config.home / "prefect").mkdir(parents=True, exist_ok=True)
+    _write_ray_token(config.home)
     state = ClusterState(instance, str(config.home), env, ports, urls={
         "api": f"http://127.0.0.1:{ports['api']}", "prefect": env["PREFECT_API_URL"],
         "ray": env["SPARSEFLOW_RAY_ADDRESS"], "s3": env["AWS_ENDPOINT_URL_S3"]})
@@ -370,16 +400,27 @@ def up(config: ClusterConfig, echo: Callable[[str], None] = print) -> ClusterSta
     try:
         for part in parts(config, ports):
             started = time.monotonic()
-            process, record = _spawn(part, full_env, logs)
-            if not part.oneshot:
-                state.processes.append(record)
-                state.save()
-            _wait_ready(part, process, record, config.timeout_s)
+            for attempt in range(1, part.attempts + 1):
+                process, record = _spawn(part, full_env, logs, attempt)
+                if not part.oneshot:
+                    state.processes.append(record)
+                    state.save()
+                try:
+                    _wait_ready(part, process, record, config.timeout_s)
+                    break
+                except ClusterError as error:
+                    if attempt == part.attempts:
+                        raise
+                    echo(f"{part.name:<9} attempt {attempt} failed ({str(error).splitlines()[0]}); retrying")
+                    _signal_group(record.pgid, signal.SIGKILL)
+                    process.wait(GRACE_S)
+                    state.processes.remove(record)
             if part.after:
                 part.after()
             echo(f"{part.name:<9} ready in {time.monotonic() - started:4.1f} s  {part.address}")
     except BaseException:
         stop(state, echo=lambda line: None)
+        ClusterState.path(config.home).unlink(missing_ok=True)
         raise
     return state
 

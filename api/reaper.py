@@ -43,10 +43,12 @@ _installed: tuple[int, str] | None = None  # (pid, instance): install once per p
 
 
 def marked_processes(instance: str, marker: str = MARKER) -> list[psutil.Process]:
-    """Processes (of any user we may inspect) started with `marker=instance`, this one excluded."""
+    """Processes (of any user we may inspect) started with `marker=instance`, this one and its parents excluded."""
+    me = psutil.Process()
+    spared = {me.pid} | {parent.pid for parent in me.parents()}
     found = []
     for process in psutil.process_iter():
-        if process.pid == os.getpid():
+        if process.pid in spared:
             continue
         try:
             if process.environ().get(marker) == instance:
