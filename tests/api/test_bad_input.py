@@ -301,6 +301,23 @@ def test_validation_error_echoes_only_an_excerpt(client: TestClient) -> None:
     assert len(error["input"]) < 300
 
 
+def test_excerpts_are_short_and_json_safe() -> None:
+    from api.excerpts import excerpt, short_errors
+
+    assert excerpt("short") == "short" and excerpt(3) == 3 and excerpt(None) is None and excerpt(True) is True
+    assert excerpt(NAN) == "nan" and excerpt(-INF) == "-inf"
+    assert excerpt(2**70) == 2**70 and excerpt(2**1000) == "an integer of 1001 bits"
+    assert excerpt({"a": [1, NAN]}) == {"a": [1, "nan"]}
+    big = excerpt({"k": "v" * 10_000})
+    assert isinstance(big, str) and big.startswith('{"k": "vvv') and len(big) < 300
+    (error,) = short_errors([{"type": "x", "loc": ("body", "k" * 1000, 3), "msg": "m" * 5000, "input": b"\xff" * 999,
+                              "ctx": {"error": ValueError("e" * 1000), "limit": 5}}])
+    json.dumps(error, allow_nan=False)
+    assert error["loc"][0] == "body" and error["loc"][2] == 3 and len(error["loc"][1]) < 300
+    assert len(error["msg"]) < 1100 and len(error["input"]) < 300
+    assert error["ctx"]["limit"] == 5 and len(error["ctx"]["error"]) < 300
+
+
 def chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
     yield b'{"recipe": {"name": "'
     sent = 0
@@ -467,3 +484,19 @@ def test_cli_recipe_not_utf8(tmp_path: Path, cli_home: Path) -> None:
     result = CliRunner().invoke(cli_app, ["run", str(path)])
     assert result.exit_code == 2 and "UTF-8" in result.output
     assert not cli_home.exists()
+
+
+def test_cli_entry_point_bad_recipe_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The installed entry point (not only the Typer app): stderr names the field, no traceback."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(recipe_with(("seed",), 2**70)))
+    env = {**os.environ, "SPARSEFLOW_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-m", "api.cli", "submit", str(path)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "seed: Input should be less than or equal to 4294967295" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr) < SHORT
+    assert not (tmp_path / "home").exists()
