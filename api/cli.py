@@ -308,14 +308,28 @@ def up(
     deploy_first: Annotated[bool, typer.Option("--deploy/--no-deploy", help="Run `sparseflow deploy`.")] = True,
     timeout: Annotated[float, typer.Option(min=1, help="Seconds each part may take to be ready.")] = 180.0,
     env_file: Annotated[Path | None, typer.Option(help="Also write the export lines to this file.")] = None,
+    print_env: Annotated[bool, typer.Option(
+        "--print-env", help="Start nothing: print the export lines of the cluster already up.")] = False,
 ) -> None:
-    """Start the whole service on this machine (PostgreSQL databases, S3 stand-in, Prefect, Ray, workers, API)."""
+    """Start the whole service on this machine (PostgreSQL databases, S3 stand-in, Prefect, Ray, workers, API).
+
+    moto's S3 server is a stand-in for trials; real deployments bring S3 or MinIO (docs/deploy.md).
+    """
     from rich.table import Table
 
     from api import localcluster
     from orchestrator.settings import get_settings
 
     settings = get_settings()
+    if print_env:
+        try:
+            state = localcluster.running(settings.home.expanduser().resolve())
+        except localcluster.ClusterError as error:
+            _fail(str(error))
+        if state is None:
+            _fail(f"no local cluster is up from {settings.home}: start one with `sparseflow up`", code=1)
+        print("\n".join(state.exports()))
+        return
     config = localcluster.ClusterConfig(
         home=settings.home, workers=workers, gpus=gpus, cpus=cpus, postgres_url=postgres, store_db=store_db,
         prefect_db=prefect_db, bucket=bucket, api_port=api_port, prefect_port=prefect_port, ray_port=ray_port,

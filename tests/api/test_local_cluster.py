@@ -70,8 +70,9 @@ def _drop(names: list[str]) -> None:
 
 
 class Cluster:
-    def __init__(self, home: Path, env: dict[str, str], exports: dict[str, str], state: ClusterState) -> None:
-        self.home, self.env, self.exports, self.state = home, env, exports, state
+    def __init__(self, home: Path, env: dict[str, str], env_file: Path, state: ClusterState) -> None:
+        self.home, self.env, self.env_file, self.state = home, env, env_file, state
+        self.exports = _exports(env_file)
 
     def client_env(self) -> dict[str, str]:
         return {**self.env, **self.exports}
@@ -94,7 +95,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         assert up.returncode == 0, f"up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
         for part in ("s3", "prefect", "ray", "deploy", "worker-1", "api"):
             assert f"{part} " in up.stdout, up.stdout
-        yield Cluster(home, env, _exports(env_file), state)
+        yield Cluster(home, env, env_file, state)
     finally:
         _cli("down", env=env, timeout=180)
         if state is not None:  # whatever down missed, so that a failing test leaves nothing behind
@@ -108,6 +109,8 @@ def test_up_starts_every_part_and_each_answers(cluster: Cluster) -> None:
     assert CLUSTER_MARKER not in exports, "a shell with the marker would have its own processes stopped by down"
     assert exports["SPARSEFLOW_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert exports["SPARSEFLOW_ARTIFACT_ROOT"].startswith("s3://")
+    printed = _cli("up", "--print-env", env=cluster.env, timeout=120)
+    assert printed.returncode == 0 and printed.stdout.splitlines() == cluster.env_file.read_text().splitlines()
     # Prefect: healthy, on PostgreSQL, with the deployment's pool and the worker registered
     prefect = exports["PREFECT_API_URL"]
     assert httpx.get(f"{prefect}/health", timeout=10).json() is True
