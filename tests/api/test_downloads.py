@@ -332,3 +332,26 @@ def test_input_references_are_not_downloadable(settings: Any, client: TestClient
     with _api(settings) as api, pytest.raises(DownloadError):
         api.download(ref.id, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_integrity_works_on_a_remote_root(tmp_path: Path) -> None:
+    """The fingerprint and the re-hash go through fsspec, so a non-local root (memory://) behaves the same."""
+    import fsspec
+
+    storage = ArtifactStorage("memory://integrity-test/artifacts", tmp_path / "cache")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "weights.bin").write_bytes(PAYLOAD)
+    stored = storage.put(model, job_id="j", label="00-prune", kind="model")
+    snap = integrity.snapshot(stored.uri)
+    assert snap.is_dir and integrity.full_check(snap, stored.sha256) is None
+    before = integrity.fingerprint(snap)
+    fs, path = fsspec.core.url_to_fs(stored.uri)
+    fs.pipe(f"{path}/weights.bin", b"W" + PAYLOAD[1:])
+    after = integrity.snapshot(stored.uri)
+    assert "changed: weights.bin" in (integrity.full_check(after, stored.sha256) or "")
+    fs.pipe(f"{path}/weights.bin", PAYLOAD + b"more")
+    assert integrity.fingerprint(integrity.snapshot(stored.uri)) != before, "a size change shows in the fingerprint"
+    with pytest.raises(integrity.ArtifactMissing):
+        integrity.snapshot(stored.uri + "-gone")
