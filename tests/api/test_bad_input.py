@@ -396,6 +396,25 @@ def test_job_recorded_with_start_false_can_be_started_once(recorded_starts: tupl
     assert started == [job_id]
 
 
+@pytest.mark.usefixtures("ray_cluster", "prefect_harness")
+def test_job_recorded_with_start_false_runs_to_the_end_after_start(settings: Settings, tiny_model_dir: Path) -> None:
+    """The real path: the handler hands the job to the orchestrator, which runs it (a one-stage stand-in job)."""
+    import time
+
+    recipe = {"name": "started-later", "model": str(tiny_model_dir), "stages": [{"stage": "sleep", "seconds": 0}]}
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/v1/jobs", json={"recipe": recipe, "start": False}).json()["id"]
+        time.sleep(0.5)
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # recorded, not run
+        assert client.post(f"/v1/jobs/{job_id}/start").status_code == 200
+        deadline = time.monotonic() + 240
+        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", job
+        assert client.post(f"/v1/jobs/{job_id}/start").status_code == 409
+
+
 def test_start_is_409_for_a_job_that_already_ran_or_ended(recorded_starts: tuple[TestClient, list[str]]) -> None:
     client, started = recorded_starts
     headers = {"content-type": "application/json"}
