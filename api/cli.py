@@ -155,7 +155,11 @@ def status(job_id: str, url: UrlOpt = None, token: TokenOpt = None) -> None:
 
 
 @app.command()
-def jobs(url: UrlOpt = None, token: TokenOpt = None, limit: int = 20) -> None:
+def jobs(
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="How many, newest first.")] = 20,
+) -> None:
     """List recent jobs."""
     from api.display import print_jobs
 

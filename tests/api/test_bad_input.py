@@ -519,3 +519,11 @@ def test_cli_entry_point_bad_recipe_is_one_line_and_exit_2(tmp_path: Path) -> No
     assert "seed: Input should be less than or equal to 4294967295" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr) < SHORT
     assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "501", "many"])
+def test_cli_jobs_limit_out_of_range_exits_2_naming_the_option(limit: str, cli_home: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["jobs", "--limit", limit])
+    assert result.exit_code == 2, result.output
+    assert "--limit" in result.output and "Traceback" not in result.output
+    assert not cli_home.exists()
