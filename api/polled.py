@@ -34,8 +34,8 @@ PollingUser = Annotated[str, Depends(polling_user)]
 
 
 def _status_json(orchestrator: Orchestrator, job_id: str, owner: str) -> bytes:
-    with orchestrator.sessions() as session:
-        return job_status(session, job_id, owner).model_dump_json().encode()
+    with orchestrator.engine.connect() as connection:
+        return job_status(connection, job_id, owner).model_dump_json().encode()
 
 
 async def status_response(request: Request, job_id: str, owner: str) -> Response:

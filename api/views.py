@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from api.schemas import ArtifactPublic, JobDetail, StageRunPublic
@@ -41,12 +42,12 @@ def artifact_public(artifact: Artifact) -> ArtifactPublic:
     )
 
 
-def _stages(session: Session, job_id: str) -> list[StageRunPublic]:
-    metrics = reads.last_metric_values(session, job_id, HEADLINE_METRICS)
-    notes = reads.notes(session, job_id)
+def _stages(db: Session | Connection, job_id: str) -> list[StageRunPublic]:
+    metrics = reads.last_metric_values(db, job_id, HEADLINE_METRICS)
+    notes = reads.notes(db, job_id)
     return [
         StageRunPublic(**row._mapping, metrics=metrics.get(row.id, {}), notes=notes.get(row.id, []))
-        for row in reads.stage_rows(session, job_id)
+        for row in reads.stage_rows(db, job_id)
     ]
 
 
@@ -56,12 +57,12 @@ def job_detail(session: Session, job: Job) -> JobDetail:
     return JobDetail(**base, stages=_stages(session, job.id))
 
 
-def job_status(session: Session, job_id: str, owner: str) -> JobDetail:
+def job_status(db: Session | Connection, job_id: str, owner: str) -> JobDetail:
     """`job_detail` for the polled status path: four column-only queries, no ORM objects loaded.
 
     Another owner's job reads as not found, as an unknown one does.
     """
-    row = reads.job_row(session, job_id)
+    row = reads.job_row(db, job_id)
     if row is None or row.owner != owner:
         raise NotFound("job", job_id)
-    return JobDetail(**row._mapping, stages=_stages(session, job_id))
+    return JobDetail(**row._mapping, stages=_stages(db, job_id))

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -179,10 +181,71 @@ async def _load_httpx(url: str, clients: int, duration: float) -> dict[str, Any]
             "p99_ms": pick(0.99), "errors": errors, "socket_errors": ""}
 
 
-def load(url: str, clients: int, duration: float) -> dict[str, Any]:
-    if shutil.which("wrk"):
-        return load_wrk(url, clients, duration)
-    return asyncio.run(_load_httpx(url, clients, duration))
+def _cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    import psutil
+
+    found = {}
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            found[pid] = times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two readings by processes alive at the second (a process that ended in
+    between is left out rather than counted negative)."""
+    return sum(max(cpu - before.get(pid, 0.0), 0.0) for pid, cpu in after.items())
+
+
+def _own_and_children_cpu_s() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def load(url: str, clients: int, duration: float, server_pids: list[int] | None = None,
+         db_pids: Callable[[], list[int]] | None = None) -> dict[str, Any]:
+    """One load level; with the server's (and database backends') pids it also reports CPU per request.
+
+    CPU per request is what a shared, busy machine cannot distort much: on 2 dedicated cores the
+    CPU-bound ceiling is 2000 ms / (server + database + client CPU ms per request).
+    """
+    server_before, db_before = _cpu_by_pid(server_pids or []), _cpu_by_pid(db_pids() if db_pids else [])
+    client_before = _own_and_children_cpu_s()
+    load_before = os.getloadavg()[0]
+    row = load_wrk(url, clients, duration) if shutil.which("wrk") else asyncio.run(_load_httpx(url, clients, duration))
+    row["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    if server_pids and row["requests"]:
+        per = lambda cpu: round(cpu * 1e3 / row["requests"], 3)  # noqa: E731
+        row["server_cpu_ms_per_req"] = per(_cpu_spent(server_before, _cpu_by_pid(server_pids)))
+        row["db_cpu_ms_per_req"] = per(_cpu_spent(db_before, _cpu_by_pid(db_pids() if db_pids else [])))
+        row["client_cpu_ms_per_req"] = per(_own_and_children_cpu_s() - client_before)
+        spent = row["server_cpu_ms_per_req"] + row["db_cpu_ms_per_req"] + row["client_cpu_ms_per_req"]
+        row["cpu_bound_rps_on_2_cores"] = round(2000 / spent, 1) if spent else None
+    return row
+
+
+def _server_pids(server: Server) -> list[int]:
+    import psutil
+
+    root = psutil.Process(server.process.pid)
+    return [root.pid, *(child.pid for child in root.children(recursive=True))]
+
+
+def _postgres_backends(database: str) -> list[int]:
+    import psutil
+
+    with psycopg_connect() as connection:
+        rows = connection.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,)).fetchall()
+    return [pid for (pid,) in rows if psutil.pid_exists(pid)]
+
+
+def psycopg_connect() -> Any:
+    import psycopg
+
+    return psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=5)
 
 
 def _fetch(client: httpx.Client, url: str, digest: Any, headers: dict[str, str], stop_after: int | None = None
@@ -226,9 +289,7 @@ def download(base: str, artifact_id: str, size: int, sha256: str) -> dict[str, A
 
 
 def _postgres_database(name: str, create: bool) -> None:
-    import psycopg
-
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=5) as connection:
+    with psycopg_connect() as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         if create:
             connection.execute(f'CREATE DATABASE "{name}"')
@@ -256,13 +317,18 @@ def run_store(store: str, args: argparse.Namespace) -> dict[str, Any]:
             status_url = f"{server.url}/v1/jobs/{job_id}"
             body = httpx.get(status_url).content
             result["status_bytes"] = len(body)
-            load(status_url, 8, 2)  # warm-up: connections, caches
+            load(status_url, 32, 2)  # warm-up: connections, caches
+            pids = _server_pids(server)
+            db_pids = (lambda: _postgres_backends(database)) if store == "postgres" else None
+            result["processes"] = {"server": len(pids)}
             for clients in args.clients:
-                row = load(status_url, clients, args.duration)
+                row = load(status_url, clients, args.duration, pids, db_pids)
                 result["status"][str(clients)] = row
                 print(f"{store:8} status  {clients:>2} clients: p50 {row['p50_ms']:7.2f} ms  "
-                      f"p99 {row['p99_ms']:7.2f} ms  {row['rps']:8.1f} req/s  errors {row['errors']}")
-            result["healthz_32"] = load(f"{server.url}/healthz", 32, args.duration)
+                      f"p99 {row['p99_ms']:7.2f} ms  {row['rps']:8.1f} req/s  errors {row['errors']}  "
+                      f"cpu/req server {row['server_cpu_ms_per_req']} db {row['db_cpu_ms_per_req']} "
+                      f"client {row['client_cpu_ms_per_req']} ms")
+            result["healthz_32"] = load(f"{server.url}/healthz", 32, args.duration, pids)
             sha = httpx.get(f"{server.url}/v1/artifacts/{artifact_id}").json()["sha256"]
             result["download"] = download(server.url, artifact_id, args.download_mib << 20, sha)
             print(f"{store:8} download: {result['download']}")
@@ -318,13 +384,14 @@ def main() -> None:
         report["runs"].append(run_store(store, args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\n{'store':9}{'clients':>8}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}")
+    print(f"\n{'store':9}{'clients':>8}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>7}"
+          f"{'srv cpu':>9}{'db cpu':>8}{'cli cpu':>9}{'2-core ceiling':>16}")
     for run in report["runs"]:
-        for clients, row in run["status"].items():
-            print(f"{run['store']:9}{clients:>8}{row['p50_ms']:9.2f}{row['p99_ms']:9.2f}{row['rps']:9.1f}{row['errors']:8}")
-        health = run["healthz_32"]
-        print(f"{run['store']:9}{'32 hz':>8}{health['p50_ms']:9.2f}{health['p99_ms']:9.2f}{health['rps']:9.1f}"
-              f"{health['errors']:8}")
+        rows = [(str(c), row) for c, row in run["status"].items()] + [("32 hz", run["healthz_32"])]
+        for clients, row in rows:
+            print(f"{run['store']:9}{clients:>8}{row['p50_ms']:9.2f}{row['p99_ms']:9.2f}{row['rps']:9.1f}"
+                  f"{row['errors']:7}{row.get('server_cpu_ms_per_req', 0):9.2f}{row.get('db_cpu_ms_per_req', 0):8.2f}"
+                  f"{row.get('client_cpu_ms_per_req', 0):9.2f}{row.get('cpu_bound_rps_on_2_cores') or 0:16.1f}")
     for run in report["runs"]:
         d = run["download"]
         print(f"{run['store']:9} download {d['bytes'] >> 20} MiB: first HEAD {d['first_head_s']} s (server hashes it), "

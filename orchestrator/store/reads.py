@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Row, Select, bindparam, func, select
+from sqlalchemy import Connection, Row, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.store.models import Job, Metric, StageRun, Tag
@@ -46,28 +46,33 @@ def _last_values(names: tuple[str, ...]) -> Select[Any]:
     return select(Metric.stage_run_id, Metric.name, Metric.value).join(latest, Metric.id == latest.c.id)
 
 
-def job_row(session: Session, job_id: str) -> Row[Any] | None:
+def _connection(db: Session | Connection) -> Connection:
+    """The status reads run on a bare connection when they can (a Session adds bookkeeping per request)."""
+    return db.connection() if isinstance(db, Session) else db
+
+
+def job_row(db: Session | Connection, job_id: str) -> Row[Any] | None:
     """The job's status-page columns, or None if there is no such job."""
-    return session.connection().execute(_JOB, {"job_id": job_id}).first()
+    return _connection(db).execute(_JOB, {"job_id": job_id}).first()
 
 
-def stage_rows(session: Session, job_id: str) -> Sequence[Row[Any]]:
+def stage_rows(db: Session | Connection, job_id: str) -> Sequence[Row[Any]]:
     """The job's stage runs in order, without their params."""
-    return session.connection().execute(_STAGES, {"job_id": job_id}).all()
+    return _connection(db).execute(_STAGES, {"job_id": job_id}).all()
 
 
-def last_metric_values(session: Session, job_id: str, names: Iterable[str]) -> dict[str, dict[str, float]]:
+def last_metric_values(db: Session | Connection, job_id: str, names: Iterable[str]) -> dict[str, dict[str, float]]:
     """stage run id -> {name: last recorded value} for the metrics in `names` (last = latest appended)."""
     values: dict[str, dict[str, float]] = defaultdict(dict)
-    for stage_run_id, name, value in session.connection().execute(_last_values(tuple(names)), {"job_id": job_id}):
+    for stage_run_id, name, value in _connection(db).execute(_last_values(tuple(names)), {"job_id": job_id}):
         values[stage_run_id][name] = value
     return values
 
 
-def notes(session: Session, job_id: str) -> dict[str | None, list[str]]:
+def notes(db: Session | Connection, job_id: str) -> dict[str | None, list[str]]:
     """stage run id (None: the job's own) -> its notes and recorded degradations, in order."""
     found: dict[str | None, list[str]] = defaultdict(list)
-    for stage_run_id, value in session.connection().execute(_NOTES, {"job_id": job_id}):
+    for stage_run_id, value in _connection(db).execute(_NOTES, {"job_id": job_id}):
         found[stage_run_id].append(value)
     return found
 
