@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 from collections.abc import Iterator
 
 import psutil
@@ -27,6 +28,7 @@ from ray._private import ray_constants
 log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = {"localhost"}
+START_ATTEMPTS = 2
 
 
 def is_loopback(host: str) -> bool:
@@ -51,21 +53,54 @@ def _single_machine(on: bool) -> Iterator[None]:
 
 
 def start(bind_host: str, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Start a Ray node in this process, listening on `bind_host` (loopback: loopback only)."""
+    """Start a Ray node in this process, listening on `bind_host` (loopback: loopback only).
+
+    Ray's raylet gives its Python agents 15 s to report their ports and aborts otherwise, which a busy
+    machine can miss while their imports are cold; a second attempt (after stopping what the first one
+    started) finds them warm.
+    """
     loopback = is_loopback(bind_host)
-    with _single_machine(loopback):
-        ray.init(
-            address="local",  # start our own, never join a Ray that happens to run on this machine
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            _node_ip_address="127.0.0.1" if loopback else bind_host,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    for attempt in range(1, START_ATTEMPTS + 1):
+        before = {child.pid for child in psutil.Process().children()}
+        try:
+            with _single_machine(loopback):
+                ray.init(
+                    address="local",  # start our own, never join a Ray that happens to run on this machine
+                    num_cpus=num_cpus,
+                    num_gpus=num_gpus,
+                    _node_ip_address="127.0.0.1" if loopback else bind_host,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+            break
+        except Exception as error:  # Ray raises a bare Exception when its node misses the start window
+            if attempt == START_ATTEMPTS or "timed out during startup" not in str(error):
+                raise
+            log.warning("the local Ray node did not start (%s); retrying", error)
+            _stop_new_children(before)
     exposed = exposed_sockets(bind_host)
     if exposed:
         log.warning("the local Ray node listens beyond %s: %s", bind_host, ", ".join(exposed))
+
+
+def _stop_new_children(before: set[int]) -> None:
+    """Stop what a failed start left: this process's children that were not there before it."""
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    ray_dir = os.path.dirname(ray.__file__)
+    started = [child for child in psutil.Process().children() if child.pid not in before and _runs_from(child, ray_dir)]
+    for child in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(started, timeout=10)
+
+
+def _runs_from(process: psutil.Process, folder: str) -> bool:
+    try:
+        return any(part.startswith(folder) for part in process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
 
 
 def connect_address(address: str) -> None:
