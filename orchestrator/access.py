@@ -38,6 +38,7 @@ from orchestrator.store import datasets
 from orchestrator.store.errors import NotFound
 from orchestrator.store.models import Artifact, Dataset, Job
 from pipelines.recipe import Recipe
+from pipelines.sources import HUB_PREFIX
 from workers.runner import SOURCE_PREFIX
 
 ARTIFACT_PREFIX = "artifact:"
@@ -89,15 +90,20 @@ def check_recipe(session: Session, recipe: Recipe, *, owner: str, settings: Sett
         _check_text(session, field, getattr(recipe.data, key), owner=owner, settings=settings)
 
 
-def model_input(session: Session, model_ref: str, *, owner: str) -> tuple[str, str | None]:
+def model_input(session: Session, model_ref: str, *, owner: str,
+                settings: Settings | None = None) -> tuple[str, str | None]:
     """(URI the worker loads, referenced artifact id or None) for the recipe's `model`.
 
     `artifact:<id>` becomes that artifact's storage URI (checked again: it may be gone or corrupt by
     now); anything else stays a source reference the worker resolves (`workers.runner.SOURCE_PREFIX`).
+    Where local paths are restricted (`settings.allowed_local_roots` is not None), a hub id goes to the
+    worker as `hub:<id>`, so that it is never taken for a folder relative to the worker's directory.
     """
     if model_ref.startswith(ARTIFACT_PREFIX):
         artifact = _model_artifact(session, MODEL_FIELD, model_ref, owner=owner)
         return artifact.uri, artifact.id
+    if settings is not None and settings.allowed_local_roots is not None and _HUB_ID.fullmatch(model_ref):
+        return SOURCE_PREFIX + HUB_PREFIX + model_ref, None
     return SOURCE_PREFIX + model_ref, None
 
 

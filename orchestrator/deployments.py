@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -40,6 +41,7 @@ class FlowRunState:
     type: StateType
     name: str
     message: str | None
+    since: datetime | None = None
 
     @property
     def is_final(self) -> bool:
@@ -116,7 +118,7 @@ def state(settings: Settings, flow_run_id: str) -> FlowRunState | None:
             return None
     if run.state is None:
         return None
-    return FlowRunState(run.state.type, run.state.name, run.state.message)
+    return FlowRunState(run.state.type, run.state.name, run.state.message, run.state.timestamp)
 
 
 def cancel(settings: Settings, flow_run_id: str) -> None:

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from orchestrator import access, served_inputs
 from orchestrator.caching import reuse_cached, stage_cache_key
 from orchestrator.runtime import Heartbeat, JobRuntime, embedded_runner, runtime_for
+from orchestrator.settings import Settings
 from orchestrator.states import Status
 from orchestrator.store import queries
 from pipelines.recipe import Recipe, StageSpec
@@ -71,11 +72,9 @@ def stage_label(index: int, kind: str) -> str:
     return f"{index:02d}-{kind}"
 
 
-def runner_name(runtime: JobRuntime) -> str:
-    """Who runs this flow: its Prefect flow run in cluster mode, this process in embedded mode."""
-    if runtime.settings.mode == "cluster" and flow_run.id:
-        return f"prefect:{flow_run.id}"
-    return embedded_runner()
+def runner_names() -> tuple[str, ...]:
+    """The names this flow answers to: its Prefect flow run (what a cluster dispatch records) and its process."""
+    return (f"prefect:{flow_run.id}", embedded_runner()) if flow_run.id else (embedded_runner(),)
 
 
 def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -88,10 +87,11 @@ def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _source_inputs(session: Session, job_id: str, model_ref: str, owner: str) -> dict[str, Input]:
+def _source_inputs(session: Session, job_id: str, model_ref: str, owner: str, settings: Settings
+                   ) -> dict[str, Input]:
     """The job's model feeding `model` and `base_model`: another artifact of the owner's (`artifact:<id>`,
     checked again now), or a source reference registered once per job as an artifact of its own."""
-    uri, artifact_id = access.model_input(session, model_ref, owner=owner)
+    uri, artifact_id = access.model_input(session, model_ref, owner=owner, settings=settings)
     if artifact_id is not None:
         return {"model": Input(artifact_id, uri), "base_model": Input(artifact_id, uri)}
     sources = [a for a in queries.list_artifacts(session, job_id, kind="model") if a.stage_run_id is None]
@@ -256,8 +256,11 @@ def compression_job(job_id: str) -> Any:
     """Run (or resume) every stage of job `job_id` in order; return the job's final status."""
     runtime = runtime_for(job_id)
     settings = runtime.settings
-    runner = runner_name(runtime)
     with runtime.sessions.begin() as session:
+        recorded = queries.claim_job(session, job_id, None).runner  # locks the row, refreshes nothing yet
+        if recorded is not None and recorded not in runner_names():  # given to another runner meanwhile
+            return Cancelled(message=f"job {job_id} belongs to another runner ({recorded}); this one stops")
+        runner = recorded or runner_names()[-1]
         queries.claim_job(session, job_id, runner)
         queries.add_tag(session, job_id=job_id, key="runner_process",
                         value=f"{socket.gethostname()}:{os.getpid()} parent {os.getppid()}")
@@ -271,7 +274,7 @@ def compression_job(job_id: str) -> Any:
         try:
             with runtime.sessions.begin() as session:  # the policy again: settings or references may have changed
                 access.check_recipe(session, recipe, owner=owner, settings=settings)
-                current = _source_inputs(session, job_id, recipe.model, owner)
+                current = _source_inputs(session, job_id, recipe.model, owner, settings)
             placement.connect(settings.ray_address, num_cpus=settings.ray_num_cpus,
                               num_gpus=settings.ray_num_gpus, bind_host=settings.ray_bind_host)
             for stage_run_id, index, kind, status in plan:

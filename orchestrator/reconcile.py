@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,8 +47,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def lost_reason(job: Job, settings: Settings, *, stale: bool) -> str | None:
-    """Why `job`'s runner is gone, or None while it may still be alive."""
+def lost_reason(job: Job, settings: Settings, *, stale: bool, cutoff: datetime) -> str | None:
+    """Why `job`'s runner is gone, or None while it may still be alive (`cutoff`: beats before it are stale)."""
     kind, _, who = (job.runner or "").partition(":")
     if kind == "embedded":
         host, _, pid = who.rpartition(":")
@@ -60,6 +60,8 @@ def lost_reason(job: Job, settings: Settings, *, stale: bool) -> str | None:
             return f"worker lost: its flow run ended {state.name}" + (f" ({state.message})" if state.message else "")
         if state is not None and not state.has_started:
             return None  # waiting in the work pool for a free worker
+        if state is not None and state.since is not None and state.since > cutoff:
+            return None  # started moments ago: its flow has not claimed the job (and beaten) yet
         if stale:
             return f"worker lost: no heartbeat for over {settings.runner_lost_after_s:g} s"
         return None
@@ -93,7 +95,7 @@ def reconcile_once(sessions: sessionmaker[Session], settings: Settings,
         verdicts = []
         for job in queries.silent_jobs(session, beat_before=utcnow()):  # every job handed to a runner
             try:
-                reason = lost_reason(job, settings, stale=job.heartbeat_at < cutoff)
+                reason = lost_reason(job, settings, stale=job.heartbeat_at < cutoff, cutoff=cutoff)
             except deployments.ClusterUnavailable as error:  # no verdict without Prefect: try again later
                 log.warning("reconcile: cannot ask Prefect about job %s: %s", job.id, error)
                 continue

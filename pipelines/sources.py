@@ -157,13 +157,19 @@ def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
+HUB_PREFIX = "hub:"
+
+
 def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
     """A local directory `from_pretrained` can load (model and tokenizer) for `ref`.
 
     `builtin:<name>` is built once into `<cache_dir>/models/<name>`; an existing directory is returned
-    as is; anything else is a Hugging Face hub id downloaded into `<cache_dir>/hub`.
+    as is; anything else is a Hugging Face hub id downloaded into `<cache_dir>/hub`. `hub:<id>` is
+    always a hub id, never a directory (the service sends hub ids so where local paths are restricted).
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if ref.startswith(HUB_PREFIX):
+        return _download_hub(ref.removeprefix(HUB_PREFIX), cache_dir / "hub")
     if ref.startswith("builtin:"):
         name = ref.removeprefix("builtin:")
         if name not in BUILTIN_MODELS:

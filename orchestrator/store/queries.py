@@ -400,11 +400,15 @@ def _apply_status(row: Job | StageRun, status: Status, error: str | None) -> dat
 # live runner: the reconciler fails it and, as its recipe allows, resumes it elsewhere.
 
 
-def claim_job(session: Session, job_id: str, runner: str) -> Job:
-    """Record `runner` as the one running (or about to run) `job_id`, with a fresh heartbeat."""
+def claim_job(session: Session, job_id: str, runner: str | None) -> Job:
+    """Record `runner` as the one running (or about to run) `job_id`, with a fresh heartbeat.
+
+    The row is locked first, so a caller may read who holds it; `runner` None only takes that lock.
+    """
     job = _require(session, Job, job_id, lock=True)
-    job.runner, job.heartbeat_at = runner, utcnow()
-    session.flush()
+    if runner is not None:
+        job.runner, job.heartbeat_at = runner, utcnow()
+        session.flush()
     return job
 
 

@@ -44,7 +44,7 @@ from pipelines.activation.stats import threshold_for, thresholds_for
 from pipelines.data import calibration_samples, eval_windows
 from pipelines.modelio import load_model, load_tokenizer, save_model
 from pipelines.recipe import ActivationProfileStage
-from pipelines.sources import load_text
+from pipelines.sources import describe, load_text
 from pipelines.stage import Metric, StageContext, StageResult
 from pipelines.stages.evaluate import sparsity_report
 
@@ -119,8 +119,8 @@ def run(spec: ActivationProfileStage, ctx: StageContext) -> StageResult:
         "weight_sparsity": weight_sparsity,
         "dense_perplexity": dense_ppl,
         "tolerances": spec.tolerances,
-        "calibration": {"source": ctx.data.calibration, "samples": spec.samples, "seq_len": spec.seq_len},
-        "eval": {"source": ctx.data.evaluation, "windows": windows.shape[0], "seq_len": spec.eval_seq_len},
+        "calibration": {"source": describe(ctx.data.calibration), "samples": spec.samples, "seq_len": spec.seq_len},
+        "eval": {"source": describe(ctx.data.evaluation), "windows": windows.shape[0], "seq_len": spec.eval_seq_len},
         "uniform": {
             "perplexity": {_key(s): v[0] for s, v in uniform.items()},
             "heldout_sparsity": {_key(s): sum(v[1]) / n_layers for s, v in uniform.items()},

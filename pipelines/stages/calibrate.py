@@ -31,7 +31,7 @@ from pipelines.data import calibration_samples
 from pipelines.modeling import decoder_linears
 from pipelines.modelio import load_model, load_tokenizer
 from pipelines.recipe import CalibrateStage
-from pipelines.sources import load_text
+from pipelines.sources import describe, load_text
 from pipelines.stage import Metric, StageContext, StageResult
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def run(spec: CalibrateStage, ctx: StageContext) -> StageResult:
     tensors.update({SQ_NORM_PREFIX + name: s.contiguous() for name, s in sums.items()})
     metadata = {
         "num_tokens": str(num_tokens),
-        "source": ctx.data.calibration,
+        "source": describe(ctx.data.calibration),
         "seq_len": str(spec.seq_len),
         "samples": str(spec.samples),
     }

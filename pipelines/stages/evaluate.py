@@ -33,7 +33,7 @@ from pipelines.data import eval_windows, perplexity
 from pipelines.modeling import decoder_layers, decoder_linears
 from pipelines.modelio import load_model, load_tokenizer
 from pipelines.recipe import EvaluateStage
-from pipelines.sources import hash_weights, load_text
+from pipelines.sources import describe, hash_weights, load_text
 from pipelines.stage import Metric, ProgressFn, StageContext, StageResult
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def run(spec: EvaluateStage, ctx: StageContext) -> StageResult:
         "perplexity": ppl,
         "dense_perplexity": dense_ppl,
         "eval": {
-            "source": ctx.data.evaluation,
+            "source": describe(ctx.data.evaluation),
             "windows": windows.shape[0],
             "seq_len": spec.seq_len,
             "tokens_scored": windows.shape[0] * (spec.seq_len - 1),

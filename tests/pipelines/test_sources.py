@@ -119,3 +119,14 @@ def test_shipped_smollm2_loads_through_gguf_and_predicts_text(cache_dir: Path) -
     windows = eval_windows(tokenizer, load_text("builtin:enwiki", "evaluation", cache_dir), 256, 2)
     ppl = perplexity(model, windows, batch_size=2)
     assert math.isfinite(ppl) and 5 < ppl < 40
+
+
+def test_a_hub_prefixed_reference_is_never_a_local_folder(tmp_path, monkeypatch):
+    """Where local paths are restricted the service sends hub ids as `hub:<id>`: a folder of that name in
+    the worker's directory must not be read instead of the hub."""
+    (tmp_path / "owner" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("owner/model", tmp_path / "cache") == Path("owner/model")  # embedded use: a folder
+    with pytest.raises((SourceError, OSError)):
+        resolve_model("hub:owner/model", tmp_path / "cache")
