@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 # Ray, Prefect and job fixtures shared by tests/api, tests/workers and tests/orchestrator (one Ray per run).
-pytest_plugins = ["service_fixtures"]
+pytest_plugins = ["service_fixtures", "databases"]
 
 from tiny_models import CORPUS, TINY_VOCAB, build_tiny_model, build_tiny_tokenizer  # noqa: E402,F401
 

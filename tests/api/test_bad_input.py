@@ -14,17 +14,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -35,10 +32,8 @@ from api.app import create_app
 from api.cli import app as cli_app
 from api.limits import RequestLimits
 from orchestrator.settings import Settings, get_settings
-from orchestrator.store import db
 from orchestrator.store.models import Job
 
-POSTGRES_URL = os.environ.get("SPARSEFLOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SHORT = 4096  # no error body may be longer: it carries excerpts of the input, never the input
 MiB = 1 << 20
 
@@ -185,42 +180,6 @@ SIZE_CASES = [
     Case("body-just-over-1MiB", 413, "body", body=lambda: job_body(recipe_with(("name",), "n" * MiB))),
 ]
 CASES = [*STAGE_LIMIT_CASES, *NUMBER_CASES, *NUL_CASES, *ORDER_CASES, *SHAPE_CASES, *LIST_CASES]
-
-
-@cache
-def _postgres_unreachable() -> str | None:
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed"
-    url = make_url(POSTGRES_URL).set(drivername="postgresql")
-    try:
-        psycopg.connect(url.render_as_string(hide_password=False), connect_timeout=3).close()
-    except psycopg.OperationalError as error:
-        return f"PostgreSQL at {make_url(POSTGRES_URL).render_as_string()} is unreachable: {error}"
-    return None
-
-
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A fresh database for this module: a SQLite file, or a PostgreSQL schema dropped afterwards."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'sparseflow.db'}"
-        return
-    reason = _postgres_unreachable()
-    if reason:
-        pytest.skip(reason)
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    admin = db.make_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,61 +23,23 @@ import fsspec
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from api.app import create_app
 from orchestrator import access, dataset_files
 from orchestrator.service import Orchestrator
 from orchestrator.settings import Settings
-from orchestrator.store import db, queries
+from orchestrator.store import queries
 from orchestrator.store.models import Artifact, Dataset, Job
 from pipelines.recipe import parse_recipe
 from pipelines.sources import SourceError, load_text, resolve_model
 from workers.runner import SOURCE_PREFIX
 from workers.storage import write_manifest
 
-POSTGRES_URL = os.environ.get("SPARSEFLOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TOKENS = {"token-alice": "alice", "token-bob": "bob", "token-odd": "../../odd/owner"}
 ALICE = {"Authorization": "Bearer token-alice"}
 BOB = {"Authorization": "Bearer token-bob"}
 TEXT = "\n\n".join(f"Paragraph {i} of Alice's own corpus, about rivers and mountains." for i in range(40))
-
-
-@cache
-def _postgres_unreachable() -> str | None:
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed"
-    url = make_url(POSTGRES_URL).set(drivername="postgresql")
-    try:
-        psycopg.connect(url.render_as_string(hide_password=False), connect_timeout=3).close()
-    except psycopg.OperationalError as error:
-        return f"PostgreSQL at {make_url(POSTGRES_URL).render_as_string()} is unreachable: {error}"
-    return None
-
-
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A fresh database for this module: a SQLite file, or a PostgreSQL schema dropped afterwards."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'sparseflow.db'}"
-        return
-    reason = _postgres_unreachable()
-    if reason:
-        pytest.skip(reason)
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    admin = db.make_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
 
 
 @dataclass

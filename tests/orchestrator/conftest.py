@@ -8,13 +8,12 @@ when the server at `$SPARSEFLOW_TEST_POSTGRES_URL` (default: the CI one) cannot 
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 
 import pytest
+from databases import POSTGRES_URL, postgres_unreachable
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -22,29 +21,12 @@ from sqlalchemy.orm import Session
 from orchestrator.store import db, queries
 from orchestrator.store.models import Job
 
-POSTGRES_URL = os.environ.get("SPARSEFLOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-@cache
-def _postgres_unreachable() -> str | None:
-    """Why PostgreSQL cannot be used, or None when it can."""
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed"
-    url = make_url(POSTGRES_URL).set(drivername="postgresql")
-    try:
-        psycopg.connect(url.render_as_string(hide_password=False), connect_timeout=3).close()
-    except psycopg.OperationalError as error:
-        return f"PostgreSQL at {make_url(POSTGRES_URL).render_as_string()} is unreachable: {error}"
-    return None
 
 
 @pytest.fixture(scope="session")
 def postgres_admin() -> Iterator[Engine]:
-    reason = _postgres_unreachable()
+    reason = postgres_unreachable()
     if reason:
         pytest.skip(reason)
     engine = db.make_engine(POSTGRES_URL)
