@@ -18,14 +18,14 @@ from orchestrator.store.models import Job
 _bearer = HTTPBearer(auto_error=False)
 
 
-def get_orchestrator(request: Request) -> Orchestrator:
+async def get_orchestrator(request: Request) -> Orchestrator:  # async: no I/O, no thread hop
     return request.app.state.orchestrator
 
 
 OrchestratorDep = Annotated[Orchestrator, Depends(get_orchestrator)]
 
 
-def get_app_settings(orchestrator: OrchestratorDep) -> Settings:
+async def get_app_settings(orchestrator: OrchestratorDep) -> Settings:
     return orchestrator.settings
 
 
@@ -48,7 +48,7 @@ def get_session(orchestrator: OrchestratorDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_current_user(
+async def get_current_user(
     settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
     """The owner name for the bearer token; 'local' when the service runs without tokens."""

@@ -29,7 +29,7 @@ from prefect.states import Cancelled
 from pydantic import TypeAdapter
 from sqlalchemy.orm import Session
 
-from orchestrator import access, served_inputs
+from orchestrator import access, integrity, served_inputs
 from orchestrator.caching import reuse_cached, stage_cache_key
 from orchestrator.runtime import Heartbeat, JobRuntime, embedded_runner, runtime_for
 from orchestrator.settings import Settings
@@ -153,6 +153,10 @@ def _record_outcome(session: Session, job_id: str, stage_run_id: str, outcome: A
             sha256=art["sha256"], size_bytes=art["size_bytes"],
         )
         produced[art["kind"]] = Input(row.id, row.uri)
+        try:  # fingerprint the fresh bytes (sha256 just computed) so a first download need not re-hash them
+            integrity.stamp(session, row)
+        except Exception as error:  # only an optimisation: the first download verifies in full instead
+            log.warning("artifact %s not fingerprinted: %s", row.id, error)
     metrics = [*outcome.metrics, ("stage_seconds", outcome.seconds, 0)]
     queries.add_metrics(session, job_id=job_id, stage_run_id=stage_run_id, metrics=metrics)
     queries.add_tag(session, job_id=job_id, stage_run_id=stage_run_id, key="device", value=outcome.device)
