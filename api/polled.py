@@ -27,7 +27,8 @@ async def polling_user(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
     """`api.deps.get_current_user`, resolved without leaving the event loop."""
-    return deps.get_current_user(deps.get_app_settings(deps.get_orchestrator(request)), credentials)
+    orchestrator = await deps.get_orchestrator(request)
+    return await deps.get_current_user(await deps.get_app_settings(orchestrator), credentials)
 
 
 PollingUser = Annotated[str, Depends(polling_user)]
@@ -40,5 +41,5 @@ def _status_json(orchestrator: Orchestrator, job_id: str, owner: str) -> bytes:
 
 async def status_response(request: Request, job_id: str, owner: str) -> Response:
     """The job's `JobDetail` as JSON; `NotFound` (unknown or another owner's job) propagates as 404."""
-    body = await run_in_threadpool(_status_json, deps.get_orchestrator(request), job_id, owner)
+    body = await run_in_threadpool(_status_json, await deps.get_orchestrator(request), job_id, owner)
     return Response(body, media_type="application/json")
