@@ -54,11 +54,23 @@ class Orchestrator:
         with self.sessions.begin() as session:
             queries.claim_job(session, job_id, embedded_runner())
         runtime = JobRuntime(self.settings, self.sessions, on_event or (lambda event: None))
-        with registered(job_id, runtime):
-            state = compression_job(job_id, return_state=True)
+        try:
+            with registered(job_id, runtime):
+                state = compression_job(job_id, return_state=True)
+        except Exception as error:  # the flow never started (e.g. Prefect's ephemeral server did not come up)
+            self._fail_unstarted(job_id, f"{type(error).__name__}: {error}")
+            raise
         if state.is_cancelled():
             return Status.cancelled.value
         return state.result()
+
+    def _fail_unstarted(self, job_id: str, error: str) -> None:
+        """Record a job whose flow could not even start as failed (resumable), never left queued."""
+        with self.sessions.begin() as session:
+            if queries.get_job(session, job_id).status == Status.queued:
+                queries.set_job_status(session, job_id, Status.running)
+                queries.set_job_status(session, job_id, Status.failed, error=f"not started: {error}")
+                queries.skip_unreached(session, job_id)
 
     def start(self, job_id: str) -> Future | str:
         """Hand job `job_id` to a runner: this process's pool (embedded) or a Prefect flow run (cluster)."""
@@ -77,10 +89,7 @@ class Orchestrator:
         try:
             flow_run_id = deployments.submit(self.settings, job_id, name=name)
         except deployments.ClusterUnavailable as error:
-            with self.sessions.begin() as session:
-                queries.set_job_status(session, job_id, Status.running)
-                queries.set_job_status(session, job_id, Status.failed, error=f"not submitted: {error}")
-                queries.skip_unreached(session, job_id)
+            self._fail_unstarted(job_id, f"not submitted to Prefect: {error}")
             raise DispatchFailed(str(error)) from error
         with self.sessions.begin() as session:
             queries.claim_job(session, job_id, f"prefect:{flow_run_id}")
