@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from api.excerpts import MESSAGE_CHARS, cut, short_errors
 from orchestrator.access import AccessDenied
 from orchestrator.service import DispatchFailed
-from orchestrator.states import InvalidTransition
+from orchestrator.states import InvalidTransition, Status
 from orchestrator.store.errors import NotFound
 from pipelines.recipe import RecipeError
 
@@ -36,7 +36,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidTransition)
     async def conflict(request: Request, error: InvalidTransition) -> JSONResponse:
-        return _json(409, str(error))
+        hint = ""
+        if (request.url.path.endswith("/resume") and error.entity == "job"
+                and error.current in (Status.queued, Status.running)):  # recorded live: its runner may be dead
+            hint = ("; if its runner died, take it over with POST .../resume?force=true "
+                    "(CLI: sparseflow resume --force)")
+        return _json(409, f"{error}{hint}")
 
     @app.exception_handler(RecipeError)
     async def bad_recipe(request: Request, error: RecipeError) -> JSONResponse:
