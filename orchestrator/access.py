@@ -39,7 +39,7 @@ from orchestrator.store.errors import NotFound
 from orchestrator.store.models import Artifact, Dataset, Job
 from pipelines.recipe import Recipe
 from pipelines.sources import HUB_PREFIX
-from workers.runner import SOURCE_PREFIX
+from workers.requests import SOURCE_PREFIX
 
 ARTIFACT_PREFIX = "artifact:"
 DATASET_PREFIX = "dataset:"

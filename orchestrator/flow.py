@@ -37,7 +37,7 @@ from orchestrator.states import Status
 from orchestrator.store import queries
 from pipelines.recipe import Recipe, StageSpec
 from workers import placement
-from workers.runner import StageRequest
+from workers.requests import StageRequest
 from workers.storage import ArtifactStorage
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ def _finish(runtime: JobRuntime, job_id: str, stage_run_id: str, label: str, sta
 
 
 @task(name="stage", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_is_transient)
-def run_stage(job_id: str, stage_run_id: str, inputs: dict[str, Input], heartbeat: Heartbeat) -> dict[str, Input]:
+def run_stage(job_id: str, stage_run_id: str, inputs: dict[str, Input], heartbeat: Heartbeat,
+              progress: Any) -> dict[str, Input]:
     """Run one stage run on Ray and record everything it produced."""
     runtime = heartbeat.runtime
     with runtime.sessions.begin() as session:
@@ -212,7 +213,7 @@ def run_stage(job_id: str, stage_run_id: str, inputs: dict[str, Input], heartbea
         inputs={kind: item.uri for kind, item in inputs.items()},
         artifact_root=runtime.settings.artifacts_url, cache_dir=str(runtime.settings.cache_dir),
     )
-    placed = placement.submit(request, spec.resources)
+    placed = placement.submit(request, spec.resources, progress)
     if placed.note:
         with runtime.sessions.begin() as session:
             queries.add_tag(session, job_id=job_id, stage_run_id=stage_run_id, key="degraded", value=placed.note)
@@ -281,6 +282,7 @@ def compression_job(job_id: str) -> Any:
                 current = _source_inputs(session, job_id, recipe.model, owner, settings)
             placement.connect(settings.ray_address, num_cpus=settings.ray_num_cpus,
                               num_gpus=settings.ray_num_gpus, bind_host=settings.ray_bind_host)
+            progress = None  # the job's progress queue (a Ray actor), made when a stage first needs it
             for stage_run_id, index, kind, status in plan:
                 label = stage_label(index, kind)
                 with runtime.sessions() as session:
@@ -292,8 +294,9 @@ def compression_job(job_id: str) -> Any:
                     current.update({a.kind: Input(a.id, a.uri) for a in done})
                     _emit_stage(runtime, job_id, stage_run_id, label, "skipped")
                     continue
+                progress = progress or placement.progress_queue()
                 stage = run_stage.with_options(task_run_name=label)
-                current.update(stage(job_id, stage_run_id, dict(current), heartbeat))
+                current.update(stage(job_id, stage_run_id, dict(current), heartbeat, progress))
         except JobCancelled:
             runtime.on_event({"type": "job", "job_id": job_id, "status": "cancelled"})
             return Cancelled(message=f"job {job_id} was cancelled")

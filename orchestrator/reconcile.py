@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,35 +48,49 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def lost_reason(job: Job, settings: Settings, *, stale: bool, cutoff: datetime) -> str | None:
+@dataclass(frozen=True)
+class Lost:
+    """Why a job's runner is gone; `by_heartbeat`: judged by a stale heartbeat (re-checked under the lock)."""
+
+    reason: str
+    by_heartbeat: bool
+
+
+def lost_reason(job: Job, settings: Settings, *, cutoff: datetime) -> Lost | None:
     """Why `job`'s runner is gone, or None while it may still be alive (`cutoff`: beats before it are stale)."""
+    stale = job.heartbeat_at is not None and job.heartbeat_at < cutoff
     kind, _, who = (job.runner or "").partition(":")
     if kind == "embedded":
         host, _, pid = who.rpartition(":")
         if host == socket.gethostname() and pid.isdigit():
-            return None if _pid_alive(int(pid)) else f"interrupted: its runner process {pid} is gone"
+            return None if _pid_alive(int(pid)) else Lost(f"interrupted: its runner process {pid} is gone", False)
     if kind == "prefect" and job.flow_run_id and settings.prefect_api_url:
         state = deployments.state(settings, job.flow_run_id)
         if state is not None and state.is_final:
-            return f"worker lost: its flow run ended {state.name}" + (f" ({state.message})" if state.message else "")
+            detail = f" ({state.message})" if state.message else ""
+            return Lost(f"worker lost: its flow run ended {state.name}{detail}", False)
         if state is not None and not state.has_started:
             return None  # waiting in the work pool for a free worker
         if state is not None and state.since is not None and state.since > cutoff:
             return None  # started moments ago: its flow has not claimed the job (and beaten) yet
         if stale:
-            return f"worker lost: no heartbeat for over {settings.runner_lost_after_s:g} s"
+            return Lost(f"worker lost: no heartbeat for over {settings.runner_lost_after_s:g} s", True)
         return None
     if stale:
-        return f"interrupted: no heartbeat from {job.runner} for over {settings.runner_lost_after_s:g} s"
+        return Lost(f"interrupted: no heartbeat from {job.runner} for over {settings.runner_lost_after_s:g} s", True)
     return None
 
 
-def fail_lost(session: Session, job_id: str, runner: str | None, reason: str) -> bool:
-    """Fail `job_id` if it still belongs to `runner` and has not ended; return whether it was failed."""
+def fail_lost(session: Session, job_id: str, runner: str | None, reason: str, *,
+              beat_before: datetime | None = None) -> bool:
+    """Fail `job_id` if it still belongs to `runner`, has not ended and (given `beat_before`) has not beaten
+    since; return whether it was failed. Re-checked under the row lock: the verdict was reached without it."""
     job = queries.get_job(session, job_id)
     session.refresh(job, with_for_update=session.bind.dialect.name == "postgresql")
     if job.runner != runner or job.status not in (Status.queued, Status.running):
         return False
+    if beat_before is not None and job.heartbeat_at is not None and job.heartbeat_at >= beat_before:
+        return False  # it beat in the meantime: alive after all
     for run in queries.stage_runs(session, job_id):
         if run.status == Status.running:
             queries.set_stage_status(session, run.id, Status.failed, error=reason)
@@ -95,16 +110,17 @@ def reconcile_once(sessions: sessionmaker[Session], settings: Settings,
         verdicts = []
         for job in queries.silent_jobs(session, beat_before=utcnow()):  # every job handed to a runner
             try:
-                reason = lost_reason(job, settings, stale=job.heartbeat_at < cutoff, cutoff=cutoff)
+                lost = lost_reason(job, settings, cutoff=cutoff)
             except deployments.ClusterUnavailable as error:  # no verdict without Prefect: try again later
                 log.warning("reconcile: cannot ask Prefect about job %s: %s", job.id, error)
                 continue
-            if reason is not None:
-                verdicts.append((job.id, job.runner, reason, job.flow_run_id))
+            if lost is not None:
+                verdicts.append((job.id, job.runner, lost, job.flow_run_id))
     failed, resumable = [], []
-    for job_id, runner, reason, flow_run_id in verdicts:
+    for job_id, runner, lost, flow_run_id in verdicts:
+        reason = lost.reason
         with sessions.begin() as session:
-            if not fail_lost(session, job_id, runner, reason):
+            if not fail_lost(session, job_id, runner, reason, beat_before=cutoff if lost.by_heartbeat else None):
                 continue
             job = queries.get_job(session, job_id)
             allowed = job.recipe.get("max_resumes", DEFAULT_MAX_RESUMES)  # rows from before the field: default
@@ -116,7 +132,7 @@ def reconcile_once(sessions: sessionmaker[Session], settings: Settings,
                 resumable.append(job_id)
         failed.append(job_id)
         log.warning("job %s: %s%s", job_id, reason, "; resuming it" if job_id in resumable else "")
-        if flow_run_id and reason.startswith("worker lost: no heartbeat"):
+        if flow_run_id and lost.by_heartbeat:
             try:
                 deployments.mark_crashed(settings, flow_run_id, reason)
             except deployments.ClusterUnavailable as error:

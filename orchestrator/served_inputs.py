@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
-from orchestrator.kernel_cache import provide_kernel_cache, remember_kernel_plan
 from orchestrator.store.models import Artifact
 from workers.storage import ArtifactStorage
 
@@ -21,13 +20,19 @@ Provider = Callable[..., Artifact]
 Recorder = Callable[..., int]
 """`recorder(session, storage, *, stage_run_id, uri) -> int` (rows written)."""
 
-PROVIDERS: dict[str, Provider] = {"kernel_cache": provide_kernel_cache}
+def _kernel_cache(session: Session, storage: ArtifactStorage, *, job_id: str, label: str) -> Artifact:
+    from orchestrator.kernel_cache import provide_kernel_cache  # loads the kernel stack: only when asked
+
+    return provide_kernel_cache(session, storage, job_id=job_id, label=label)
 
 
 def _remember_plan(session: Session, storage: ArtifactStorage, *, stage_run_id: str, uri: str) -> int:
+    from orchestrator.kernel_cache import remember_kernel_plan
+
     return remember_kernel_plan(session, storage, stage_run_id=stage_run_id, plan_uri=uri)
 
 
+PROVIDERS: dict[str, Provider] = {"kernel_cache": _kernel_cache}
 RECORDERS: dict[str, Recorder] = {"kernel_plan": _remember_plan}
 
 

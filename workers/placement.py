@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-import torch
 from ray.util.queue import Queue
 
 from pipelines.recipe import Resources
 from workers import local_ray
 from workers.progress import ProgressSink
-from workers.runner import StageOutcome, StageRequest, execute_stage
+from workers.requests import StageOutcome, StageRequest
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 
 def _run_on_worker(request: StageRequest, queue: Any | None, num_cpus: float) -> StageOutcome:
     """The Ray task body: use the CPUs Ray granted, run the stage, note which GPUs Ray assigned."""
+    import torch  # here, not at the top: the flow's process submits stages without loading the model stack
+
+    from workers.runner import execute_stage
+
     torch.set_num_threads(max(1, int(num_cpus)))
     if queue is not None:  # one per attempt: a second one means Ray re-ran the task after its worker died
         queue.put_nowait({"kind": "attempt", "stage_run_id": request.stage_run_id})
@@ -63,15 +66,20 @@ class Placement:
 
     ref: ray.ObjectRef
     queue: Queue
+    stage_run_id: str
     num_gpus: float
     note: str | None = None
 
     def drain(self) -> list[dict]:
-        """Progress events that arrived since the last call."""
-        events = []
-        while not self.queue.empty():
-            events.append(self.queue.get_nowait())
-        return events
+        """This stage's progress events that arrived since the last call (two actor calls, however many)."""
+        waiting = self.queue.qsize()
+        events = self.queue.get_nowait_batch(waiting) if waiting else []
+        return [event for event in events if event.get("stage_run_id") == self.stage_run_id]
+
+
+def progress_queue() -> Queue:
+    """A queue for the progress events of one job's stages: an actor, so made once per job, not per stage."""
+    return Queue(actor_options={"num_cpus": 0})
 
 
 def fit_resources(resources: Resources, cluster: dict[str, float]) -> tuple[dict[str, Any], str | None]:
@@ -106,12 +114,13 @@ def fit_resources(resources: Resources, cluster: dict[str, float]) -> tuple[dict
     return options, "; ".join(notes) or None
 
 
-def submit(request: StageRequest, resources: Resources) -> Placement:
-    """Start `request` on the cluster (which `connect` must have joined)."""
+def submit(request: StageRequest, resources: Resources, queue: Queue | None = None) -> Placement:
+    """Start `request` on the cluster (which `connect` must have joined); progress goes to `queue` (the job's)."""
     options, note = fit_resources(resources, ray.cluster_resources())
-    queue = Queue(actor_options={"num_cpus": 0})
+    queue = queue if queue is not None else progress_queue()
     ref = _remote_stage.options(name=f"stage:{request.label}", **options).remote(request, queue, options["num_cpus"])
-    return Placement(ref=ref, queue=queue, num_gpus=options.get("num_gpus", 0.0), note=note)
+    return Placement(ref=ref, queue=queue, stage_run_id=request.stage_run_id, num_gpus=options.get("num_gpus", 0.0),
+                     note=note)
 
 
 def cancel(placement: Placement) -> None:

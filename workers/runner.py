@@ -20,9 +20,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import TypeAdapter
@@ -33,38 +31,11 @@ from pipelines.stage import StageContext
 from pipelines.stages import get_stage
 from workers.checkpoints import CheckpointPublisher, RemoteCheckpoints
 from workers.progress import ProgressSink
+from workers.requests import SOURCE_PREFIX, StageOutcome, StageRequest
 from workers.shared_cache import shared_cache_for, sync
 from workers.storage import ArtifactStorage, remove_local
 
 log = logging.getLogger(__name__)
-
-SOURCE_PREFIX = "source:"
-"""Input URIs starting with this name a model reference (builtin id, hub id, local path), not a stored file."""
-
-
-@dataclass
-class StageRequest:
-    job_id: str
-    stage_run_id: str
-    label: str
-    spec: dict[str, Any]
-    data: dict[str, Any]
-    seed: int
-    inputs: dict[str, str]
-    artifact_root: str
-    cache_dir: str
-
-
-@dataclass
-class StageOutcome:
-    artifacts: list[dict[str, Any]] = field(default_factory=list)
-    metrics: list[tuple[str, float, int]] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    device: str = "cpu"
-    gpu_ids: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
 
 def pick_device() -> torch.device:
     """The GPU Ray assigned to this task if there is one, else the CPU.
