@@ -214,7 +214,7 @@ def test_killed_service_restarts_and_reconciles_its_jobs(
     # the restarted service fails both (its runner process is gone) and resumes them (max_resumes 1)
     second = services()
     done = wait_for(lambda: _ended(second, resumed), RUN_S, "the resumed job to end", second)
-    assert done["status"] == "succeeded", f"{done}\n{second.tail()}"
+    assert (done["status"], done["resumes"]) == ("succeeded", 1), f"{done}\n{second.tail()}"
     old, new = _stages(before), _stages(done)
     for kind in ("calibrate", "prune"):  # not recomputed
         assert (new[kind]["attempt"], new[kind]["finished_at"]) == (1, old[kind]["finished_at"]), (kind, new[kind])
@@ -222,7 +222,7 @@ def test_killed_service_restarts_and_reconciles_its_jobs(
     assert new["finetune"]["progress_done"] == new["finetune"]["progress_total"] == FINETUNE_STEPS
     assert new["evaluate"]["status"] == "succeeded" and new["evaluate"]["attempt"] == 1, new["evaluate"]
     behind = wait_for(lambda: _ended(second, queued), RUN_S, "the queued job to end", second)
-    assert behind["status"] == "succeeded", f"{behind}\n{second.tail()}"
+    assert (behind["status"], behind["resumes"]) == ("succeeded", 1), f"{behind}\n{second.tail()}"
     assert [stage["attempt"] for stage in behind["stages"]] == [1, 1], behind["stages"]
     for job_id in (resumed, queued):
         notes = _job_notes(home, job_id)
