@@ -147,6 +147,8 @@ def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, A
         console.print(f"Prefect flow run: {job['flow_run_id']}")
     if job.get("resumes"):
         console.print(f"resumed automatically {job['resumes']} time(s) after its runner died")
+    for note in job.get("notes", []):
+        console.print(f"note: {escape(note)}")
     if job.get("error"):
         console.print(f"[red]error:[/red] {escape(job['error'])}")
     console.print("download: sparseflow download ARTIFACT_ID -o DIR   (verifies sha256)")

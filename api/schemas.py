@@ -86,6 +86,7 @@ class JobDetail(JobPublic):
     recipe: dict[str, Any]
     package_versions: dict[str, str]
     stages: list[StageRunPublic]
+    notes: list[str] = Field(default_factory=list, description="The job's own notes, e.g. why it was resumed.")
 
 
 class JobsPublic(BaseModel):

@@ -42,19 +42,22 @@ def artifact_public(artifact: Artifact) -> ArtifactPublic:
     )
 
 
-def _stages(db: Session | Connection, job_id: str) -> list[StageRunPublic]:
+def _stages(db: Session | Connection, job_id: str) -> tuple[list[StageRunPublic], list[str]]:
+    """The job's stages with their headline metrics and notes, and the job's own notes (no stage)."""
     metrics = reads.last_metric_values(db, job_id, HEADLINE_METRICS)
     notes = reads.notes(db, job_id)
-    return [
+    stages = [
         StageRunPublic(**row._mapping, metrics=metrics.get(row.id, {}), notes=notes.get(row.id, []))
         for row in reads.stage_rows(db, job_id)
     ]
+    return stages, notes.get(None, [])
 
 
 def job_detail(session: Session, job: Job) -> JobDetail:
     """A job with its stages, each carrying its headline metrics' last values and its notes."""
     base = {column: getattr(job, column) for column in reads.JOB_COLUMNS}
-    return JobDetail(**base, stages=_stages(session, job.id))
+    stages, notes = _stages(session, job.id)
+    return JobDetail(**base, stages=stages, notes=notes)
 
 
 def job_status(db: Session | Connection, job_id: str, owner: str) -> JobDetail:
@@ -65,4 +68,5 @@ def job_status(db: Session | Connection, job_id: str, owner: str) -> JobDetail:
     row = reads.job_row(db, job_id)
     if row is None or row.owner != owner:
         raise NotFound("job", job_id)
-    return JobDetail(**row._mapping, stages=_stages(db, job_id))
+    stages, notes = _stages(db, job_id)
+    return JobDetail(**row._mapping, stages=stages, notes=notes)

@@ -234,6 +234,8 @@ def run_stage(job_id: str, stage_run_id: str, inputs: dict[str, Input], heartbea
         produced = _record_outcome(session, job_id, stage_run_id, outcome)
         for kind, item in produced.items():
             served_inputs.record(kind, session, _storage(runtime), stage_run_id=stage_run_id, uri=item.uri)
+        total = queries.get_stage_run(session, stage_run_id).progress_total or 1
+        queries.record_progress(session, stage_run_id, total, total, "done")  # never a stale mid-stage message
         queries.set_stage_status(session, stage_run_id, Status.succeeded, cache_key=cache_key)
     _emit_stage(runtime, job_id, stage_run_id, label, "succeeded", seconds=outcome.seconds, notes=outcome.notes)
     return produced

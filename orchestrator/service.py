@@ -28,6 +28,23 @@ log = logging.getLogger(__name__)
 __all__ = ["Orchestrator", "cancel_job", "code_version", "package_versions", "requeue_job", "submit_job"]
 
 
+_prefect_lock = threading.Lock()
+_prefect_ready = threading.Event()
+
+
+def _ensure_prefect_api() -> None:
+    """Reach Prefect's API once per process before any flow does: in embedded mode that starts its
+    ephemeral server, which concurrent first flows would otherwise each try to start (and corrupt)."""
+    with _prefect_lock:
+        if _prefect_ready.is_set():
+            return
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.api_healthcheck()
+        _prefect_ready.set()
+
+
 class DispatchFailed(RuntimeError):
     """The job was recorded but could not be handed to a runner (the cluster is unreachable)."""
 
@@ -53,6 +70,7 @@ class Orchestrator:
         """Run job `job_id` to the end in this thread; returns its final status (raises if it failed)."""
         with self.sessions.begin() as session:
             queries.claim_job(session, job_id, embedded_runner())
+        _ensure_prefect_api()
         runtime = JobRuntime(self.settings, self.sessions, on_event or (lambda event: None))
         try:
             with registered(job_id, runtime):

@@ -9,6 +9,7 @@ dead worker); an exception raised by the stage itself is not retried and reaches
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from workers.requests import StageOutcome, StageRequest
 log = logging.getLogger(__name__)
 
 SYSTEM_RETRIES = 2
+_connect_lock = threading.Lock()
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
@@ -32,12 +34,13 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     A local node listens on `bind_host` only when that is a loopback address (Ray binds either loopback or
     every interface; `workers.local_ray` says why and checks it).
     """
-    if ray.is_initialized():
-        return ray.cluster_resources()
-    if address:
-        local_ray.connect_address(address)
-    else:
-        local_ray.start(bind_host, num_cpus=num_cpus, num_gpus=num_gpus)
+    with _connect_lock:  # concurrent jobs of one process must not each start a Ray
+        if ray.is_initialized():
+            return ray.cluster_resources()
+        if address:
+            local_ray.connect_address(address)
+        else:
+            local_ray.start(bind_host, num_cpus=num_cpus, num_gpus=num_gpus)
     resources = ray.cluster_resources()
     log.info("ray cluster resources: %s", resources)
     return resources
