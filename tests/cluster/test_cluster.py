@@ -169,7 +169,7 @@ def _artifact_bytes_match(uri: str, sha256: str) -> bool:
 
     from workers.storage import MANIFEST
 
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsspec.core.url_to_fs(uri, skip_instance_cache=True)  # not cached: its endpoint dies with the cluster
     if fs.isdir(path):
         manifest_text = fs.cat_file(f"{path}/{MANIFEST}")
         files = json.loads(manifest_text)["files"]
@@ -213,13 +213,24 @@ def test_a_worker_killed_mid_stage_loses_nothing(cluster, api, store, tiny_model
     assert stored and all(_artifact_bytes_match(a.uri, a.sha256) for a in stored)
 
 
-def _serve(cluster: localcluster.ClusterState) -> subprocess.Popen:
+def _serve(cluster: localcluster.ClusterState, timeout_s: float = 300) -> subprocess.Popen:
+    """Start the cluster's API again (same port, same environment) and wait until it answers."""
     log = open(Path(cluster.home) / "cluster" / "logs" / "api-restarted.log", "ab")  # noqa: SIM115
     port = cluster.ports["api"]
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [str(Path(sys.executable).parent / "sparseflow"), "serve", "--host", "127.0.0.1", "--port", str(port)],
         env={**os.environ, **cluster.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{cluster.urls['api']}/healthz", timeout=2).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError(f"the restarted API did not answer within {timeout_s} s (exit {process.poll()})")
 
 
 def test_the_api_killed_mid_job_leaves_the_job_running(cluster, api, tiny_model_dir, tiny_text_file):

@@ -53,7 +53,7 @@ def test_invalid_transition_message_names_entity_states_and_allowed_targets():
     with pytest.raises(InvalidTransition) as info:
         check_transition("stage_run", "queued", "failed", ident="s1")
     assert str(info.value) == (
-        "stage_run s1: cannot move from 'queued' to 'failed'; allowed from 'queued': cancelled, running"
+        "stage_run s1: cannot move from 'queued' to 'failed'; allowed from 'queued': cancelled, running, skipped"
     )
     assert (info.value.current, info.value.new) == (Status.queued, Status.failed)
 
@@ -65,9 +65,16 @@ def test_invalid_transition_is_a_value_error():
 def test_statuses_are_plain_strings():
     assert Status("running") is Status.running
     assert Status.running == "running"
-    assert {s.value for s in Status} == {"queued", "running", "succeeded", "failed", "cancelled"}
+    assert {s.value for s in Status} == {"queued", "running", "succeeded", "failed", "cancelled", "skipped"}
+
+
+def test_only_stage_runs_are_skipped_and_a_skipped_stage_can_run_again():
+    check_transition("stage_run", "queued", "skipped")
+    check_transition("stage_run", "skipped", "queued")
+    with pytest.raises(InvalidTransition):
+        check_transition("job", "queued", "skipped")
 
 
 def test_terminal_statuses():
-    assert frozenset({Status.succeeded, Status.failed, Status.cancelled}) == TERMINAL
+    assert frozenset({Status.succeeded, Status.failed, Status.cancelled, Status.skipped}) == TERMINAL
     assert Status.failed.is_terminal and not Status.queued.is_terminal

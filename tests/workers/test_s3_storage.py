@@ -32,7 +32,11 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture
 def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
     import fsspec
+    import s3fs
 
+    # s3fs caches filesystems by their arguments, not by the endpoint the environment names: one made by an
+    # earlier test (whose server is gone) would otherwise be handed back here
+    s3fs.S3FileSystem.clear_instance_cache()
     for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}.items():
         monkeypatch.setenv(key, value)
