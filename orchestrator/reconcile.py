@@ -108,7 +108,7 @@ def reconcile_once(sessions: sessionmaker[Session], settings: Settings,
     cutoff = utcnow() - timedelta(seconds=settings.runner_lost_after_s)
     with sessions() as session:
         verdicts = []
-        for job in queries.silent_jobs(session, beat_before=utcnow()):  # every job handed to a runner
+        for job in queries.claimed_jobs(session):
             try:
                 lost = lost_reason(job, settings, cutoff=cutoff)
             except deployments.ClusterUnavailable as error:  # no verdict without Prefect: try again later

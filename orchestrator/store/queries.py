@@ -421,11 +421,9 @@ def beat(session: Session, job_id: str, runner: str) -> bool:
     return result.rowcount == 1
 
 
-def silent_jobs(session: Session, *, beat_before: datetime) -> list[Job]:
-    """Queued or running jobs handed to a runner whose last heartbeat is older than `beat_before`."""
-    query = select(Job).where(
-        Job.status.in_((Status.queued, Status.running)), Job.runner.is_not(None), Job.heartbeat_at < beat_before
-    )
+def claimed_jobs(session: Session) -> list[Job]:
+    """Queued or running jobs handed to a runner: the ones whose runner may have died."""
+    query = select(Job).where(Job.status.in_((Status.queued, Status.running)), Job.runner.is_not(None))
     return list(session.scalars(query))
 
 
