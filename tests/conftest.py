@@ -6,6 +6,8 @@ tokenizer), built in well under a second and without touching a model hub or the
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,17 @@ import pytest
 pytest_plugins = ["service_fixtures", "databases"]
 
 from tiny_models import CORPUS, TINY_VOCAB, build_tiny_model, build_tiny_tokenizer  # noqa: E402,F401
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Undo what a test's in-process CLI call set in os.environ (e.g. PREFECT_HOME under its own tmp home),
+    so that no later test, nor a service it starts as a subprocess, inherits it."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

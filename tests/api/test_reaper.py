@@ -33,8 +33,9 @@ GONE_S = 40
 
 
 def _service_env(home: Path) -> dict[str, str]:
+    # nothing of this process's Prefect or Ray configuration: the service keeps its own under `home`
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SPARSEFLOW_", "PREFECT_API_", "RAY_ADDRESS")) and k != MARKER}
+           if not k.startswith(("SPARSEFLOW_", "PREFECT_", "RAY_")) and k != MARKER}
     env.update(SPARSEFLOW_HOME=str(home), SPARSEFLOW_RAY_NUM_CPUS="1", SPARSEFLOW_RAY_NUM_GPUS="0",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=str(START_S), PYTHONUNBUFFERED="1")
     return env
@@ -107,17 +108,25 @@ class Service:
             return True
         job = httpx.get(f"{self.url}/v1/jobs/{self.job_id}", timeout=10).json()
         assert job["status"] != "failed", f"the job failed before Ray started: {job.get('error')}\n" + \
-            self.log.read_text()[-3000:]
+            self._log_excerpt()
         return False
 
     def _wait(self, done: Any, what: str) -> None:
         deadline = time.monotonic() + START_S
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"serve exited early:\n{self.log.read_text()[-3000:]}"
+            assert self.process.poll() is None, f"serve exited early:\n{self._log_excerpt()}"
             if done():
                 return
             time.sleep(0.5)
-        pytest.fail(f"timed out waiting for {what}; serve log:\n{self.log.read_text()[-3000:]}")
+        job = httpx.get(f"{self.url}/v1/jobs/{self.job_id}", timeout=10).json() if self.job_id else {}
+        pytest.fail(f"timed out waiting for {what}; job {job.get('status')} (stages "
+                    f"{[s.get('status') for s in job.get('stages', [])]}); children: {_names(self.children)}\n"
+                    f"serve log:\n{self._log_excerpt()}")
+
+    def _log_excerpt(self) -> str:
+        """The serve log without uvicorn's access lines (this test's own polling)."""
+        lines = [line for line in self.log.read_text().splitlines() if '"GET /' not in line]
+        return "\n".join(lines)[-6000:]
 
     def marked(self) -> list[psutil.Process]:
         return marked_processes(self.instance) if self.instance else []
