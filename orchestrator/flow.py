@@ -115,7 +115,7 @@ def _wait(runtime: JobRuntime, job_id: str, stage_run_id: str, placed: placement
     attempts_seen = 0
     while True:
         ready, _ = ray.wait([placed.ref], timeout=_POLL_S)
-        events = placed.drain()
+        events = placed.drain(final=bool(ready))
         progress = [e for e in events if e.get("kind", "progress") == "progress"]
         for event in events:
             if event.get("kind") != "attempt":
@@ -174,17 +174,16 @@ def _finish(runtime: JobRuntime, job_id: str, stage_run_id: str, label: str, sta
     _emit_stage(runtime, job_id, stage_run_id, label, status.value, error=error)
 
 
-@task(name="stage", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_is_transient)
-def run_stage(job_id: str, stage_run_id: str, inputs: dict[str, Input], heartbeat: Heartbeat,
-              progress: Any) -> dict[str, Input]:
-    """Run one stage run on Ray and record everything it produced."""
+@task(name="stage", task_run_name="{label}", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_is_transient)
+def run_stage(job_id: str, stage_run_id: str, label: str, inputs: dict[str, Input], heartbeat: Heartbeat
+              ) -> dict[str, Input]:
+    """Run one stage run (`label`: its task run's name) on Ray and record everything it produced."""
     runtime = heartbeat.runtime
     with runtime.sessions.begin() as session:
         job = queries.get_job(session, job_id)
         stage_run = queries.get_stage_run(session, stage_run_id)
         recipe, owner = Recipe.model_validate(job.recipe), job.owner
         spec = TypeAdapter(StageSpec).validate_python(stage_run.params)
-        label = stage_label(stage_run.index, stage_run.kind)
         if stage_run.status == Status.failed:  # a retry of a transient failure
             queries.set_stage_status(session, stage_run_id, Status.queued)
         for kind in spec.store_inputs:  # inputs the store serves, e.g. kernel choices measured before
@@ -213,7 +212,7 @@ def run_stage(job_id: str, stage_run_id: str, inputs: dict[str, Input], heartbea
         inputs={kind: item.uri for kind, item in inputs.items()},
         artifact_root=runtime.settings.artifacts_url, cache_dir=str(runtime.settings.cache_dir),
     )
-    placed = placement.submit(request, spec.resources, progress)
+    placed = placement.submit(request, spec.resources)
     if placed.note:
         with runtime.sessions.begin() as session:
             queries.add_tag(session, job_id=job_id, stage_run_id=stage_run_id, key="degraded", value=placed.note)
@@ -284,7 +283,6 @@ def compression_job(job_id: str) -> Any:
                 current = _source_inputs(session, job_id, recipe.model, owner, settings)
             placement.connect(settings.ray_address, num_cpus=settings.ray_num_cpus,
                               num_gpus=settings.ray_num_gpus, bind_host=settings.ray_bind_host)
-            progress = None  # the job's progress queue (a Ray actor), made when a stage first needs it
             for stage_run_id, index, kind, status in plan:
                 label = stage_label(index, kind)
                 with runtime.sessions() as session:
@@ -296,9 +294,7 @@ def compression_job(job_id: str) -> Any:
                     current.update({a.kind: Input(a.id, a.uri) for a in done})
                     _emit_stage(runtime, job_id, stage_run_id, label, "skipped")
                     continue
-                progress = progress or placement.progress_queue()
-                stage = run_stage.with_options(task_run_name=label)
-                current.update(stage(job_id, stage_run_id, dict(current), heartbeat, progress))
+                current.update(run_stage(job_id, stage_run_id, label, dict(current), heartbeat))
         except JobCancelled:
             runtime.on_event({"type": "job", "job_id": job_id, "status": "cancelled"})
             return Cancelled(message=f"job {job_id} was cancelled")

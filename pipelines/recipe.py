@@ -121,6 +121,8 @@ class _StageBase(_Strict):
     resources: Resources = Resources()
     store_inputs: ClassVar[tuple[str, ...]] = ()
     """Inputs the service's store serves to this stage (by kind) besides the outputs of earlier stages."""
+    resumable: ClassVar[bool] = False
+    """Writes checkpoints that a retried attempt resumes from (so the worker publishes and looks for them)."""
 
 
 class CalibrateStage(_StageBase):
@@ -248,6 +250,7 @@ class FinetuneStage(_StageBase):
     held-out perplexity) at 72% of its time, so distillation is opt-in (`beta_kd`).
     """
 
+    resumable: ClassVar[bool] = True
     stage: Literal["finetune"] = "finetune"
     steps: int = Field(20, ge=0, le=MAX_STEPS)
     lr: float = Field(1e-4, gt=0, le=10.0)

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.util.queue import Queue
 
 from pipelines.recipe import Resources
-from workers import local_ray
+from workers import local_ray, progress
 from workers.progress import ProgressSink
 from workers.requests import StageOutcome, StageRequest
 
@@ -35,54 +34,62 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     every interface; `workers.local_ray` says why and checks it).
     """
     with _connect_lock:  # concurrent jobs of one process must not each start a Ray
-        if ray.is_initialized():
-            return ray.cluster_resources()
-        if address:
-            local_ray.connect_address(address)
-        else:
-            local_ray.start(bind_host, num_cpus=num_cpus, num_gpus=num_gpus)
+        if not ray.is_initialized():
+            if address:
+                local_ray.connect_address(address)
+            else:
+                local_ray.start(bind_host, num_cpus=num_cpus, num_gpus=num_gpus)
+    progress.mailbox()  # its actor starts while the caller prepares the first stage
     resources = ray.cluster_resources()
     log.info("ray cluster resources: %s", resources)
     return resources
 
 
-def _run_on_worker(request: StageRequest, queue: Any | None, num_cpus: float) -> StageOutcome:
+def _run_on_worker(request: StageRequest, box: Any | None, num_cpus: float) -> StageOutcome:
     """The Ray task body: use the CPUs Ray granted, run the stage, note which GPUs Ray assigned."""
     import torch  # here, not at the top: the flow's process submits stages without loading the model stack
 
     from workers.runner import execute_stage
 
     torch.set_num_threads(max(1, int(num_cpus)))
-    if queue is not None:  # one per attempt: a second one means Ray re-ran the task after its worker died
-        queue.put_nowait({"kind": "attempt", "stage_run_id": request.stage_run_id})
-    outcome = execute_stage(request, ProgressSink(queue, request.stage_run_id))
+    sink = ProgressSink(box, request.stage_run_id)
+    sink.attempt()  # one per attempt: a second one means Ray re-ran the task after its worker died
+    outcome = execute_stage(request, sink)
     outcome.gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
     return outcome
 
 
 _remote_stage = ray.remote(max_retries=SYSTEM_RETRIES, retry_exceptions=False)(_run_on_worker)
+_FINAL_TAKE_S = 10.0
 
 
 @dataclass
 class Placement:
-    """A submitted stage: its Ray reference, its progress queue and the resources it really got."""
+    """A submitted stage: its Ray reference, the mailbox its events go to and the resources it really got."""
 
     ref: ray.ObjectRef
-    queue: Queue
+    box: Any
     stage_run_id: str
     num_gpus: float
     note: str | None = None
+    _taking: ray.ObjectRef | None = None
 
-    def drain(self) -> list[dict]:
-        """This stage's progress events that arrived since the last call (two actor calls, however many)."""
-        waiting = self.queue.qsize()
-        events = self.queue.get_nowait_batch(waiting) if waiting else []
-        return [event for event in events if event.get("stage_run_id") == self.stage_run_id]
-
-
-def progress_queue() -> Queue:
-    """A queue for the progress events of one job's stages: an actor, so made once per job, not per stage."""
-    return Queue(actor_options={"num_cpus": 0})
+    def drain(self, final: bool = False) -> list[dict]:
+        """This stage's events that reached the mailbox since the last call, without waiting for it; `final`
+        (the stage has returned) waits, and takes everything the stage posted."""
+        if self._taking is None:
+            self._taking = self.box.take.remote(self.stage_run_id)
+        if not final and not ray.wait([self._taking], timeout=0)[0]:
+            return []  # the last take has not answered yet (e.g. the mailbox is still starting)
+        try:
+            events = ray.get(self._taking, timeout=_FINAL_TAKE_S if final else None)
+            if final:  # the stage flushed before returning: a take sent now sees all it posted
+                events += ray.get(self.box.take.remote(self.stage_run_id), timeout=_FINAL_TAKE_S)
+        except (ray.exceptions.RayError, TimeoutError) as error:
+            log.warning("progress of %s lost: %s", self.stage_run_id, error)
+            events = []
+        self._taking = None if final else self.box.take.remote(self.stage_run_id)
+        return events
 
 
 def fit_resources(resources: Resources, cluster: dict[str, float]) -> tuple[dict[str, Any], str | None]:
@@ -117,12 +124,12 @@ def fit_resources(resources: Resources, cluster: dict[str, float]) -> tuple[dict
     return options, "; ".join(notes) or None
 
 
-def submit(request: StageRequest, resources: Resources, queue: Queue | None = None) -> Placement:
-    """Start `request` on the cluster (which `connect` must have joined); progress goes to `queue` (the job's)."""
+def submit(request: StageRequest, resources: Resources) -> Placement:
+    """Start `request` on the cluster (which `connect` must have joined); its events go to this process's mailbox."""
     options, note = fit_resources(resources, ray.cluster_resources())
-    queue = queue if queue is not None else progress_queue()
-    ref = _remote_stage.options(name=f"stage:{request.label}", **options).remote(request, queue, options["num_cpus"])
-    return Placement(ref=ref, queue=queue, stage_run_id=request.stage_run_id, num_gpus=options.get("num_gpus", 0.0),
+    box = progress.mailbox()
+    ref = _remote_stage.options(name=f"stage:{request.label}", **options).remote(request, box, options["num_cpus"])
+    return Placement(ref=ref, box=box, stage_run_id=request.stage_run_id, num_gpus=options.get("num_gpus", 0.0),
                      note=note)
 
 

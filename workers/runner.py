@@ -96,14 +96,16 @@ def execute_stage(request: StageRequest, sink: ProgressSink | None = None) -> St
     sink.emit(0, 1, f"starting on {device}")
     inputs = _resolve_inputs(request, storage)
     checkpoint_dir = attempt_checkpoint_dir(request)
-    remote = remote_checkpoints(request)
+    # only a stage that checkpoints looks for, publishes and discards shared checkpoints (storage round trips)
+    remote = remote_checkpoints(request) if spec.resumable else None
     notes: list[str] = []
-    if _restore_checkpoint(remote, checkpoint_dir, notes):  # an earlier attempt got this far
+    if remote is not None and _restore_checkpoint(remote, checkpoint_dir, notes):  # an earlier attempt got here
         inputs.setdefault("checkpoint", checkpoint_dir)
         sink.emit(0, 1, "resuming from the last checkpoint")
     shared = shared_cache_for(spec.stage, request.artifact_root, Path(request.cache_dir))
     sync(shared, "pull")
-    publisher = CheckpointPublisher(remote, checkpoint_dir.parent / ".publishing" / request.stage_run_id)
+    publisher = CheckpointPublisher(remote, checkpoint_dir.parent / ".publishing" / request.stage_run_id) \
+        if remote is not None else None
     workdir = Path(tempfile.mkdtemp(prefix=f"sparseflow-{request.label}-"))
     try:
         try:
@@ -121,9 +123,11 @@ def execute_stage(request: StageRequest, sink: ProgressSink | None = None) -> St
             )
             result = get_stage(spec.stage)(spec, ctx)
         except BaseException:
-            publisher.close(flush=True)  # the next attempt resumes from the newest checkpoint we have
+            if publisher is not None:
+                publisher.close(flush=True)  # the next attempt resumes from the newest checkpoint we have
             raise
-        publisher.close(flush=False)
+        if publisher is not None:
+            publisher.close(flush=False)
         sync(shared, "push")
         stored = [
             storage.put(path, job_id=request.job_id, label=request.label, kind=kind)
@@ -131,9 +135,10 @@ def execute_stage(request: StageRequest, sink: ProgressSink | None = None) -> St
         ]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    remote.discard()  # the stage is done: its resumable state is no longer needed anywhere
+    if remote is not None:
+        remote.discard()  # the stage is done: its resumable state is no longer needed anywhere
+        notes += [f"checkpoint not published: {error}" for error in publisher.errors[-1:]]
     remove_local(checkpoint_dir)
-    notes += [f"checkpoint not published: {error}" for error in publisher.errors[-1:]]
     sink.flush()
     return StageOutcome(
         artifacts=[vars(a) for a in stored],

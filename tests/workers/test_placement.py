@@ -53,7 +53,7 @@ def test_stage_runs_on_a_logical_gpu_and_reports_progress(tmp_path: Path, tiny_m
     placed = placement.submit(_request(tmp_path, tiny_model_dir, text_file), Resources(num_gpus=1))
     assert placed.num_gpus == 1 and placed.note is None
     outcome = ray.get(placed.ref, timeout=300)
-    events = placed.drain()
+    events = placed.drain(final=True)
     assert len(outcome.gpu_ids) == 1
     assert outcome.device == "cpu", "no real GPU here: the stage computes on the CPU"
     assert events and events[-1]["done"] == events[-1]["total"]
