@@ -11,6 +11,7 @@ from api.polled import PollingUser, status_response
 from api.schemas import JobCreate, JobDetail, JobPublic, JobsPublic
 from api.views import job_detail
 from orchestrator import access, service
+from orchestrator.runtime import embedded_runner
 from orchestrator.states import Status
 from orchestrator.store import queries
 
@@ -50,12 +51,13 @@ def list_jobs(
 def start_job(job: OwnedJob, session: SessionDep, orchestrator: OrchestratorDep) -> JobDetail:
     """Run a job recorded with `start: false` (409 unless it is queued and has never been handed to a runner)."""
     ran = [run.index for run in job.stage_runs if run.status != Status.queued or run.attempt or run.started_at]
-    if job.status != Status.queued or job.started_at or job.runner or job.flow_run_id or ran:
+    if ran or not queries.reserve_start(session, job.id, by=f"starting:{embedded_runner()}"):  # one of racing starts
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             f"job {job.id} is {job.status.value}{' and was already started' if job.status == Status.queued else ''}: "
             "only a queued job that never ran can be started (a failed or cancelled one: POST .../resume)",
         )
+    session.commit()  # the reservation is seen by every other request before the job is handed on
     orchestrator.start(job.id)
     session.refresh(job)
     return job_detail(session, job)

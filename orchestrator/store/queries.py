@@ -412,6 +412,18 @@ def claim_job(session: Session, job_id: str, runner: str | None) -> Job:
     return job
 
 
+def reserve_start(session: Session, job_id: str, by: str) -> bool:
+    """Mark a queued job that was never handed to a runner as being started by `by`, in one conditional
+    UPDATE: of concurrent starts exactly one gets True. The reservation carries a heartbeat, so should its
+    process die before a real runner takes over, the reconciler finds the job silent and fails it."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == Status.queued, Job.runner.is_(None),
+                          Job.flow_run_id.is_(None), Job.started_at.is_(None))
+        .values(runner=by, heartbeat_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
 def beat(session: Session, job_id: str, runner: str) -> bool:
     """Refresh the heartbeat of `job_id` if `runner` still owns it; False means it was taken over or ended."""
     result = session.execute(

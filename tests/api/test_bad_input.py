@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,6 +355,24 @@ def test_job_recorded_with_start_false_can_be_started_once(recorded_starts: tupl
     assert response.status_code == 200, response.text
     assert response.json()["id"] == job_id and response.json()["status"] == "queued"
     assert started == [job_id]
+
+
+def test_racing_starts_hand_the_job_on_once(recorded_starts: tuple[TestClient, list[str]]) -> None:
+    """Two clients start the same recorded job at the same moment: one 200, one 409, one run."""
+    client, started = recorded_starts
+    created = client.post("/v1/jobs", content=job_body(BASE), headers={"content-type": "application/json"})
+    job_id = created.json()["id"]
+    ready = threading.Barrier(2)
+
+    def start() -> int:
+        ready.wait(timeout=10)
+        return client.post(f"/v1/jobs/{job_id}/start").status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        codes = sorted(pool.map(lambda _: start(), range(2)))
+    assert codes == [200, 409], codes
+    assert started == [job_id]
+    assert client.post(f"/v1/jobs/{job_id}/start").status_code == 409
 
 
 @pytest.mark.usefixtures("ray_cluster", "prefect_harness")
