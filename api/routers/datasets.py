@@ -140,10 +140,13 @@ def get_dataset(dataset_id: str, session: SessionDep, user: CurrentUser) -> Data
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
-               responses=_NOT_FOUND)
+               responses={**_NOT_FOUND, 409: {"description": "A queued or running job reads it.", "model": ErrorBody}})
 def delete_dataset(dataset_id: str, session: SessionDep, user: CurrentUser) -> Response:
-    """Forget the dataset and delete its text; jobs that still name it fail when they read it."""
+    """Forget the dataset and delete its text (409 while a queued or running job of yours reads it)."""
     row = _owned(session, user, dataset_id)
+    if readers := datasets.jobs_reading(session, DATASET_PREFIX + row.id, owner=user):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"dataset {row.id} is read by queued or running job(s) "
+                            f"{', '.join(readers[:5])}: cancel them or wait until they end")
     uri = row.uri
     datasets.delete_dataset(session, row.id, owner=user)
     session.commit()  # the row goes first: a file without a row is harmless, a row without a file is not

@@ -10,8 +10,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from orchestrator.states import Status
 from orchestrator.store.errors import NotFound
-from orchestrator.store.models import Dataset, new_id, utcnow
+from orchestrator.store.models import Dataset, Job, new_id, utcnow
 
 
 def new_dataset_id() -> str:
@@ -49,6 +50,13 @@ def list_datasets(session: Session, *, owner: str, limit: int = 50, offset: int 
         .offset(offset)
     )
     return list(session.scalars(query))
+
+
+def jobs_reading(session: Session, reference: str, *, owner: str) -> list[str]:
+    """Ids of the owner's queued or running jobs whose recipe data names `reference` (`dataset:<id>`):
+    deleting the text under them would fail them when their stages read it."""
+    active = session.scalars(select(Job).where(Job.owner == owner, Job.status.in_((Status.queued, Status.running))))
+    return [job.id for job in active if reference in (job.recipe.get("data") or {}).values()]
 
 
 def delete_dataset(session: Session, dataset_id: str, *, owner: str) -> Dataset:

@@ -311,6 +311,18 @@ def test_dataset_list_get_delete(server: Server) -> None:
     assert server.strict.get("/v1/datasets", headers={"Authorization": "Bearer nope"}).status_code == 401
 
 
+def test_a_dataset_a_queued_job_reads_is_not_deleted(server: Server) -> None:
+    ref = upload(server.strict, TEXT.encode(), name="in use").json()["ref"]
+    dataset_id = ref.removeprefix("dataset:")
+    job = submit(server.strict, recipe(data={"evaluation": ref}))
+    assert job.status_code == 201, job.text
+    refused = server.strict.delete(f"/v1/datasets/{dataset_id}", headers=ALICE)
+    assert refused.status_code == 409 and job.json()["id"] in refused.json()["detail"], refused.text
+    assert server.strict.get(f"/v1/datasets/{dataset_id}", headers=ALICE).status_code == 200
+    assert server.strict.post(f"/v1/jobs/{job.json()['id']}/cancel", headers=ALICE).status_code == 200
+    assert server.strict.delete(f"/v1/datasets/{dataset_id}", headers=ALICE).status_code == 204
+
+
 def test_owner_names_never_become_path_components(server: Server) -> None:
     created = upload(server.strict, b"text", headers={"Authorization": "Bearer token-odd"})
     assert created.status_code == 201, created.text
