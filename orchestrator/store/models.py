@@ -32,6 +32,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -307,3 +308,100 @@ class KernelPlanRow(Base):
         if values["cusparselt"] is not None:
             values["cusparselt"] = int(values["cusparselt"])
         return values
+
+
+# --- the nightly model zoo ------------------------------------------------------------------------------
+# A night is one run of a zoo file: every (model, recipe) pair as its own job, compared afterwards with the
+# last successful night of the same pair. These tables record the night, its jobs, the regressions found
+# and each attempt to announce the night on the zoo's webhook.
+
+
+class NightStatus(StrEnum):
+    running = "running"
+    succeeded = "succeeded"  # every job succeeded
+    partial = "partial"  # some jobs failed
+    failed = "failed"  # no job succeeded (or the night itself failed)
+
+
+class DeliveryStatus(StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
+def _small_enum(enum: type[StrEnum], name: str) -> Enum:
+    return Enum(enum, name=name, native_enum=False, create_constraint=True, length=16,
+                values_callable=lambda members: [member.value for member in members])
+
+
+class ZooNight(Base):
+    """One run of a zoo: when, how it ended, its report and a plain-text summary."""
+
+    __tablename__ = "zoo_nights"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    zoo: Mapped[str] = mapped_column(String(100), index=True)
+    status: Mapped[NightStatus] = mapped_column(_small_enum(NightStatus, "night_status"), default=NightStatus.running)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    report_artifact_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("artifacts.id", ondelete="SET NULL")
+    )
+    summary: Mapped[str | None] = mapped_column(Text)
+
+    jobs: Mapped[list[ZooNightJob]] = relationship(
+        back_populates="night", order_by="ZooNightJob.id", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class ZooNightJob(Base):
+    """A pair's job of one night; `reused` when every stage came from the stage cache (nothing changed)."""
+
+    __tablename__ = "zoo_night_jobs"
+    __table_args__ = (UniqueConstraint("night_id", "pair_key"),)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    night_id: Mapped[str] = mapped_column(String(32), ForeignKey("zoo_nights.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = _job_fk()
+    model: Mapped[str] = mapped_column(Text)
+    recipe_name: Mapped[str] = mapped_column(String(200))
+    pair_key: Mapped[str] = mapped_column(String(64), index=True)
+    reused: Mapped[bool] = mapped_column(default=False, server_default=false())
+
+    night: Mapped[ZooNight] = relationship(back_populates="jobs")
+    job: Mapped[Job] = relationship()
+
+
+class ZooRegression(Base):
+    """A metric of a night's job past its tolerance against the same pair's last successful night."""
+
+    __tablename__ = "zoo_regressions"
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    night_id: Mapped[str] = mapped_column(String(32), ForeignKey("zoo_nights.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = _job_fk()
+    previous_job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id", ondelete="CASCADE"))
+    metric: Mapped[str] = mapped_column(String(200))
+    old_value: Mapped[float] = mapped_column(Double)
+    new_value: Mapped[float] = mapped_column(Double)
+    tolerance: Mapped[float] = mapped_column(Double)
+    worse: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One announcement of a night on a webhook; `failures` keeps every failed attempt's time and error."""
+
+    __tablename__ = "zoo_webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    night_id: Mapped[str] = mapped_column(String(32), ForeignKey("zoo_nights.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    status: Mapped[DeliveryStatus] = mapped_column(
+        _small_enum(DeliveryStatus, "delivery_status"), default=DeliveryStatus.pending
+    )
+    last_error: Mapped[str | None] = mapped_column(Text)
+    failures: Mapped[list[dict[str, Any]]] = mapped_column(JSONDocument, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
