@@ -379,10 +379,10 @@ def down() -> None:
 
 @app.command()
 def nightly(
-    zoo: Annotated[Path, typer.Argument(help="Model zoo file (models, recipe template, cron).")],
-    now: Annotated[bool, typer.Option("--now", help="Run once now instead of serving the schedule.")] = False,
+    zoo: Annotated[Path, typer.Argument(help="Model zoo file (models, recipes, owners, tolerances, webhook, cron).")],
+    now: Annotated[bool, typer.Option("--now", help="Run one night now instead of serving the schedule.")] = False,
 ) -> None:
-    """Submit one job per model of a zoo: now, or every night on the zoo's cron schedule."""
+    """Run a model zoo: every (model, recipe) pair as its own job, now or every night on the zoo's cron."""
     from pipelines.recipe import RecipeError
 
     _quiet_frameworks()
@@ -392,14 +392,19 @@ def nightly(
     try:
         load_zoo(zoo)
     except RecipeError as error:
-        _fail(str(error))
+        from rich.markup import escape
+
+        _fail(escape(str(error)))
     if not now:
         serve_nightly(str(zoo))
         return
-    outcomes = nightly_flow(str(zoo))
-    for job_id, final in outcomes.items():
-        console.print(f"{job_id}  {final}")
-    raise typer.Exit(0 if all(s == "succeeded" for s in outcomes.values()) else 1)
+    outcome = nightly_flow(str(zoo))
+    for job_id, final in outcome["jobs"].items():
+        console.print(f"{job_id}  {final}{'  (reused)' if job_id in outcome['reused'] else ''}", highlight=False)
+    console.print(outcome["summary"], markup=False, highlight=False)
+    console.print(f"night {outcome['night_id']}: {outcome['status']}"
+                  + (f", webhook {outcome['webhook']}" if outcome["webhook"] else ""), highlight=False)
+    raise typer.Exit(0 if outcome["status"] == "succeeded" else 1)
 
 
 def main() -> None:

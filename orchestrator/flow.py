@@ -30,7 +30,7 @@ from pydantic import TypeAdapter
 from sqlalchemy.orm import Session
 
 from orchestrator import access, integrity, served_inputs
-from orchestrator.caching import reuse_cached, stage_cache_key
+from orchestrator.caching import record_source_identities, reuse_cached, stage_cache_key
 from orchestrator.runtime import Heartbeat, JobRuntime, embedded_runner, runtime_for
 from orchestrator.settings import Settings
 from orchestrator.states import Status
@@ -90,8 +90,11 @@ def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
 def _source_inputs(session: Session, job_id: str, model_ref: str, owner: str, settings: Settings
                    ) -> dict[str, Input]:
     """The job's model feeding `model` and `base_model`: another artifact of the owner's (`artifact:<id>`,
-    checked again now), or a source reference registered once per job as an artifact of its own."""
+    checked again now), or a source reference registered once per job as an artifact of its own. The source
+    model's and texts' content is hashed here (memoized), so that the stage cache keys on content."""
     uri, artifact_id = access.model_input(session, model_ref, owner=owner, settings=settings)
+    record_source_identities(session, job_id, model_uri=uri if artifact_id is None else None,
+                             memo_dir=settings.cache_dir / "content-hashes")
     if artifact_id is not None:
         return {"model": Input(artifact_id, uri), "base_model": Input(artifact_id, uri)}
     sources = [a for a in queries.list_artifacts(session, job_id, kind="model") if a.stage_run_id is None]
