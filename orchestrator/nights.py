@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -59,9 +60,8 @@ def run_night(zoo: Zoo, orchestrator: Orchestrator, *, poll_s: float = 1.0, time
         night_id = zoo_store.create_night(session, zoo.name).id
     log.info("zoo %s: night %s, %d pairs", zoo.name, night_id, len(zoo.pairs))
     job_ids = _submit_all(zoo, orchestrator, night_id)
-    for job_id in job_ids:
-        _dispatch(orchestrator, job_id)
-    final = _wait_all(orchestrator, job_ids, poll_s=poll_s, timeout_s=timeout_s)
+    runners = {job_id: _dispatch(orchestrator, job_id) for job_id in job_ids}
+    final = _wait_all(orchestrator, runners, poll_s=poll_s, timeout_s=timeout_s)
     with sessions.begin() as session:
         reused = _mark_reused(session, night_id)
         regressions = record_regressions(session, zoo=zoo.name, night_id=night_id, tolerances=zoo.tolerances)
@@ -103,23 +103,37 @@ def _submit_all(zoo: Zoo, orchestrator: Orchestrator, night_id: str) -> list[str
     return job_ids
 
 
-def _dispatch(orchestrator: Orchestrator, job_id: str) -> None:
+def _dispatch(orchestrator: Orchestrator, job_id: str) -> Future | None:
+    """Hand the job to a runner; the embedded runner's future, None in cluster mode or when not dispatched."""
     with orchestrator.sessions() as session:
         if queries.get_job(session, job_id).status != Status.queued:
-            return  # refused at submit
+            return None  # refused at submit
     try:
-        orchestrator.start(job_id)
+        handle = orchestrator.start(job_id)
     except DispatchFailed as error:  # recorded failed by start(); the other jobs go on
         log.warning("night job %s not dispatched: %s", job_id, error)
+        return None
+    return handle if isinstance(handle, Future) else None
 
 
-def _wait_all(orchestrator: Orchestrator, job_ids: list[str], *, poll_s: float,
+def _wait_all(orchestrator: Orchestrator, runners: dict[str, Future | None], *, poll_s: float,
               timeout_s: float | None) -> dict[str, str]:
-    """Poll the store until every job has ended (or `timeout_s` passed); return job id -> status."""
+    """Poll the store until every job has ended (or `timeout_s` passed); return job id -> status.
+
+    An embedded runner that ended while its job is still queued never started the flow (it raised first):
+    the job is recorded failed with that error, so the night does not wait for it forever.
+    """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        with orchestrator.sessions() as session:
-            statuses = {job_id: queries.get_job(session, job_id).status for job_id in job_ids}
+        with orchestrator.sessions.begin() as session:
+            statuses = {job_id: queries.get_job(session, job_id).status for job_id in runners}
+            for job_id, future in runners.items():
+                if future is not None and future.done() and statuses[job_id] == Status.queued:
+                    error = future.exception() or RuntimeError("the runner ended without running the flow")
+                    queries.set_job_status(session, job_id, Status.running)
+                    queries.set_job_status(session, job_id, Status.failed, error=f"not started: {error}")
+                    queries.skip_unreached(session, job_id)
+                    statuses[job_id] = Status.failed
         if all(Status(s).is_terminal for s in statuses.values()):
             return {job_id: Status(s).value for job_id, s in statuses.items()}
         if deadline is not None and time.monotonic() > deadline:
