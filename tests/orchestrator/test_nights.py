@@ -374,3 +374,32 @@ def test_two_nights_skip_the_unchanged_pair_and_catch_a_regression(
     assert [set(b) for b in server.bodies] == [{"text", "blocks"}] * 2
     assert "1 regression;" in server.bodies[1]["text"] and "REGRESSED" in server.bodies[1]["text"]
     assert "perplexity" in server.bodies[1]["text"] and "0 regressions" in server.bodies[0]["text"]
+
+
+def test_a_pair_the_access_policy_refuses_is_a_failed_job_of_the_night(tmp_path: Path, settings: Any,
+                                                                        receiver: Receiver) -> None:
+    """The policy applies to every night job as to any job: a model outside the allowed roots is refused for
+    its owner; the refusal is recorded on the job, the night ends failed and is still announced."""
+    from orchestrator.nights import run_night
+    from orchestrator.service import Orchestrator
+    from orchestrator.zoo_file import parse_zoo
+
+    (tmp_path / "allowed").mkdir()
+    settings = settings.model_copy(update={"local_roots": [str(tmp_path / "allowed")]})
+    zoo = parse_zoo({"name": "locked", "webhook": receiver.url, "owner": "bob",
+                     "recipes": [{"name": "mag", "stages": [{"stage": "prune", "method": "magnitude"}]}],
+                     "models": [str(tmp_path / "elsewhere")]}, base_dir=tmp_path)
+    orchestrator = Orchestrator(settings)
+    try:
+        outcome = run_night(zoo, orchestrator, poll_s=0.1)
+        with orchestrator.sessions() as session:
+            [night_job] = zoo_store.night_jobs(session, outcome.night_id)
+            job = night_job.job
+            assert (job.owner, job.status) == ("bob", Status.failed)
+            assert job.error.startswith("refused: recipe.model: ") and str(tmp_path) not in job.error
+            assert [r.status for r in queries.stage_runs(session, job.id)] == [Status.skipped]
+            assert zoo_store.get_night(session, outcome.night_id).status == NightStatus.failed
+    finally:
+        orchestrator.close()
+    assert outcome.status == "failed" and outcome.webhook == "delivered"
+    assert f"FAILED {tmp_path / 'elsewhere'}/mag: job " in receiver.bodies[0]["text"]
