@@ -11,7 +11,8 @@ from sqlalchemy import inspect
 from orchestrator.store import db
 from orchestrator.store.models import Base
 
-TABLES = {"jobs", "stage_runs", "artifacts", "metrics", "tags", "lineage_edges", "kernel_plans", "datasets"}
+TABLES = {"jobs", "stage_runs", "artifacts", "metrics", "tags", "lineage_edges", "kernel_plans", "datasets",
+          "zoo_nights", "zoo_night_jobs", "zoo_regressions", "zoo_webhook_deliveries"}
 
 
 def _tables(engine) -> set[str]:
