@@ -168,7 +168,11 @@ async def _load_httpx(url: str, clients: int, duration: float) -> dict[str, Any]
             nonlocal errors
             while time.perf_counter() < stop:
                 started = time.perf_counter()
-                answer = await client.get(url)
+                try:
+                    answer = await client.get(url)
+                except httpx.TransportError:  # a reset or refused connection is an error to count, not a crash
+                    errors += 1
+                    continue
                 latencies.append(time.perf_counter() - started)
                 errors += answer.status_code != 200
 
