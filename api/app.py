@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.limits import install_limits
-from api.routers import artifacts, datasets, jobs, lineage, metrics
+from api.routers import artifacts, datasets, jobs, lineage, metrics, zoo
 from orchestrator.integrity import verify_forever
 from orchestrator.service import Orchestrator
 from orchestrator.settings import Settings, get_settings
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     install_limits(app, settings or get_settings())
-    for router in (jobs.router, artifacts.router, lineage.router, datasets.router, metrics.router):
+    for router in (jobs.router, artifacts.router, lineage.router, datasets.router, metrics.router, zoo.router):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])

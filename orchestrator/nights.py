@@ -8,7 +8,8 @@ runs `max_concurrent_jobs` of them at a time; in cluster mode each becomes a flo
 workers and Ray's resources pace. It then waits for all of them, one failure stopping no other,
 marks the jobs whose stages all came from the stage cache as `reused` (their model, data, recipe and code
 were unchanged: `orchestrator.caching`), records regressions (`orchestrator.regressions`), writes a
-plain-text summary and posts it to the zoo's webhook (`orchestrator.webhook`).
+plain-text summary and posts it to the zoo's webhook (`orchestrator.webhook`), and stores an HTML report
+per owner of its jobs (`orchestrator.night_report`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from orchestrator import access
 from orchestrator.lifecycle import submit_job
+from orchestrator.night_report import publish_reports
 from orchestrator.regressions import record_regressions
 from orchestrator.service import DispatchFailed, Orchestrator
 from orchestrator.states import Status
@@ -31,6 +33,7 @@ from orchestrator.store.errors import NotFound
 from orchestrator.store.models import NightStatus, ZooNight, ZooNightJob, ZooRegression
 from orchestrator.webhook import Backoff, deliver, slack_message
 from orchestrator.zoo_file import Zoo
+from workers.storage import ArtifactStorage
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,12 @@ class NightOutcome:
     regressions: int = 0
     webhook: str | None = None
     summary: str = ""
+    reports: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"night_id": self.night_id, "status": self.status, "jobs": dict(self.jobs), "reused": list(self.reused),
-                "regressions": self.regressions, "webhook": self.webhook, "summary": self.summary}
+                "regressions": self.regressions, "webhook": self.webhook, "summary": self.summary,
+                "reports": dict(self.reports)}
 
 
 def run_night(zoo: Zoo, orchestrator: Orchestrator, *, poll_s: float = 1.0, timeout_s: float | None = None,
@@ -69,7 +74,8 @@ def run_night(zoo: Zoo, orchestrator: Orchestrator, *, poll_s: float = 1.0, time
         night = zoo_store.get_night(session, night_id)
         summary = text_summary(night, zoo_store.night_jobs(session, night_id), regressions, finished=datetime.now(UTC))
         zoo_store.finish_night(session, night_id, status, summary=summary)
-    outcome = NightOutcome(night_id, status.value, final, reused, len(regressions), summary=summary)
+    outcome = NightOutcome(night_id, status.value, final, reused, len(regressions), summary=summary,
+                           reports=_publish_reports(orchestrator, night_id))
     if zoo.webhook:
         message = slack_message(summary, title=f"sparseflow zoo {zoo.name}: night {status.value}")
         outcome.webhook = deliver(sessions, night_id=night_id, url=zoo.webhook, message=message,
@@ -77,6 +83,19 @@ def run_night(zoo: Zoo, orchestrator: Orchestrator, *, poll_s: float = 1.0, time
     log.info("zoo %s: night %s %s (%d jobs, %d reused, %d regressions)", zoo.name, night_id, status.value,
              len(final), len(reused), len(regressions))
     return outcome
+
+
+def _publish_reports(orchestrator: Orchestrator, night_id: str) -> dict[str, str]:
+    """The night's HTML report per owner (owner -> artifact id); a report that cannot be made is logged, never
+    a reason to fail the night."""
+    settings = orchestrator.settings
+    storage = ArtifactStorage(settings.artifacts_url, settings.cache_dir / "artifacts")
+    try:
+        with orchestrator.sessions.begin() as session:
+            return publish_reports(session, storage, night_id)
+    except Exception:
+        log.exception("night %s: no report", night_id)
+        return {}
 
 
 def _submit_all(zoo: Zoo, orchestrator: Orchestrator, night_id: str) -> list[str]:

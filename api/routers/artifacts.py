@@ -17,6 +17,7 @@ from api.deps import CurrentUser, OwnedJob, SessionDep
 from api.schemas import ArtifactPublic, ErrorBody
 from api.views import artifact_public
 from orchestrator import integrity
+from orchestrator.night_report import REPORT_KIND
 from orchestrator.store import queries
 from orchestrator.store.errors import NotFound
 from orchestrator.store.models import Artifact, Job
@@ -68,7 +69,7 @@ def get_artifact(artifact_id: str, session: SessionDep, user: CurrentUser) -> Ar
 
 def _serve(method: str, request: Request, artifact_id: str, session: Session, user: str) -> Response:
     artifact = _owned(session, artifact_id, user)
-    if artifact.stage_run_id is None:  # an input reference (a hub id, a recipe path): not ours to serve
+    if artifact.stage_run_id is None and artifact.kind != REPORT_KIND:  # an input reference (a hub id, a path)
         raise NotFound("artifact", artifact_id)
     try:
         snap = integrity.ensure_intact(session, artifact)

@@ -4,6 +4,7 @@ reuses the unchanged pair, catches a regression injected into the other and anno
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -14,10 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from api.app import create_app
 from orchestrator.caching import content_identity, stage_cache_key
 from orchestrator.regressions import compare, record_regressions
 from orchestrator.states import Status
@@ -368,7 +372,49 @@ def test_two_nights_skip_the_unchanged_pair_and_catch_a_regression(
         assert all(n.status == NightStatus.succeeded and n.finished_at for n in nights)
         assert "REGRESSED" in nights[0].summary and "REGRESSED" not in nights[1].summary
         assert [d.status for d in zoo_store.deliveries(session, second["night_id"])] == [DeliveryStatus.delivered]
+
+        # one HTML report per owner, an artifact of each of that owner's jobs, holding only that owner's jobs
+        assert set(second["reports"]) == {"schedule:ci-zoo", "alice"}
+        assert nights[0].report_artifact_id == second["reports"]["schedule:ci-zoo"]
+        pages = {}
+        for owner, night_job in (("schedule:ci-zoo", stable_2), ("alice", drift_2)):
+            [report] = queries.list_artifacts(session, night_job.job_id, kind="zoo_report")
+            assert report.id == second["reports"][owner]
+            pages[owner] = fsspec.open(report.uri, "rt", encoding="utf-8").open().read()
+            assert hashlib.sha256(pages[owner].encode()).hexdigest() == report.sha256
+            assert "data:image/png;base64," in pages[owner] and "https://" not in pages[owner]
+        assert drift_2.job_id in pages["alice"] and drift_2.job_id not in pages["schedule:ci-zoo"]
+        assert stable_2.job_id in pages["schedule:ci-zoo"] and stable_2.job_id not in pages["alice"]
+        assert "perplexity" in pages["alice"] and drift_1.job_id in pages["alice"], "the regression, both jobs"
     orchestrator.close()
+
+    # the owner downloads the report like any of its artifacts
+    tokens = {"tok-alice": "alice", "tok-platform": "schedule:ci-zoo", "tok-carol": "carol"}
+    alice, platform, carol = ({"Authorization": f"Bearer {token}"} for token in tokens)
+    with TestClient(create_app(settings.model_copy(update={"api_tokens": tokens}))) as client:
+        answer = client.get(f"/v1/artifacts/{second['reports']['alice']}/download", headers=alice)
+        assert answer.status_code == 200 and answer.text == pages["alice"]
+        refused = client.get(f"/v1/artifacts/{second['reports']['schedule:ci-zoo']}/download", headers=alice)
+        assert refused.status_code == 404
+
+        # the zoo's nights and regressions over the API: each owner sees its own jobs only
+        seen = client.get("/v1/zoo/ci-zoo/nights", headers=alice).json()
+        assert [n["id"] for n in seen["data"]] == [second["night_id"], first["night_id"]]
+        assert [[j["job_id"] for j in n["jobs"]] for n in seen["data"]] == [[drift_2.job_id], [drift_1.job_id]]
+        assert [n["regressions"] for n in seen["data"]] == [1, 0]
+        assert seen["data"][0]["report_artifact_id"] == second["reports"]["alice"]
+        assert seen["data"][0]["summary"] is None, "the summary covers another owner's job too"
+        regressions = client.get("/v1/zoo/ci-zoo/regressions", headers=alice).json()["data"]
+        assert [(r["metric"], r["job_id"], r["previous_job_id"], r["worse"]) for r in regressions] == [
+            ("perplexity", drift_2.job_id, drift_1.job_id, "higher")]
+        theirs = client.get("/v1/zoo/ci-zoo/nights", headers=platform).json()["data"]
+        assert [[j["job_id"] for j in n["jobs"]] for n in theirs] == [[stable_2.job_id], [stable_1.job_id]]
+        assert theirs[0]["jobs"][0]["reused"] and theirs[0]["regressions"] == 0
+        assert client.get("/v1/zoo/ci-zoo/regressions", headers=platform).json() == {"data": [], "count": 0}
+        assert client.get("/v1/zoo/ci-zoo/nights", headers=carol).json() == {"data": [], "count": 0}
+        assert client.get("/v1/zoo/ci-zoo/nights?limit=0", headers=alice).status_code == 422
+        assert client.get("/v1/zoo/a%00b/nights", headers=alice).status_code == 422
+        assert client.get("/v1/zoo/ci-zoo/nights").status_code == 401
 
     # the webhook got one Slack-compatible message per night, the second naming the regression
     assert [set(b) for b in server.bodies] == [{"text", "blocks"}] * 2
