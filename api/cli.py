@@ -407,6 +407,21 @@ def nightly(
     raise typer.Exit(0 if outcome["status"] == "succeeded" else 1)
 
 
+zoo_app = typer.Typer(no_args_is_help=True, help="The nightly model zoo: its last night at a glance.")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("status")
+def zoo_status(name: str, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """The zoo's last night with a job of yours: its jobs, regressions and report."""
+    from api.display import print_night
+
+    with _client(url, token) as client:
+        nights = client.zoo_nights(name, limit=1)
+        regressions = client.zoo_regressions(name, nights[0]["id"]) if nights else []
+    print_night(console, name, nights[0] if nights else None, regressions)
+
+
 def main() -> None:
     import httpx
 

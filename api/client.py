@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -67,6 +68,12 @@ class ApiClient:
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
         return self.get("/v1/jobs", limit=limit)["data"]
+
+    def zoo_nights(self, zoo: str, limit: int = 1) -> list[dict[str, Any]]:
+        return self.get(f"/v1/zoo/{quote(zoo, safe='')}/nights", limit=limit)["data"]
+
+    def zoo_regressions(self, zoo: str, night_id: str) -> list[dict[str, Any]]:
+        return self.get(f"/v1/zoo/{quote(zoo, safe='')}/regressions", night_id=night_id)["data"]
 
     def artifacts(self, job_id: str) -> list[dict[str, Any]]:
         return self.get(f"/v1/jobs/{job_id}/artifacts")

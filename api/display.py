@@ -163,3 +163,31 @@ def print_jobs(console: Console, jobs: list[dict[str, Any]]) -> None:
         table.add_row(job["id"], job["name"], f"[{style}]{job['status']}", job["created_at"][:19],
                       (job["finished_at"] or "")[:19])
     console.print(table)
+
+
+def print_night(console: Console, zoo: str, night: dict[str, Any] | None, regressions: list[dict[str, Any]]) -> None:
+    """The last night of a zoo at a glance: status, the caller's jobs, regressions, the report to download."""
+    if night is None:
+        console.print(f"zoo {escape(zoo)}: no night with a job of yours yet")
+        return
+    style = _STATUS_STYLE.get(night["status"], "")
+    console.print(f"zoo {escape(zoo)}, night {night['id']}: [{style}]{night['status']}[/] "
+                  f"(started {night['started_at'][:19]}, finished {(night['finished_at'] or 'not yet')[:19]})")
+    table = Table(title="jobs")
+    table.add_column("job", no_wrap=True)
+    table.add_column("model", overflow="fold")
+    table.add_column("recipe", overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("reused", no_wrap=True)
+    for job in night["jobs"]:
+        table.add_row(job["job_id"], escape(job["model"]), escape(job["recipe"]),
+                      f"[{_STATUS_STYLE.get(job['status'], '')}]{job['status']}", "yes" if job["reused"] else "")
+    console.print(table)
+    for found in regressions:
+        console.print(f"[red]regressed[/red] {escape(found['model'])}/{escape(found['recipe'])}: {found['metric']} "
+                      f"{found['old_value']:.6g} -> {found['new_value']:.6g} (worse when {found['worse']}, "
+                      f"tolerance {found['tolerance']:.1%}), job {found['job_id']} vs {found['previous_job_id']}")
+    if not regressions:
+        console.print("no regressions")
+    if night.get("report_artifact_id"):
+        console.print(f"report: sparseflow download {night['report_artifact_id']} -o DIR   (HTML, verified)")

@@ -5,7 +5,7 @@ Sample (paths are relative to the zoo file)::
     name: platform-zoo
     cron: "0 2 * * *"                 # every night at 02:00 UTC
     webhook: https://hooks.slack.com/services/T000/B000/XXXX   # optional, Slack-compatible
-    owner: platform-team               # default owner of every job (default: schedule:<name>)
+    owner: platform-team               # default owner of every job (default: local)
     tolerances:                        # defaults: perplexity "+2%", kernel_speedup "-5%", model_size_bytes "+1%"
       perplexity: "+2%"                # "+": higher is worse; "-": lower is worse
       kernel_speedup: {worse: lower, relative: 0.05}   # matches every kernel_speedup.<shape>.<tokens>
@@ -59,6 +59,7 @@ from pipelines.recipe import (
 
 MAX_MODELS = 1000
 MAX_RECIPES = 64
+DEFAULT_OWNER = "local"  # the owner of every job on a service without API tokens (api.deps), as `sparseflow run`
 _PERCENT = re.compile(r"\s*([+-])\s*(\d+(?:\.\d+)?)\s*%\s*")
 ZooName = bounded_str(100, 1)
 Owner = bounded_str(100, 1)
@@ -148,7 +149,8 @@ class ZooFile(_Strict):
     name: ZooName = "nightly"
     cron: bounded_str(100, 1) = "0 2 * * *"
     webhook: AnyHttpUrl | None = Field(None, description="Slack-compatible incoming webhook for the night's summary.")
-    owner: Owner | None = Field(None, description="Default owner of the jobs (default: schedule:<name>).")
+    owner: Owner | None = Field(None, description=(
+        "Default owner of the jobs (default: local, the owner of every job on a service without API tokens)."))
     tolerances: dict[MetricName, Tolerance] = Field(default_factory=dict, max_length=256)
     recipe: RecipeEntry | None = Field(None, description="Older shape: one recipe for every model.")
     recipes: list[RecipeEntry] | None = Field(None, min_length=1, max_length=MAX_RECIPES)
@@ -268,7 +270,7 @@ def parse_zoo(data: Any, *, base_dir: Path, path: Path | None = None) -> Zoo:
     default_entries, default_field = (
         ([spec.recipe], "recipe") if spec.recipe is not None else (spec.recipes, "recipes")
     )
-    owner = spec.owner or f"schedule:{spec.name}"
+    owner = spec.owner or DEFAULT_OWNER
     pairs: list[Pair] = []
     seen: dict[str, str] = {}
     for i, item in enumerate(spec.models):

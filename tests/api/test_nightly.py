@@ -68,7 +68,7 @@ def test_nightly_runs_one_job_per_model(tmp_path: Path, tiny_model_dir: Path, te
     assert list(outcome["jobs"].values()) == ["succeeded", "succeeded"]
     orchestrator = Orchestrator(settings)
     with orchestrator.sessions() as session:
-        jobs = queries.list_jobs(session, owner="schedule:zoo")
+        jobs = queries.list_jobs(session, owner="local")
         assert {j.id for j in jobs} == set(outcome["jobs"])
         night = zoo_store.last_night(session, "zoo")
         assert night.id == outcome["night_id"] and [j.model for j in night.jobs] == [str(tiny_model_dir), str(copy)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -20,10 +21,13 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
+from typer.testing import CliRunner
 
 from api.app import create_app
+from api.cli import app as cli_app
 from orchestrator.caching import content_identity, stage_cache_key
 from orchestrator.regressions import compare, record_regressions
+from orchestrator.settings import get_settings
 from orchestrator.states import Status
 from orchestrator.store import db, queries
 from orchestrator.store import zoo as zoo_store
@@ -339,7 +343,7 @@ def test_two_nights_skip_the_unchanged_pair_and_catch_a_regression(
         night_2 = zoo_store.night_jobs(session, second["night_id"])
         stable_1, drift_1 = night_1
         stable_2, drift_2 = night_2
-        assert [j.job.owner for j in night_2] == ["schedule:ci-zoo", "alice"]
+        assert [j.job.owner for j in night_2] == ["local", "alice"]
         assert stable_2.pair_key == stable_1.pair_key and stable_2.job_id != stable_1.job_id
 
         # the unchanged pair: recorded as its own job, every stage reused from night 1, done in seconds
@@ -374,27 +378,27 @@ def test_two_nights_skip_the_unchanged_pair_and_catch_a_regression(
         assert [d.status for d in zoo_store.deliveries(session, second["night_id"])] == [DeliveryStatus.delivered]
 
         # one HTML report per owner, an artifact of each of that owner's jobs, holding only that owner's jobs
-        assert set(second["reports"]) == {"schedule:ci-zoo", "alice"}
-        assert nights[0].report_artifact_id == second["reports"]["schedule:ci-zoo"]
+        assert set(second["reports"]) == {"local", "alice"}
+        assert nights[0].report_artifact_id == second["reports"]["local"]
         pages = {}
-        for owner, night_job in (("schedule:ci-zoo", stable_2), ("alice", drift_2)):
+        for owner, night_job in (("local", stable_2), ("alice", drift_2)):
             [report] = queries.list_artifacts(session, night_job.job_id, kind="zoo_report")
             assert report.id == second["reports"][owner]
             pages[owner] = fsspec.open(report.uri, "rt", encoding="utf-8").open().read()
             assert hashlib.sha256(pages[owner].encode()).hexdigest() == report.sha256
             assert "data:image/png;base64," in pages[owner] and "https://" not in pages[owner]
-        assert drift_2.job_id in pages["alice"] and drift_2.job_id not in pages["schedule:ci-zoo"]
-        assert stable_2.job_id in pages["schedule:ci-zoo"] and stable_2.job_id not in pages["alice"]
+        assert drift_2.job_id in pages["alice"] and drift_2.job_id not in pages["local"]
+        assert stable_2.job_id in pages["local"] and stable_2.job_id not in pages["alice"]
         assert "perplexity" in pages["alice"] and drift_1.job_id in pages["alice"], "the regression, both jobs"
     orchestrator.close()
 
     # the owner downloads the report like any of its artifacts
-    tokens = {"tok-alice": "alice", "tok-platform": "schedule:ci-zoo", "tok-carol": "carol"}
+    tokens = {"tok-alice": "alice", "tok-platform": "local", "tok-carol": "carol"}
     alice, platform, carol = ({"Authorization": f"Bearer {token}"} for token in tokens)
     with TestClient(create_app(settings.model_copy(update={"api_tokens": tokens}))) as client:
         answer = client.get(f"/v1/artifacts/{second['reports']['alice']}/download", headers=alice)
         assert answer.status_code == 200 and answer.text == pages["alice"]
-        refused = client.get(f"/v1/artifacts/{second['reports']['schedule:ci-zoo']}/download", headers=alice)
+        refused = client.get(f"/v1/artifacts/{second['reports']['local']}/download", headers=alice)
         assert refused.status_code == 404
 
         # the zoo's nights and regressions over the API: each owner sees its own jobs only
@@ -415,6 +419,18 @@ def test_two_nights_skip_the_unchanged_pair_and_catch_a_regression(
         assert client.get("/v1/zoo/ci-zoo/nights?limit=0", headers=alice).status_code == 422
         assert client.get("/v1/zoo/a%00b/nights", headers=alice).status_code == 422
         assert client.get("/v1/zoo/ci-zoo/nights").status_code == 401
+
+    # `sparseflow zoo status` on the embedded store: the caller (local, no tokens) sees its own pair
+    os.environ["SPARSEFLOW_HOME"] = str(settings.home)
+    get_settings.cache_clear()
+    try:
+        shown = CliRunner().invoke(cli_app, ["zoo", "status", "ci-zoo"], catch_exceptions=False)
+    finally:
+        get_settings.cache_clear()
+    assert shown.exit_code == 0, shown.output
+    assert second["night_id"] in shown.output and stable_2.job_id in shown.output
+    assert drift_2.job_id not in shown.output and "no regressions" in shown.output
+    assert second["reports"]["local"] in shown.output
 
     # the webhook got one Slack-compatible message per night, the second naming the regression
     assert [set(b) for b in server.bodies] == [{"text", "blocks"}] * 2

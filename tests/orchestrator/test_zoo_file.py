@@ -64,7 +64,7 @@ def test_older_shape_one_recipe_for_a_list_of_models_still_reads(tmp_path: Path)
                              "models": ["builtin:smollm2-135m", "org/Other-1B"]})
     zoo = load_zoo(path)
     assert [(p.model, p.recipe_name, p.owner) for p in zoo.pairs] == [
-        ("builtin:smollm2-135m", "magnitude-50", "schedule:zoo"), ("org/Other-1B", "magnitude-50", "schedule:zoo")]
+        ("builtin:smollm2-135m", "magnitude-50", "local"), ("org/Other-1B", "magnitude-50", "local")]
     assert zoo.cron == "0 2 * * *" and zoo.webhook is None
     assert zoo.tolerances == DEFAULT_TOLERANCES
     inline = parse_zoo({"recipe": PRUNE, "models": ["a"]}, base_dir=tmp_path)
