@@ -171,21 +171,19 @@ def _file_sha256(path: Path, memo_dir: Path | None) -> str:
     resolved = path.resolve()
     stat = resolved.stat()
     key = (str(resolved), stat.st_size, stat.st_mtime_ns)
-    with _lock:
-        known = _files.get(key)
-    if known is not None:
-        return known
     memo = memo_dir / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:40] if memo_dir else None
-    if memo is not None and memo.is_file():
+    with _lock:
+        digest = _files.get(key)
+    if digest is None and memo is not None and memo.is_file():
         digest = memo.read_text().strip()
-    else:
+    if digest is None:
         sha = hashlib.sha256()
         with resolved.open("rb") as handle:
             while chunk := handle.read(_CHUNK):
                 sha.update(chunk)
         digest = sha.hexdigest()
-        if memo is not None:
-            _write_memo(memo, digest)
+    if memo is not None and not memo.is_file():  # also when this process knew it: later processes need it
+        _write_memo(memo, digest)
     with _lock:
         _files[key] = digest
     return digest

@@ -139,13 +139,15 @@ def _wait(runtime: JobRuntime, job_id: str, stage_run_id: str, placed: placement
             last_write = now
         if ready:
             return ray.get(placed.ref)
-        if heartbeat.lost.is_set():
-            placement.cancel(placed)
-            raise RunnerReplaced(f"job {job_id} was handed to another runner")
+        # a cancel first: it also stops the heartbeat (the job is no longer running), which must not read as
+        # the job having been handed to another runner, or its stage would be left running in the store
         with runtime.sessions() as session:
             if queries.get_job(session, job_id).status == Status.cancelled:
                 placement.cancel(placed)
                 raise JobCancelled(f"job {job_id} was cancelled")
+        if heartbeat.lost.is_set():
+            placement.cancel(placed)
+            raise RunnerReplaced(f"job {job_id} was handed to another runner")
 
 
 def _record_outcome(session: Session, job_id: str, stage_run_id: str, outcome: Any) -> dict[str, Input]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +37,8 @@ from orchestrator.zoo_file import Zoo
 from workers.storage import ArtifactStorage
 
 log = logging.getLogger(__name__)
+
+_RUNNERS_FINISH_S = 30.0
 
 
 @dataclass
@@ -154,6 +157,8 @@ def _wait_all(orchestrator: Orchestrator, runners: dict[str, Future | None], *, 
                     queries.skip_unreached(session, job_id)
                     statuses[job_id] = Status.failed
         if all(Status(s).is_terminal for s in statuses.values()):
+            # the embedded runners record the job's end just before their flow run ends: let them finish
+            futures.wait([f for f in runners.values() if f is not None], timeout=_RUNNERS_FINISH_S)
             return {job_id: Status(s).value for job_id, s in statuses.items()}
         if deadline is not None and time.monotonic() > deadline:
             log.warning("night timed out with %d jobs unfinished",
