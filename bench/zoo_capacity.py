@@ -129,11 +129,14 @@ def plot_busy(steps: list[tuple[float, int]], gpus: int, out: Path) -> None:
 
 
 def summarize(timings: dict[str, Any], gpus: int, cpu_s: float, gpu_s: float) -> dict[str, Any]:
-    jobs = timings["jobs"]
+    """The night's figures; GPU use and overheads from the jobs that ran (a reused job's markers and stage
+    times are those of the night it was computed)."""
+    everything = timings["jobs"]
+    jobs = [j for j in everything if not j["reused"]]
     start, end = timings["span"]
     wall = end - start
-    ideal = len(jobs) * gpu_s / gpus
     slept = [j["gpu_slept"] for j in jobs if j["gpu_slept"]]
+    ideal = len(slept) * gpu_s / gpus  # the GPU work done: jobs that ran their GPU stage
     steps = busy_over_time(slept, start)
     busy_seconds = sum(b - a for a, b in slept)
     overheads = [j["finished"] - j["started"] - j["own_seconds"] - max(0.0, j["gpu_slept"][0] - j["gpu_marked_running"])
@@ -142,13 +145,13 @@ def summarize(timings: dict[str, Any], gpus: int, cpu_s: float, gpu_s: float) ->
     shared = sum(1 for i, (a, ga) in enumerate(placed) for b, gb in placed[i + 1:]
                  if ga & gb and a[0] < b[1] and b[0] < a[1])
     return {
-        "jobs": len(jobs), "succeeded": sum(j["status"] == "succeeded" for j in jobs),
+        "jobs": len(everything), "succeeded": sum(j["status"] == "succeeded" for j in everything),
         "gpu_sleeps_sharing_a_gpu": shared,
-        "reused": sum(bool(j["reused"]) for j in jobs),
+        "reused": len(everything) - len(jobs),
         "wall_seconds": round(wall, 3), "ideal_seconds": round(ideal, 3),
         "wall_over_ideal": round(wall / ideal, 3) if ideal else None, "goal_wall_over_ideal": 1.15,
         "serial_sum_seconds": len(jobs) * (cpu_s + gpu_s),
-        "speedup_over_serial_sum": round(len(jobs) * (cpu_s + gpu_s) / wall, 3),
+        "speedup_over_serial_sum": round(len(jobs) * (cpu_s + gpu_s) / wall, 3) if jobs else None,
         "max_gpus_busy": max((b for _, b in steps), default=0),
         "mean_gpus_busy": round(busy_seconds / wall, 3) if wall else None,
         "per_job_overhead_seconds": {"median": round(statistics.median(overheads), 3), "max": round(max(overheads), 3),

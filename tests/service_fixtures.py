@@ -7,6 +7,7 @@ placed on one sees `CUDA_VISIBLE_DEVICES` set but, without a real GPU, computes 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,18 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
     path.write_text(TEXT)
     return path
+
+
+@pytest.fixture
+def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """SPARSEFLOW_HOME for in-process CLI calls, with the cached settings dropped before and after."""
+    from orchestrator.settings import get_settings
+
+    home = tmp_path / "cli-home"
+    monkeypatch.setenv("SPARSEFLOW_HOME", str(home))
+    get_settings.cache_clear()
+    yield home
+    get_settings.cache_clear()
 
 
 @pytest.fixture

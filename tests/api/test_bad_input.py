@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 from api.app import create_app
 from api.cli import app as cli_app
 from api.limits import RequestLimits
-from orchestrator.settings import Settings, get_settings
+from orchestrator.settings import Settings
 from orchestrator.store.models import Job
 
 SHORT = 4096  # no error body may be longer: it carries excerpts of the input, never the input
@@ -449,15 +449,6 @@ CLI_CASES: list[tuple[str, str, str, str]] = [  # id, file name, content, what t
     ("bad-yaml", "r.yaml", "stages: [\n", "YAML"),
     ("markup-in-message", "[bold]r.yaml", _yaml(recipe_with(("stages", 1, "targets"), ["[/x]" * 200])), "targets"),
 ]
-
-
-@pytest.fixture
-def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    home = tmp_path / "cli-home"
-    monkeypatch.setenv("SPARSEFLOW_HOME", str(home))
-    get_settings.cache_clear()
-    yield home
-    get_settings.cache_clear()
 
 
 @pytest.mark.parametrize("command", ["run", "submit"])

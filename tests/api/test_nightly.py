@@ -4,7 +4,6 @@ a bad zoo file stops the command naming the field."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from typer.testing import CliRunner
 from api.cli import app as cli_app
 from orchestrator.schedules import load_zoo, nightly
 from orchestrator.service import Orchestrator
-from orchestrator.settings import get_settings
 from orchestrator.store import queries
 from orchestrator.store import zoo as zoo_store
 
@@ -37,15 +35,6 @@ def test_older_zoo_applies_the_recipe_to_every_model(tmp_path: Path, text_file: 
         "zoo-smollm2-135m-tiny-e2e-20261125", "zoo-Other-1B-tiny-e2e-20261125"]
     assert zoo.cron == "0 3 * * *"
     assert all(p.recipe.data.calibration == str(text_file) for p in zoo.pairs)
-
-
-@pytest.fixture
-def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    home = tmp_path / "cli-home"
-    monkeypatch.setenv("SPARSEFLOW_HOME", str(home))
-    get_settings.cache_clear()
-    yield home
-    get_settings.cache_clear()
 
 
 def test_cli_bad_zoo_exits_2_naming_the_field(tmp_path: Path, cli_home: Path) -> None:
