@@ -18,7 +18,7 @@ from api.deps import CurrentUser, SessionDep
 from orchestrator.night_report import REPORT_KIND
 from orchestrator.store import queries
 from orchestrator.store import zoo as zoo_store
-from orchestrator.store.models import Job, ZooNight
+from orchestrator.store.models import ZooNight, ZooNightJob
 
 router = APIRouter(prefix="/v1/zoo", tags=["zoo"])
 
@@ -113,12 +113,15 @@ def list_regressions(
 ) -> RegressionsPublic:
     """Regressions among the caller's jobs of the zoo, newest night first."""
     found = []
+    pairs: dict[str, dict[str, ZooNightJob]] = {}  # night id -> job id -> its pair, loaded once per night
     for row in zoo_store.list_regressions(session, name, night_id=night_id, limit=limit, offset=offset):
-        if session.get(Job, row.job_id).owner != user:
+        if row.night_id not in pairs:
+            pairs[row.night_id] = {j.job_id: j for j in zoo_store.night_jobs(session, row.night_id)}
+        pair = pairs[row.night_id].get(row.job_id)
+        if pair is None or pair.job.owner != user:
             continue
-        pair = next((j for j in zoo_store.night_jobs(session, row.night_id) if j.job_id == row.job_id), None)
         found.append(RegressionPublic(
             night_id=row.night_id, job_id=row.job_id, previous_job_id=row.previous_job_id,
-            model=pair.model if pair else "", recipe=pair.recipe_name if pair else "", metric=row.metric,
+            model=pair.model, recipe=pair.recipe_name, metric=row.metric,
             old_value=row.old_value, new_value=row.new_value, tolerance=row.tolerance, worse=row.worse))
     return RegressionsPublic(data=found, count=len(found))
