@@ -58,14 +58,20 @@ def _marker_of(processes: list[psutil.Process]) -> str | None:
     return None
 
 
-def _names(processes: list[psutil.Process]) -> str:
+def _commands(processes: list[psutil.Process]) -> list[str]:
+    """Full command lines: a checkout's path can be long enough to push a module name far to the right."""
     out = []
     for process in processes:
         try:
-            out.append(" ".join(process.cmdline())[:120])
+            out.append(" ".join(process.cmdline()))
         except psutil.NoSuchProcess:
             continue
-    return "; ".join(out)
+    return out
+
+
+def _names(processes: list[psutil.Process]) -> str:
+    """Command lines shortened for a failure message."""
+    return "; ".join(command[:160] for command in _commands(processes))
 
 
 class Service:
@@ -102,7 +108,7 @@ class Service:
 
     def _started_ray_and_prefect(self) -> bool:
         self.children = _descendants(self.process.pid)
-        commands = _names(self.children)
+        commands = " ".join(_commands(self.children))
         self.instance = self.instance or _marker_of(self.children)
         if all(part in commands for part in ("gcs_server", "raylet", "prefect.server")):
             return True
