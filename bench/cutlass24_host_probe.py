@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.backends import CutlassSm90Backend  # noqa: E402
+from kernels.backends import CutlassSm90Backend, DenseBackend  # noqa: E402
 from kernels.cutlass24 import KERNELS, Schedule  # noqa: E402
+from kernels.plan import KernelChoice, SparseLinear  # noqa: E402
 from kernels.sparse24 import mask_24  # noqa: E402
 from kernels.timing import device_info, time_graph_us  # noqa: E402
 
@@ -41,6 +42,27 @@ def host_us(fn, calls: int = 3000) -> float:
 def graph_us(fn, calls: int = 50, replays: int = 20) -> float:
     """GPU time per call with no host in the way: `calls` calls captured once, replayed."""
     return time_graph_us(lambda: [fn() for _ in range(calls)], calls, replays)
+
+
+def wrapper_host_us(weight: torch.Tensor, backend: CutlassSm90Backend, decode: int) -> dict[str, float]:
+    """What a tuned model's Linear costs the host per decode call against `nn.Linear`: a SparseLinear
+    whose route at 1 token is dense (with and without a bias), and one whose route is our kernel."""
+    out_f, in_f = weight.shape
+    x = torch.randn(1, in_f, device=weight.device, dtype=weight.dtype)
+    rows = {}
+    for bias in (False, True):
+        linear = torch.nn.Linear(in_f, out_f, bias=bias, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        backends = {"dense": DenseBackend(), backend.name: backend}
+        routed = {name: SparseLinear(linear, None, {1: KernelChoice(backend=name, config=config),
+                                                    2048: KernelChoice(backend=backend.name)}, backends)
+                  for name, config in (("dense", {}), (backend.name, {"kernel": decode}))}
+        tag = ", bias" if bias else ""
+        rows[f"nn.Linear{tag}"] = host_us(lambda linear=linear: linear(x))
+        rows[f"SparseLinear, dense route{tag}"] = host_us(lambda m=routed["dense"]: m(x))
+        rows[f"SparseLinear, {backend.name} route{tag}"] = host_us(lambda m=routed[backend.name]: m(x))
+    return rows
 
 
 def main() -> None:
@@ -83,6 +105,7 @@ def main() -> None:
         "ctypes call, persistent kernel": host_us(lambda: gemm_p(*raw_p)),
         "Sparse24Sm90.linear": host_us(lambda: lib.linear(x, values, meta, 256, decode, schedule)),
         "backend.linear (plan route)": host_us(lambda: backend.linear(x, handle)),
+        **wrapper_host_us(w, backend, decode),
     }
     print(json.dumps(result["host_us_per_call"], indent=1))
 

@@ -5,8 +5,9 @@ then end to end on a 4-layer Llama-3-8B-shaped model (random weights, fp16, 2:4-
 
 Tuning (`kernels.autotune.tune`: correctness first, then timing, cuSPARSELt configs searched in a
 child process) picks a backend per (shape, tokens); every row is then timed again, fresh, for the
-table, so the reported ratio is not the minimum the choice was made on. A row whose choice is dense
-runs the dense call itself, so its ratio is 1.00 by construction. Writes kernels_bench.json.
+table, so the reported ratio is not the minimum the choice was made on. "tuned" is the module a tuned
+model runs (`SparseLinear`, eager routes, its per-call host cost included) on every row, also where the
+choice is dense; "dense" is the `nn.Linear` an untuned model runs. Writes kernels_bench.json.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels.autotune import TuneSettings, paired_ratios, shape_key, tune  # noqa: E402
 from kernels.backends import make_backends  # noqa: E402
-from kernels.plan import apply_plan, environment_of, plan_from_tuning  # noqa: E402
+from kernels.plan import KernelChoice, SparseLinear, apply_plan, environment_of, plan_from_tuning  # noqa: E402
 from kernels.sparse24 import mask_24  # noqa: E402
 from kernels.timing import capture_graph, copies_to_defeat_l2, device_info, time_calls  # noqa: E402
 
@@ -37,6 +38,14 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 1433
 TOKENS = [1, 16, 128, 512, 2048, 8192]
 OWN = "cutlass-sm90"  # our own Hopper 2:4 kernel, reported on every row whether chosen or not
 log = logging.getLogger("bench")
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    """An `nn.Linear` without bias holding `weight` (no copy)."""
+    out_f, in_f = weight.shape
+    module = torch.nn.Linear(in_f, out_f, bias=False, device="meta")
+    module.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return module
 
 
 def retime(weight, mask, tuned_shape, dtype, repeats, rounds: int = 5) -> list[dict]:
@@ -52,6 +61,7 @@ def retime(weight, mask, tuned_shape, dtype, repeats, rounds: int = 5) -> list[d
     backends = make_backends(sorted(names))
     copies = copies_to_defeat_l2(weight.numel() * weight.element_size() // 2, dev)
     ref_weight = weight * mask
+    plan_choices = {int(t): KernelChoice(**c) for t, c in tuned_shape.items()}
     rows = []
     for tokens, choice in tuned_shape.items():
         xs = [torch.randn(tokens, in_f, device=dev, dtype=dtype) for _ in range(copies)]
@@ -59,21 +69,28 @@ def retime(weight, mask, tuned_shape, dtype, repeats, rounds: int = 5) -> list[d
                "choice": choice["backend"], "config": choice.get("config", {}), "reason": choice.get("reason")}
         own = choice.get("searched_configs", {}).get(OWN)
         calls = {}
-        for label, name, cfg in (("dense", "dense", None), ("stock", "torch-semi-structured", None),
-                                 ("own", OWN, {tokens: own}), ("tuned", choice["backend"],
-                                                               {tokens: choice.get("config", {})})):
-            if (label == "own" and own is None) or (label == "tuned" and name == "dense"):
+        ref = F.linear(xs[0], ref_weight)
+        for label, name, cfg in (("stock", "torch-semi-structured", None), ("own", OWN, {tokens: own})):
+            if label == "own" and own is None:
                 continue
             b = backends[name]
             try:
                 hs = [b.prepare(weight if i == 0 else weight.clone(), mask, cfg) for i in range(copies)]
                 y = b.linear(xs[0], hs[0])
-                ref = F.linear(xs[0], ref_weight)
                 row[f"{label}_rel_err"] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
                 calls[label] = lambda i, b=b, hs=hs, xs=xs: b.linear(xs[i], hs[i])
             except Exception as error:  # noqa: BLE001 - recorded in the row
                 row[f"{label}_ms"] = None
                 row[f"{label}_error"] = str(error)[:300]
+        # dense is the module an untuned model runs; tuned is the module a tuned model runs (the wrapper's
+        # per-call cost included, eager routes, every row, also where the choice is dense)
+        dense_modules = [_linear(ref_weight if i == 0 else ref_weight.clone()) for i in range(copies)]
+        tuned_modules = [SparseLinear(m, mask, plan_choices, backends) for m in dense_modules]
+        row["eager_route"] = tuned_modules[0].backend_for(tokens)
+        y = tuned_modules[0](xs[0])
+        row["tuned_rel_err"] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+        calls["dense"] = lambda i, ms=dense_modules, xs=xs: ms[i](xs[i])
+        calls["tuned"] = lambda i, ms=tuned_modules, xs=xs: ms[i](xs[i])
         samples: dict[str, list[float]] = {label: [] for label in calls}
 
         def timed(label: str, calls=calls, samples=samples) -> Callable[[], float]:
@@ -92,8 +109,6 @@ def retime(weight, mask, tuned_shape, dtype, repeats, rounds: int = 5) -> list[d
         for label, values in ratios.items():
             row[f"{label}_x"] = statistics.median(values)
             row[f"{label}_pair_ratios"] = [round(v, 4) for v in values]
-        if choice["backend"] == "dense":
-            row["tuned_ms"], row["tuned_x"] = row["dense_ms"], 1.0
         calls.clear()
         rows.append(row)
     return rows
@@ -180,6 +195,8 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, ro
                                "vocab": 128256, "dtype": dtype_name},
                     "replaced": len(report.replaced),
                     "plan_choices": {k: {t: c.backend for t, c in s.choices.items()} for k, s in plan.shapes.items()},
+                    "eager_choices": {k: {t: c.route(graphed=False) for t, c in s.choices.items()}
+                                      for k, s in plan.shapes.items()},
                     "rounds": rounds}
     # dense and sparse alternate, `rounds` times, so clock and host drift hit both; medians are reported
     samples: dict[str, list[float]] = {}
@@ -216,7 +233,7 @@ def tables(rows: list[dict], e2e_result: dict | None, info: dict) -> str:
              f"{info.get('dtype')}, per-call median ms",
              "",
              "| shape (out x in) | tokens | dense ms | stock 2:4 ms | stock x | own (cutlass-sm90) ms | own x "
-             "| tuned backend | tuned ms | tuned x |",
+             "| tuned backend (eager route) | tuned ms, eager | tuned x |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
 
     def f(v, fmt):
@@ -226,7 +243,7 @@ def tables(rows: list[dict], e2e_result: dict | None, info: dict) -> str:
         lines.append(f"| {r['shape']} | {r['tokens']} | {f(r.get('dense_ms'), '.4f')} | "
                      f"{f(r.get('stock_ms'), '.4f')} | "
                      f"{f(r.get('stock_x'), '.2f')} | {f(r.get('own_ms'), '.4f')} | {f(r.get('own_x'), '.2f')} | "
-                     f"{r['choice']} | {f(r.get('tuned_ms'), '.4f')} | "
+                     f"{r['choice']} ({r.get('eager_route')}) | {f(r.get('tuned_ms'), '.4f')} | "
                      f"{f(r.get('tuned_x'), '.2f')} |")
     if e2e_result:
         lines += ["", f"| 4-layer Llama-3-8B shape, {info.get('dtype')} | dense ms | 2:4 + plan ms | speedup |",

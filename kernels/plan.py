@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
@@ -67,6 +68,14 @@ class KernelChoice(_Strict):
     rejected: dict[str, str] = Field(default_factory=dict, description="Backend -> why it was not a candidate.")
     searched_configs: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="Backend -> the config its in-process search found, chosen or not.")
+    eager_backend: str | None = Field(
+        None, description="Backend for calls outside CUDA graphs, where host time counts; None: `backend`.")
+    eager_reason: str = ""
+    host_us: dict[str, float] = Field(default_factory=dict, description="Host microseconds to issue one call.")
+
+    def route(self, graphed: bool) -> str:
+        """The backend for a call captured into a CUDA graph (`graphed`) or run eagerly."""
+        return self.backend if graphed or self.eager_backend is None else self.eager_backend
 
 
 class ShapePlan(_Strict):
@@ -132,11 +141,18 @@ def load_plan(path: str | Path) -> KernelPlan:
         raise PlanError(f"{path}: invalid kernel plan: {fields}") from error
 
 
+Route = tuple[Backend | None, Any]  # (backend, handle); backend None: `F.linear` on the dense weight
+
+
 class SparseLinear(nn.Module):
     """A Linear whose forward runs the plan's backend for the runtime token count.
 
     Holds one handle per backend its choices name (the dense one is the masked weight). The weight
-    is not a trainable parameter any more: this module is for inference.
+    is not a trainable parameter any more: this module is for inference. A token count routed to
+    dense calls `F.linear` with the bias fused, as `nn.Linear` does, so a tuned model pays nothing
+    where dense was chosen. Calls captured into a CUDA graph follow each choice's `backend`; eager
+    calls follow its `eager_backend` (host time counts there); only a plan where the two differ pays
+    for asking which mode a call is in.
     """
 
     def __init__(self, linear: nn.Linear, mask: torch.Tensor | None, choices: Mapping[int, KernelChoice],
@@ -146,30 +162,42 @@ class SparseLinear(nn.Module):
         self.choices = {int(t): c for t, c in choices.items()}
         self.buckets = sorted(self.choices)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self._backends = {c.backend: backends[c.backend] for c in self.choices.values()}
+        names = {c.route(graphed) for c in self.choices.values() for graphed in (False, True)}
+        self._backends = {name: backends[name] for name in names}
         self._handles: dict[str, Handle] = {}
-        self._routes: dict[int, tuple[Backend, Handle]] = {}
         for name, backend in self._backends.items():
             configs = {t: c.config for t, c in self.choices.items() if c.backend == name and c.config}
             self._handles[name] = backend.prepare(linear.weight, mask, configs)
+        self._modes_differ = any(c.route(False) != c.route(True) for c in self.choices.values())
+        self._routes: dict[tuple[int, bool], Route] = {}
 
-    def backend_for(self, tokens: int) -> str:
-        return self.choices[nearest_bucket(tokens, self.buckets)].backend
+    def backend_for(self, tokens: int, graphed: bool = False) -> str:
+        return self.choices[nearest_bucket(tokens, self.buckets)].route(graphed)
+
+    def _resolve(self, tokens: int, graphed: bool) -> Route:
+        """Resolved once per (token count, mode): a decode step is bound by host time."""
+        name = self.backend_for(tokens, graphed)
+        handle = self._handles[name]
+        route: Route = (None, handle.data) if name == "dense" else (self._backends[name], handle)
+        if len(self._routes) < 4096:
+            self._routes[(tokens, graphed)] = route
+        return route
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
-        route = self._routes.get(tokens)
-        if route is None:  # resolved once per token count: a decode step is bound by host time
-            name = self.backend_for(tokens)
-            route = (self._backends[name], self._handles[name])
-            if len(self._routes) < 4096:
-                self._routes[tokens] = route
-        backend, handle = route
+        graphed = self._modes_differ and x.is_cuda and torch.cuda.is_current_stream_capturing()
+        backend, handle = self._routes.get((tokens, graphed)) or self._resolve(tokens, graphed)
+        if backend is None:
+            return F.linear(x, handle, self.bias)
         y = backend.linear(x, handle)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        picks = ", ".join(f"{t}:{self.choices[t].backend}" for t in self.buckets)
+        def pick(choice: KernelChoice) -> str:
+            eager = choice.route(graphed=False)
+            return choice.backend + (f" (eager {eager})" if eager != choice.backend else "")
+
+        picks = ", ".join(f"{t}:{pick(self.choices[t])}" for t in self.buckets)
         return f"in_features={self.in_features}, out_features={self.out_features}, tokens->backend {{{picks}}}"
 
 

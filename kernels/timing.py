@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -71,6 +72,25 @@ def time_calls(
     samples.sort()
     q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else [samples[0]] * 9
     return Timing(statistics.median(samples), q[0], q[-1], len(samples), inner)
+
+
+def host_us_per_call(fn: Callable[[int], Any], n_inputs: int = 1, *, calls: int = 200, rounds: int = 5) -> float:
+    """Median microseconds the host spends issuing one call of `fn(i)`, with no synchronization in the loop.
+
+    Eager inference of a few tokens is paced by this rather than by GPU time: the GPU finishes each
+    small op before the host has queued the next. `calls` stays well under the launch queue's depth,
+    so the loop never waits for the GPU."""
+    for i in range(max(3, n_inputs)):
+        fn(i % n_inputs)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for call in range(calls):
+            fn(call % n_inputs)
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(samples)
 
 
 def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:

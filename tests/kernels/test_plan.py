@@ -151,3 +151,57 @@ def test_documented_plan_sample_validates():
     sample = doc.split("```json", 1)[1].split("```", 1)[0]
     plan = KernelPlan.model_validate(json.loads(sample))
     assert plan.shapes["4096x14336"].choices[2048].backend == "cusparselt-planned"
+
+
+class CountingReference(ReferenceBackend):
+    """The reference 2:4 backend, counting the calls that reach it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def linear(self, x, handle):
+        self.calls += 1
+        return super().linear(x, handle)
+
+
+def test_dense_route_is_exactly_nn_linear_with_its_bias_fused():
+    model = Tiny().to(torch.float16)
+    x = torch.randn(1, 32, dtype=torch.float16)
+    reference = model.down(x)
+    counting = CountingReference()
+    apply_plan(model, _plan({1: "dense", 64: "sparse24-reference"}),
+               backends={"dense": DenseBackend(), "sparse24-reference": counting})
+    assert torch.equal(model.down(x), reference)  # same call as nn.Linear: bitwise equal, not close
+    assert counting.calls == 0
+    model.down(torch.randn(64, 32, dtype=torch.float16))
+    assert counting.calls == 1
+
+
+def test_eager_calls_follow_the_eager_backend_and_graphs_the_plan_backend():
+    choices = {1: KernelChoice(backend="sparse24-reference", eager_backend="dense", reason="test"),
+               64: KernelChoice(backend="sparse24-reference", reason="test")}
+    layer = nn.Linear(32, 16, bias=False).to(torch.float16)
+    with torch.no_grad():
+        layer.weight.mul_(mask_24(layer.weight))
+    counting = CountingReference()
+    sparse = SparseLinear(layer, None, choices, {"dense": DenseBackend(), "sparse24-reference": counting})
+    assert (sparse.backend_for(1), sparse.backend_for(1, graphed=True)) == ("dense", "sparse24-reference")
+    assert sparse.backend_for(64) == sparse.backend_for(64, graphed=True) == "sparse24-reference"
+    x = torch.randn(1, 32, dtype=torch.float16)
+    assert torch.equal(sparse(x), layer(x)) and counting.calls == 0  # eager on the CPU: dense
+    sparse(torch.randn(64, 32, dtype=torch.float16))
+    assert counting.calls == 1
+    assert "1:sparse24-reference (eager dense)" in repr(sparse)
+
+
+def test_a_plan_without_eager_routes_runs_its_backend_in_both_modes(tmp_path):
+    plan = _plan({1: "sparse24-reference"})
+    path = save_plan(plan, tmp_path / "plan.json")
+    data = json.loads(path.read_text())
+    for shape in data["shapes"].values():  # as plans written before eager routing looked
+        for choice in shape["choices"].values():
+            for key in ("eager_backend", "eager_reason", "host_us"):
+                choice.pop(key)
+    path.write_text(json.dumps(data))
+    choice = load_plan(path).shapes["32x16"].choices[1]
+    assert choice.route(graphed=False) == choice.route(graphed=True) == "sparse24-reference"
