@@ -138,6 +138,21 @@ def _client(url: str | None, token: str | None):
     return ApiClient(url, token)
 
 
+def _reader(url: str | None, token: str | None):
+    """The API at `url` (or SPARSEFLOW_URL); without one, the embedded store read directly (no service stack)."""
+    from orchestrator.settings import get_settings
+
+    settings = get_settings()
+    url, token = url or settings.url, token or settings.token
+    if url is not None:
+        from api.client import ApiClient
+
+        return ApiClient(url, token)
+    from api.store_client import StoreClient
+
+    return StoreClient(settings, token)
+
+
 @app.command()
 def submit(recipe: str, url: UrlOpt = None, token: TokenOpt = None) -> None:
     """Submit a recipe to the API; prints the job id."""
@@ -152,8 +167,10 @@ def status(job_id: str, url: UrlOpt = None, token: TokenOpt = None) -> None:
     """A job's state, stages and metrics."""
     from api.display import print_job
 
-    with _client(url, token) as client:
-        print_job(console, client.job(job_id), client.artifacts(job_id))
+    with _reader(url, token) as client:
+        job = client.job(job_id)
+        reused = client.reused_from(job_id) if hasattr(client, "reused_from") else None
+        print_job(console, job, client.artifacts(job_id), reused=reused)
 
 
 @app.command()
@@ -165,7 +182,7 @@ def jobs(
     """List recent jobs."""
     from api.display import print_jobs
 
-    with _client(url, token) as client:
+    with _reader(url, token) as client:
         print_jobs(console, client.jobs(limit))
 
 
@@ -182,7 +199,7 @@ def download(
     from api.client import ApiError
     from api.download import ChecksumMismatch, DownloadError
 
-    with _client(url, token) as client:
+    with _reader(url, token) as client:
         try:
             path = client.download(artifact_id, output, force=force)
         except ChecksumMismatch as error:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipelines.recipe import Recipe
+if TYPE_CHECKING:
+    from pipelines.recipe import Recipe
 
 _STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan",
                  "queued": "dim", "skipped": "green"}
@@ -89,18 +90,31 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_summary(console: Console, orchestrator: Any, job_id: str) -> None:
     """The job's outcome: perplexities, sparsity, size, time per stage, artifacts."""
+    from api.reuse import reused_from
     from api.views import artifact_public, job_detail
     from orchestrator.store import queries
 
     with orchestrator.sessions() as session:
         detail = job_detail(session, queries.get_job(session, job_id))
         artifacts = queries.list_artifacts(session, job_id)
+        reused = reused_from(session, job_id)
     print_job(console, detail.model_dump(mode="json"), [
         artifact_public(a).model_dump(mode="json") for a in artifacts
-    ])
+    ], reused=reused)
 
 
-def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, Any]]) -> None:
+def _stage_time(stage: dict[str, Any], reused: dict[str, str]) -> str:
+    """The stage's own seconds, or which job's run it reused: a cache hit's copied seconds are another run's."""
+    origin = reused.get(stage["id"], stage.get("reused_from_job"))
+    if origin is not None:
+        return f"reused from job {origin}" if origin else "reused (its job is gone)"
+    return _fmt(stage["metrics"].get("stage_seconds"), ".1f")
+
+
+def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, Any]],
+              reused: dict[str, str] | None = None) -> None:
+    """A job's results, stages and artifacts; `reused` maps its cache-hit stage runs to the job they reused."""
+    reused = reused or {}
     metrics: dict[str, float] = {}
     for stage in job["stages"]:
         metrics.update(stage["metrics"])
@@ -127,10 +141,9 @@ def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, A
     for column in ("stage", "status", "attempts", "seconds", "notes"):
         stages.add_column(column)
     for stage in job["stages"]:
-        seconds = stage["metrics"].get("stage_seconds")
         notes = "; ".join(stage["notes"]) or (stage["error"] or "")
         stages.add_row(f"{stage['index']:02d}-{stage['kind']}", stage["status"], str(stage["attempt"]),
-                       _fmt(seconds, ".1f"), notes)
+                       _stage_time(stage, reused), notes)
     console.print(stages)
 
     produced = [a for a in artifacts if a.get("stage_run_id")]

@@ -1,0 +1,42 @@
+"""Which job a stage-cache hit reused: read from the store for the CLI's summaries.
+
+A stage run served from the stage cache (`orchestrator.caching.reuse_cached`) carries a `cached_from` tag
+naming the stage run whose outputs and metrics it copied, its `stage_seconds` included. A summary that
+printed those seconds would say the stage ran again; it names the job that really ran it instead. That
+stage run may itself have been a cache hit, so the chain is followed to the run that computed the outputs.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orchestrator.store.models import StageRun, Tag
+
+CACHED_FROM = "cached_from"
+_MAX_HOPS = 64  # a chain of cache hits, each of an earlier run: far longer than any real one
+
+
+def reused_from(session: Session, job_id: str) -> dict[str, str]:
+    """Stage run id -> id of the job that computed what it reused, for each of `job_id`'s cache hits.
+
+    A reused run whose origin is gone from the store (its job deleted) maps to the last job still known,
+    or to "" when none is.
+    """
+    hits = dict(session.execute(
+        select(Tag.stage_run_id, Tag.value).where(Tag.job_id == job_id, Tag.key == CACHED_FROM)).all())
+    found: dict[str, str] = {}
+    for stage_run_id, source in hits.items():
+        origin_job = ""
+        for _ in range(_MAX_HOPS):
+            row = session.execute(select(StageRun.job_id).where(StageRun.id == source)).first()
+            if row is None:
+                break
+            origin_job = row.job_id
+            earlier = session.scalar(select(Tag.value).where(Tag.stage_run_id == source, Tag.key == CACHED_FROM))
+            if earlier is None:
+                break
+            source = earlier
+        if stage_run_id is not None:
+            found[stage_run_id] = origin_job
+    return found
