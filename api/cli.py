@@ -72,7 +72,7 @@ def run(
     from api.reaper import install_reaper
 
     install_reaper()  # Ray and Prefect's processes end with this one
-    from api.display import JobDisplay, print_summary
+    from api.display import job_progress, print_summary
     from orchestrator.access import AccessDenied, check_recipe
     from orchestrator.service import Orchestrator, submit_job
     from orchestrator.settings import get_settings
@@ -89,7 +89,7 @@ def run(
             _fail(escape(str(error)))
         job_id = submit_job(session, parsed).id
     console.print(f"job [bold]{job_id}[/bold] ({parsed.name}): {len(parsed.stages)} stages")
-    with JobDisplay(console, parsed) as display:
+    with job_progress(console, parsed) as display:
         try:
             status = orchestrator.run(job_id, on_event=display.handle)
         except Exception as error:  # the flow recorded the failure; show it and keep the job resumable
@@ -237,7 +237,7 @@ def resume(
         console.print(f"{job['id']} {job['status']}")
         return
     _quiet_frameworks()
-    from api.display import JobDisplay, print_summary
+    from api.display import job_progress, print_summary
     from orchestrator.service import Orchestrator, requeue_job
     from orchestrator.settings import get_settings
     from orchestrator.states import InvalidTransition, Status
@@ -256,7 +256,7 @@ def resume(
         _fail(f"{error}{hint}")
     except (NotFound, StoreError) as error:
         _fail(str(error))
-    with JobDisplay(console, recipe) as display:
+    with job_progress(console, recipe) as display:
         final = orchestrator.run(job_id, on_event=display.handle)
     print_summary(console, orchestrator, job_id)
     orchestrator.close()

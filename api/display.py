@@ -16,6 +16,16 @@ _STATUS_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "
                  "queued": "dim", "skipped": "green"}
 
 
+def job_progress(console: Console, recipe: Recipe) -> Any:
+    """A live bar per stage on a terminal; plain, flushed log lines otherwise (a pipe, CI, `kubectl logs`),
+    where a bar would show nothing until the job ends."""
+    if console.is_terminal:
+        return JobDisplay(console, recipe)
+    from api.plain_progress import PlainProgress
+
+    return PlainProgress(console.file, recipe)
+
+
 class JobDisplay:
     """A rich progress bar per stage, fed by the flow's events (`handle` is the flow's `on_event`)."""
 

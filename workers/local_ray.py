@@ -11,6 +11,11 @@ Clients of such a node need the same mode to keep its loopback address: `connect
 
 Any other bind host becomes the node's advertised IP, but Ray has no per-interface bind: it then
 listens on every interface, and `exposed_sockets` reports so.
+
+A new local node has token authentication on (Ray >= 2.5x: `ray.init` generates `~/.ray/auth_token` if
+missing), and Ray logs at WARNING, on every start, that it is on and how to turn it off. That line is
+dropped at its logger (`quiet_token_notice`); authentication itself stays on, and Ray's other warnings,
+its warning that token authentication is *off* included, still show.
 """
 
 from __future__ import annotations
@@ -29,6 +34,23 @@ log = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = {"localhost"}
 START_ATTEMPTS = 2
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropTokenNotice(logging.Filter):
+    """Drops Ray's per-start notice that token authentication is on (the default we keep), nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_NOTICE)
+
+
+def quiet_token_notice() -> None:
+    """Install the filter on the logger Ray prints the notice from (ray/_private/authentication/
+    authentication_token_setup.py, `_warn_token_auth_enabled`); idempotent."""
+    logger = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    if not any(isinstance(f, _DropTokenNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenNotice())
 
 
 def is_loopback(host: str) -> bool:
@@ -60,6 +82,7 @@ def start(bind_host: str, *, num_cpus: int | None = None, num_gpus: int | None =
     started) finds them warm.
     """
     loopback = is_loopback(bind_host)
+    quiet_token_notice()
     for attempt in range(1, START_ATTEMPTS + 1):
         before = {child.pid for child in psutil.Process().children()}
         try:
