@@ -1,10 +1,10 @@
-"""Export a pruned model in compressed-tensors' sparse formats (`sparse-bitmask`, `sparse-24-bitmask`).
+"""Export a pruned model in compressed-tensors' sparse layouts (`sparse-bitmask`, `sparse-24-bitmask`) and load it.
 
 The plain `save_pretrained` directory stays the primary model artifact; this writes a second,
-smaller copy whose pruned Linears are stored the way compressed-tensors' sparse compressors store
-them, with its config (`quantization_config.sparsity_config`, a `BitmaskConfig` or
-`Sparse24BitMaskConfig` of the installed compressed-tensors) and its bit packing
-(`compressed_tensors.utils.pack_bitmasks`).
+smaller copy (about 56% of the dense bytes at 50% sparsity: half the values plus one bit per weight)
+whose pruned Linears are stored the way compressed-tensors' sparse compressors stored them, with its
+config (`quantization_config.sparsity_config`, a `BitmaskConfig` or `Sparse24BitMaskConfig`) and its
+bit packing (`compressed_tensors.utils.pack_bitmasks`).
 
 Layout per compressed Linear `<module>` (the `.weight` suffix dropped, as compressed-tensors does):
 
@@ -13,10 +13,28 @@ Layout per compressed Linear `<module>` (the `.weight` suffix dropped, as compre
   `<module>.row_offsets` int64 [rows], the index in `compressed` where each row starts.
 - `sparse-24-bitmask`: `<module>.shape` int64 [2, 1], `<module>.compressed` [rows, cols/2] (the
   two kept values of every group of four), `<module>.bitmask` uint8 [rows, ceil(cols/8)].
+- both: `<module>.weight`, an empty [0] tensor (the guard below).
 
-compressed-tensors 0.14+ keeps these format names and config classes but no longer ships the
-sparse compressors themselves, so compressing and decompressing are done here, with its helpers;
-`load_compressed_state_dict` finds the tensors with its `get_nested_weight_mappings`.
+Who can read these layouts today (the versions are tested in tests/pipelines/test_export_compat.py):
+
+- compressed-tensors 0.14 and later ship no sparse compressors ("the Sparse24 format is no longer
+  supported as of compressed-tensors>0.14.0", its ModelCompressor says), and transformers 5's
+  compressed-tensors quantizer builds only the quantization part of the config. vLLM removed its
+  Sparse24 integration too (vllm-project/vllm#36799). A stock `from_pretrained` of such a folder then
+  finds every pruned Linear's `weight` missing and initialises it randomly, printing only a report.
+- transformers 4.56-4.57 with compressed-tensors 0.12-0.13 still decompress `sparse-24-bitmask` on
+  load (in fp16 unless given a dtype); their `sparse-bitmask` path fails on the meta device.
+
+So the decision: keep the compact layouts (size is what this artifact is for) and make every loader
+that cannot decompress them fail rather than guess. The `[0]` placeholder `<module>.weight` does it:
+a loader that understands the layout replaces the Linear's `weight` with the compressed parameters
+before reading the file, so the placeholder is an unused key to it; any other loader finds a [0]
+tensor where it expects [out, in] and raises its size-mismatch error. The supported route is
+`load_compressed_model(path)`: a standard transformers model with exactly the exported weights,
+which `save_pretrained` turns into a plain folder that every version loads.
+
+Values are written in the model's source dtype (see `pipelines.modelio`), so a bf16 model is
+exported in bf16 whatever dtype the stage computed in.
 """
 
 from __future__ import annotations
@@ -31,9 +49,18 @@ from compressed_tensors.utils import get_nested_weight_mappings, pack_bitmasks, 
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from pipelines.modelio import load_tokenizer
+from pipelines.modeling import decoder_linears
+from pipelines.modelio import (
+    SOURCE_DTYPE_ATTR,
+    cast_state_dict,
+    declared_dtype,
+    load_tokenizer,
+    normalize_modes,
+    source_dtype,
+    write_declared_dtype,
+)
 
 SPARSE_BITMASK = CompressionFormat.sparse_bitmask.value
 SPARSE_24_BITMASK = CompressionFormat.sparse_24_bitmask.value
@@ -42,10 +69,11 @@ FORMAT_PARAMS = {
     SPARSE_24_BITMASK: ("shape", "compressed", "bitmask"),
 }
 WEIGHTS_NAME = "model.safetensors"
+MIN_SPARSE_FRACTION = 0.01  # a decoder Linear with fewer exact zeros than this is dense, not pruned
 
 
 class ExportError(ValueError):
-    """A model that cannot be written in the requested format."""
+    """A model that cannot be written in the requested format, or a folder that is not such an export."""
 
 
 def choose_format(nm: tuple[int, int] | None) -> str:
@@ -66,15 +94,21 @@ def compress_bitmask(weight: Tensor) -> dict[str, Tensor]:
     }
 
 
+def is_24_sparse(weight: Tensor) -> bool:
+    """Every group of four consecutive inputs of every row holds at most two nonzeros."""
+    rows, cols = weight.shape
+    return cols % 4 == 0 and not bool((weight.reshape(rows, cols // 4, 4).ne(0).sum(-1) > 2).any())
+
+
 def compress_24_bitmask(weight: Tensor, name: str = "weight") -> dict[str, Tensor]:
     """The two kept values of every group of four and their bitmask (sparse-24-bitmask)."""
     weight = weight.detach().cpu()
     rows, cols = weight.shape
     if cols % 4:
         raise ExportError(f"{name}: sparse-24-bitmask needs a column count divisible by 4, got {cols}")
-    groups = weight.reshape(rows, cols // 4, 4)
-    if bool((groups.ne(0).sum(-1) > 2).any()):
+    if not is_24_sparse(weight):
         raise ExportError(f"{name}: not 2:4 sparse (a group of four holds more than two nonzeros)")
+    groups = weight.reshape(rows, cols // 4, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
     keep = keep.reshape(rows, cols)
     return {
@@ -93,12 +127,30 @@ def decompress(params: dict[str, Tensor]) -> Tensor:
     return dense
 
 
-def _unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The state dict without tied duplicates (the first name of a shared tensor is kept)."""
-    seen: set[int] = set()
+def infer_export(model: nn.Module) -> tuple[str, list[str], str] | None:
+    """(format, modules, sparsity structure) for a model pruned earlier, judged from its zeros; None if dense.
+
+    The pruned Linears are the decoder Linears with at least `MIN_SPARSE_FRACTION` exact zeros; if every
+    one of them is 2:4 the export is `sparse-24-bitmask`, else `sparse-bitmask`.
+    """
+    pruned = {
+        name: linear.weight.detach()
+        for name, linear in decoder_linears(model).items()
+        if float((linear.weight == 0).float().mean()) >= MIN_SPARSE_FRACTION
+    }
+    if not pruned:
+        return None
+    if all(is_24_sparse(weight) for weight in pruned.values()):
+        return SPARSE_24_BITMASK, sorted(pruned), "2:4"
+    return SPARSE_BITMASK, sorted(pruned), "unstructured"
+
+
+def _unique_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The state dict in `dtype`, without tied duplicates (the first name of a shared tensor is kept)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
     out: dict[str, Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.data_ptr()
+    for name, tensor in cast_state_dict(model, dtype).items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
         if key in seen and tensor.numel() > 0:
             continue
         seen.add(key)
@@ -114,13 +166,20 @@ def export_compressed(
     *,
     sparsity_structure: str = "unstructured",
     tokenizer_source: str | Path | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `model` with the weights of `modules` (Linear names) compressed in `fmt`."""
+    """Write `model` with the weights of `modules` (Linear names) compressed in `fmt`, in `dtype`.
+
+    `dtype` defaults to the model's source dtype (`pipelines.modelio.source_dtype`).
+    """
     if fmt not in FORMAT_PARAMS:
         raise ExportError(f"export: unknown format {fmt!r}; known: {', '.join(FORMAT_PARAMS)}")
+    if not modules:
+        raise ExportError("export: no modules to compress")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = _unique_state_dict(model)
+    dtype = dtype or source_dtype(model)
+    state = _unique_state_dict(model, dtype)
     total, zeros = 0, 0
     for module in modules:
         weight = state.pop(f"{module}.weight", None)
@@ -128,9 +187,10 @@ def export_compressed(
             raise ExportError(f"export: {module}.weight is not in the model's state dict")
         parts = compress_bitmask(weight) if fmt == SPARSE_BITMASK else compress_24_bitmask(weight, module)
         state.update({f"{module}.{key}": value for key, value in parts.items()})
+        state[f"{module}.weight"] = torch.empty(0, dtype=weight.dtype)  # the guard: see the module docstring
         total += weight.numel()
         zeros += int((weight == 0).sum())
-    save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt", "sparseflow_layout": fmt})
 
     config_cls = BitmaskConfig if fmt == SPARSE_BITMASK else Sparse24BitMaskConfig
     sparsity_config = config_cls(
@@ -150,14 +210,23 @@ def export_compressed(
         "transform_config": {},
     }
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_declared_dtype(config_path, dtype)
     if tokenizer_source is not None:
         load_tokenizer(tokenizer_source).save_pretrained(out_dir)
+    normalize_modes(out_dir)
     return out_dir
 
 
 def read_sparsity_config(path: str | Path) -> BitmaskConfig | Sparse24BitMaskConfig:
     """The sparsity config of an exported directory, parsed by compressed-tensors."""
-    data = json.loads((Path(path) / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"{path}: no config.json, not a model folder")
+    data = json.loads(config_path.read_text()).get("quantization_config", {}).get("sparsity_config")
+    if not data or data.get("format") not in FORMAT_PARAMS:
+        raise ExportError(f"{config_path}: quantization_config.sparsity_config.format is not one of "
+                          f"{', '.join(FORMAT_PARAMS)}: not a compressed export (load a plain folder with "
+                          "from_pretrained)")
     config_cls = BitmaskConfig if data["format"] == SPARSE_BITMASK else Sparse24BitMaskConfig
     return config_cls.model_validate(data)
 
@@ -169,12 +238,42 @@ def load_compressed_state_dict(path: str | Path) -> dict[str, Tensor]:
     nested, other = get_nested_weight_mappings(str(path), list(FORMAT_PARAMS[fmt]), return_unmatched_params=True)
     state: dict[str, Tensor] = {}
     for module, files in nested.items():
+        missing = set(FORMAT_PARAMS[fmt]) - set(files)
+        if missing:
+            raise ExportError(f"{path}: {module} lacks {', '.join(sorted(missing))} of the {fmt} layout")
         params = {}
         for param, file in files.items():
             with safe_open(file, framework="pt") as handle:
                 params[param] = handle.get_tensor(f"{module}.{param}")
         state[f"{module}.weight"] = decompress(params)
     for name, file in other.items():
+        if name in state:  # the placeholder of a compressed Linear
+            continue
         with safe_open(file, framework="pt") as handle:
             state[name] = handle.get_tensor(name)
     return state
+
+
+def load_compressed_model(
+    path: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> PreTrainedModel:
+    """A standard transformers model (eval mode) with exactly the weights of the export at `path`.
+
+    `dtype` defaults to the dtype the export was written in. Every parameter of the model must come
+    from the folder (tied ones excepted); anything missing or left over is an `ExportError`.
+    """
+    path = Path(path)
+    state = load_compressed_state_dict(path)
+    stored = declared_dtype(path)
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the model is dense once decompressed
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored or torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {tensor.data_ptr() for name, tensor in model.state_dict().items() if name in state}
+    untied = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise ExportError(f"{path}: the export does not fit {type(model).__name__}: missing {untied[:5]}, "
+                          f"unexpected {list(unexpected)[:5]}")
+    setattr(model, SOURCE_DTYPE_ATTR, stored or dtype or torch.float32)
+    return model.to(device).eval()

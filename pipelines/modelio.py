@@ -2,21 +2,55 @@
 
 A model directory is what `save_pretrained` writes (config + safetensors) plus its tokenizer, so
 plain `transformers.AutoModelForCausalLM.from_pretrained(path)` loads any stage's output.
+
+Dtype: stages compute in fp32 (or the dtype a stage asks for), but an artifact keeps the dtype its
+source was stored in. `load_model` records the directory's declared dtype (config `dtype`, formerly
+`torch_dtype`) on the model as `source_dtype`; `save_model` writes the weights in that dtype unless
+it is given another, so a bf16 model is not handed back as an fp32 copy twice its size.
+
+File modes: safetensors writes its files through a private temp file, mode 0600, while everything
+else in a model directory is 0644 under the usual umask. `normalize_modes` gives every file the mode
+an ordinary `open()` would have (0666 less the umask), so an artifact is readable alike throughout.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+SOURCE_DTYPE_ATTR = "source_dtype"
+_DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers 5 writes `dtype`, 4.x `torch_dtype`
+
+
+def declared_dtype(path: str | Path) -> torch.dtype | None:
+    """The dtype a model directory's config.json declares its weights in (None if it declares none)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    for key in _DTYPE_KEYS:
+        name = config.get(key)
+        if isinstance(name, str) and name != "auto":
+            dtype = getattr(torch, name.removeprefix("torch."), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"{path}/config.json: {key} {name!r} is not a torch dtype")
+            return dtype
+    return None
+
+
+def source_dtype(model: PreTrainedModel) -> torch.dtype:
+    """The dtype `model` is saved in: what its source directory declared, else its parameters' dtype."""
+    recorded = getattr(model, SOURCE_DTYPE_ATTR, None)
+    return recorded if isinstance(recorded, torch.dtype) else next(model.parameters()).dtype
+
 
 def load_model(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> PreTrainedModel:
-    """Load a model directory for computation (eval mode, on `device`, in `dtype`)."""
+    """Load a model directory for computation (eval mode, on `device`, in `dtype`), noting its stored dtype."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    setattr(model, SOURCE_DTYPE_ATTR, declared_dtype(path) or dtype)
     return model.to(device).eval()
 
 
@@ -24,10 +58,64 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def save_model(model: PreTrainedModel, tokenizer_source: str | Path, out_dir: str | Path) -> Path:
-    """Write `model` with safetensors and the tokenizer found in `tokenizer_source`."""
+def _umask() -> int:
+    """The process umask, read without changing it (Linux reports it in /proc; elsewhere set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def normalize_modes(path: str | Path) -> None:
+    """Give every file under `path` (or `path` itself) mode 0666 less the umask, as `open()` would."""
+    path = Path(path)
+    umask = _umask()
+    files = [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()] if path.is_dir() else [path]
+    for file in files:
+        file.chmod(0o666 & ~umask)
+
+
+def write_declared_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """Set the dtype a saved config.json declares (every key transformers reads it from that is present)."""
+    config = json.loads(config_path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in _DTYPE_KEYS if k in config] or ["dtype"]
+    config.update(dict.fromkeys(keys, name))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def cast_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with floating tensors in `dtype`; tied tensors stay one shared tensor."""
+    cast: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            state[name] = tensor
+            continue
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in cast:
+            cast[key] = tensor.to(dtype)
+        state[name] = cast[key]
+    return state
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer_source: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Write `model` with safetensors, in `dtype` (default: its source dtype), and the tokenizer of `tokenizer_source`.
+
+    The model in memory is left as it is: the cast goes into the state dict handed to `save_pretrained`.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    dtype = dtype or source_dtype(model)
+    model.save_pretrained(out_dir, state_dict=cast_state_dict(model, dtype), safe_serialization=True)
+    write_declared_dtype(out_dir / "config.json", dtype)
     load_tokenizer(tokenizer_source).save_pretrained(out_dir)
+    normalize_modes(out_dir)
     return out_dir
