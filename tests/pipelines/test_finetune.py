@@ -195,3 +195,65 @@ def test_bf16_autocast_on_cuda_keeps_masks(pruned_model_dir: Path, tiny_model_di
     assert result.summary["bf16"] and result.summary["masked_weights_changed"] == 0
     losses = [m.value for m in result.metrics if m.name == "loss"]
     assert losses[-1] < losses[0]
+
+
+def _assert_export_is(compressed: Path, model_dir: Path, fmt: str, targets: list[str]) -> None:
+    """The compressed export decompresses to exactly the model in `model_dir`, in format `fmt` over `targets`."""
+    from pipelines.export import load_compressed_model, read_sparsity_config
+
+    config = read_sparsity_config(compressed)
+    assert config.format == fmt and sorted(config.targets) == sorted(targets)
+    exported, final = load_compressed_model(compressed), load_model(model_dir)
+    for name, tensor in final.state_dict().items():
+        assert torch.equal(exported.state_dict()[name].float(), tensor), name
+
+
+def test_sparse_model_gets_a_compressed_export_of_the_finetuned_weights(
+        pruned_model_dir: Path, tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    """No earlier export in the job: the format is judged from the zeros (unstructured here)."""
+    spec = FinetuneStage(steps=3, lr=3e-3, batch_size=2, seq_len=32, beta_kd=0.0)
+    result = run(spec, stage_context(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file))
+    linears = sorted(capture_masks(load_model(pruned_model_dir)))
+    _assert_export_is(result.outputs["compressed_model"], result.outputs["model"], "sparse-bitmask", linears)
+    assert not torch.equal(load_model(result.outputs["model"]).model.layers[0].mlp.up_proj.weight,
+                           load_model(pruned_model_dir).model.layers[0].mlp.up_proj.weight)  # it did train
+
+
+def test_finetune_exports_like_the_earlier_export_and_keeps_bf16(tiny_model_dir: Path, tiny_text_file: Path,
+                                                                 tmp_path: Path) -> None:
+    """A job's 2:4 export of a bf16 model: the finetuned copy is 2:4 over the same Linears, both dirs bf16."""
+    from pipelines.export import export_compressed
+    from pipelines.modelio import declared_dtype
+    from pipelines.pruning.magnitude import prune_magnitude
+
+    model = load_model(tiny_model_dir)
+    targets = [n for n in capture_masks(model) if ".mlp." in n]  # only some Linears were pruned
+    with torch.no_grad():
+        for name in targets:
+            linear = model.get_submodule(name)
+            linear.weight.copy_(prune_magnitude(linear.weight, 0.5, (2, 4)).weight)
+    pruned = save_model(model, tiny_model_dir, tmp_path / "pruned", dtype=torch.bfloat16)
+    earlier = export_compressed(load_model(pruned), tmp_path / "earlier", "sparse-24-bitmask", targets,
+                                sparsity_structure="2:4")
+    ctx = stage_context(tmp_path, pruned, tiny_model_dir, tiny_text_file)
+    ctx.inputs["compressed_model"] = earlier
+    result = run(FinetuneStage(steps=2, lr=3e-3, batch_size=2, seq_len=32, beta_kd=0.0), ctx)
+    assert declared_dtype(result.outputs["model"]) == torch.bfloat16
+    assert declared_dtype(result.outputs["compressed_model"]) == torch.bfloat16
+    _assert_export_is(result.outputs["compressed_model"], result.outputs["model"], "sparse-24-bitmask", targets)
+
+
+def test_no_export_when_the_job_pruned_with_export_none(pruned_model_dir: Path, tiny_model_dir: Path,
+                                                        tiny_text_file: Path, tmp_path: Path) -> None:
+    ctx = stage_context(tmp_path, pruned_model_dir, tiny_model_dir, tiny_text_file)
+    ctx.inputs["masks"] = tmp_path / "masks.safetensors"  # prune ran; it wrote masks but no compressed copy
+    result = run(FinetuneStage(steps=1, batch_size=2, seq_len=32, beta_kd=0.0), ctx)
+    assert "compressed_model" not in result.outputs
+
+
+def test_dense_model_gets_no_compressed_export(tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    result = run(FinetuneStage(steps=1, batch_size=2, seq_len=32, beta_kd=0.0),
+                 stage_context(tmp_path, tiny_model_dir, tiny_model_dir, tiny_text_file))
+    assert "compressed_model" not in result.outputs
+    modes = {p.stat().st_mode & 0o777 for p in result.outputs["model"].iterdir()}
+    assert len(modes) == 1, modes  # model.safetensors is not 0600 while the rest is 0644
