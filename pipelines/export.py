@@ -51,13 +51,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from pipelines.filemodes import normalize_modes
 from pipelines.modeling import decoder_linears
 from pipelines.modelio import (
     SOURCE_DTYPE_ATTR,
     cast_state_dict,
     declared_dtype,
     load_tokenizer,
-    normalize_modes,
     source_dtype,
     write_declared_dtype,
 )

@@ -8,19 +8,19 @@ source was stored in. `load_model` records the directory's declared dtype (confi
 `torch_dtype`) on the model as `source_dtype`; `save_model` writes the weights in that dtype unless
 it is given another, so a bf16 model is not handed back as an fp32 copy twice its size.
 
-File modes: safetensors writes its files through a private temp file, mode 0600, while everything
-else in a model directory is 0644 under the usual umask. `normalize_modes` gives every file the mode
-an ordinary `open()` would have (0666 less the umask), so an artifact is readable alike throughout.
+File modes: safetensors writes its files 0600 while everything else in a model directory is 0644
+under the usual umask; `save_model` gives every file the mode `open()` would (`pipelines.filemodes`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipelines.filemodes import normalize_modes
 
 SOURCE_DTYPE_ATTR = "source_dtype"
 _DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers 5 writes `dtype`, 4.x `torch_dtype`
@@ -56,28 +56,6 @@ def load_model(
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (Linux reports it in /proc; elsewhere set and restored)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-def normalize_modes(path: str | Path) -> None:
-    """Give every file under `path` (or `path` itself) mode 0666 less the umask, as `open()` would."""
-    path = Path(path)
-    umask = _umask()
-    files = [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()] if path.is_dir() else [path]
-    for file in files:
-        file.chmod(0o666 & ~umask)
 
 
 def write_declared_dtype(config_path: Path, dtype: torch.dtype) -> None:

@@ -31,6 +31,8 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipelines.filemodes import normalize_modes
+
 MANIFEST = "checksums.json"
 _CHUNK = 1 << 20
 
@@ -121,7 +123,11 @@ class ArtifactStorage:
         return isinstance(self.fs, LocalFileSystem)
 
     def put(self, local: Path, *, job_id: str, label: str, kind: str) -> StoredArtifact:
-        """Store `local` (file or directory) for `job_id`; local roots move it, remote roots upload it."""
+        """Store `local` (file or directory) for `job_id`; local roots move it, remote roots upload it.
+
+        Files get the mode `open()` would give them first: safetensors writes 0600 files, the rest is 0644.
+        """
+        normalize_modes(local)
         if local.is_dir():
             sha, size = write_manifest(local)
         else:
