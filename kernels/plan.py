@@ -170,6 +170,23 @@ class SparseLinear(nn.Module):
             self._handles[name] = backend.prepare(linear.weight, mask, configs)
         self._modes_differ = any(c.route(False) != c.route(True) for c in self.choices.values())
         self._routes: dict[tuple[int, bool], Route] = {}
+        # the fast path: inputs of up to this many elements route to dense in both modes. Plain attributes,
+        # not a Parameter or buffer, so reading them skips nn.Module's attribute lookup
+        self._dense_weight = self._handles["dense"].data if "dense" in self._handles else None
+        self._dense_numel = -1 if self._dense_weight is None else self._dense_tokens() * self.in_features
+        self._bias = None if self.bias is None else self.bias.data
+
+    def _dense_tokens(self) -> int:
+        """The largest token count up to which every count routes to dense, eager and graphed (0: none)."""
+        sparse = [t for t in self.buckets if {self.choices[t].route(False), self.choices[t].route(True)} != {"dense"}]
+        if not sparse:
+            return 2**62
+        low, high = 0, sparse[0]  # nearest_bucket is monotone in the token count: bisect the boundary
+        while low < high:
+            mid = (low + high + 1) // 2
+            both = {self.backend_for(mid, graphed) for graphed in (False, True)}
+            low, high = (mid, high) if both == {"dense"} else (low, mid - 1)
+        return low
 
     def backend_for(self, tokens: int, graphed: bool = False) -> str:
         return self.choices[nearest_bucket(tokens, self.buckets)].route(graphed)
@@ -184,7 +201,10 @@ class SparseLinear(nn.Module):
         return route
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.numel() // self.in_features
+        numel = x.numel()
+        if numel <= self._dense_numel:  # as cheap as nn.Linear: decode-sized calls are bound by host time
+            return F.linear(x, self._dense_weight, self._bias)
+        tokens = numel // self.in_features
         graphed = self._modes_differ and x.is_cuda and torch.cuda.is_current_stream_capturing()
         backend, handle = self._routes.get((tokens, graphed)) or self._resolve(tokens, graphed)
         if backend is None:

@@ -106,17 +106,17 @@ def test_search_timeout_is_recorded_and_not_retried(monkeypatch):
 
 
 def test_eager_route_keeps_sparse_when_its_host_cost_matches_dense():
-    out = eager_route("cutlass-sm90", {"dense": 0.040}, {"dense": 16.0, "cutlass-sm90": 16.3}, TuneSettings())
+    out = eager_route("cutlass-sm90", 1, {"dense": 16.0, "cutlass-sm90": 16.3}, TuneSettings())
     assert out["eager_backend"] == "cutlass-sm90" and out["host_us"]["dense"] == 16.0
 
 
-def test_eager_route_falls_back_to_dense_when_the_host_pays_more_than_the_gpu_saves():
-    # decode of an 8B-shaped MLP: 42 us of GPU per dense call does not hide 4.5 us more host per call
-    out = eager_route("cutlass-sm90", {"dense": 0.042}, {"dense": 16.0, "cutlass-sm90": 20.5}, TuneSettings())
+def test_eager_route_falls_back_to_dense_when_decode_pays_more_host_time():
+    # decode of an 8B-shaped MLP: the sparse call saves GPU time but costs 4.5 us more host per call
+    out = eager_route("cutlass-sm90", 16, {"dense": 16.0, "cutlass-sm90": 20.5}, TuneSettings())
     assert out["eager_backend"] == "dense"
     assert "+4.5" in out["eager_reason"]
 
 
-def test_eager_route_keeps_sparse_where_the_gpu_paces_the_call():
-    out = eager_route("cutlass-sm90", {"dense": 0.160}, {"dense": 16.0, "cutlass-sm90": 20.0}, TuneSettings())
+def test_eager_route_keeps_sparse_at_prefill_sizes():
+    out = eager_route("cutlass-sm90", 2048, {"dense": 16.0, "cutlass-sm90": 20.0}, TuneSettings())
     assert out["eager_backend"] == "cutlass-sm90" and "paced by the GPU" in out["eager_reason"]

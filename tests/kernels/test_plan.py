@@ -205,3 +205,24 @@ def test_a_plan_without_eager_routes_runs_its_backend_in_both_modes(tmp_path):
     path.write_text(json.dumps(data))
     choice = load_plan(path).shapes["32x16"].choices[1]
     assert choice.route(graphed=False) == choice.route(graphed=True) == "sparse24-reference"
+
+
+@pytest.mark.parametrize("routes", [
+    {1: ("dense", None), 16: ("dense", None), 512: ("sparse24-reference", None)},
+    {1: ("sparse24-reference", "dense"), 64: ("sparse24-reference", None)},
+    {1: ("dense", None), 7: ("sparse24-reference", "dense"), 300: ("dense", None)},
+    {4: ("sparse24-reference", None)},
+    {1: ("dense", None), 2048: ("dense", None)},
+])
+def test_the_dense_fast_path_covers_exactly_the_counts_that_route_dense_in_both_modes(routes):
+    choices = {t: KernelChoice(backend=b, eager_backend=e) for t, (b, e) in routes.items()}
+    layer = nn.Linear(32, 16, bias=True)
+    with torch.no_grad():
+        layer.weight.mul_(mask_24(layer.weight))
+    sparse = SparseLinear(layer, None, choices, _backends())
+    both_dense = [all(sparse.backend_for(t, g) == "dense" for g in (False, True)) for t in range(1, 5000)]
+    expected = both_dense.index(False) if False in both_dense else None
+    if expected is None:
+        assert sparse._dense_numel >= 5000 * 32
+    else:
+        assert max(sparse._dense_numel, 0) == expected * 32  # -1: no dense route at all
