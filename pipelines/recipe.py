@@ -14,10 +14,9 @@ setting silently ignored. Sample::
       - stage: calibrate
         samples: 32
         seq_len: 256
-      - stage: prune
-        method: wanda
-        sparsity: 0.5
-        pattern: unstructured          # or "2:4", "4:8", any "N:M"
+      - stage: prune                   # one class per method: pipelines/prune_spec.py
+        method: wanda                  # or sparsegpt, magnitude
+        sparsity: 0.5                  # or, instead of sparsity, pattern: "2:4" (any "N:M")
       - stage: finetune
         steps: 20
       - stage: evaluate
@@ -27,83 +26,64 @@ setting silently ignored. Sample::
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
+    Discriminator,
     Field,
-    StringConstraints,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-# Bounds on what a recipe may ask for. They are far beyond any real job, and exist so that a recipe can
-# neither make the store hold megabytes per job nor ask a stage for a count that overflows later.
-MAX_SEED = 2**32 - 1  # numpy and torch seed generators take 32 bits
-MAX_SEQ_LEN = 1 << 20  # tokens per sequence
-MAX_SAMPLES = 1 << 20  # sequences, windows
-MAX_STEPS = 10_000_000  # optimizer steps, repeats
-MAX_BATCH = 1 << 16
-MAX_LIST = 256  # items of any list but `stages`
-MAX_STAGES = 64
-MAX_REF = 4096  # a model or data reference: hub id, path, builtin:, dataset: or artifact: reference
-MAX_PATTERN = 512  # a module-name pattern in `targets` / `ignore`
-MAX_NUM_GPUS = 64  # one stage runs on one node
-MAX_NUM_CPUS = 4096
-MAX_MEMORY_GB = 16384
-MAX_RECIPE_FILE_BYTES = 1 << 20  # like the API's default request limit
-MAX_SLEEP_S = 3600.0  # the stand-in `sleep` stage: an hour is beyond any benchmark's need
-NUL_FREE = r"^[^\x00]*$"
+from pipelines.prune_spec import (
+    DEFAULT_SPARSITY,
+    PRUNE_METHODS,
+    MagnitudePrune,
+    PruneSpec,
+    PruneStage,
+    SparseGPTPrune,
+    WandaPrune,
+    parse_pattern,
+    prune_stage,
+)
+from pipelines.recipe_base import (
+    MAX_BATCH,
+    MAX_LIST,
+    MAX_MEMORY_GB,
+    MAX_NUM_CPUS,
+    MAX_NUM_GPUS,
+    MAX_PATTERN,
+    MAX_RECIPE_FILE_BYTES,
+    MAX_REF,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_SEQ_LEN,
+    MAX_SLEEP_S,
+    MAX_STAGES,
+    MAX_STEPS,
+    NUL_FREE,
+    ModulePattern,
+    RecipeError,
+    Ref,
+    Resources,
+    _StageBase,
+    _Strict,
+    bounded_str,
+)
 
-
-def _no_nul(value: str) -> str:
-    # PostgreSQL's text types cannot store NUL, and no path, hub id or name contains one
-    if "\x00" in value:
-        raise ValueError("must not contain NUL (\\x00) characters")
-    return value
-
-
-def bounded_str(max_length: int, min_length: int = 0) -> Any:
-    """A str type of bounded length without NUL characters (the OpenAPI schema shows both)."""
-    return Annotated[
-        str,
-        StringConstraints(min_length=min_length, max_length=max_length),
-        AfterValidator(_no_nul),
-        Field(json_schema_extra={"pattern": NUL_FREE}),
-    ]
-
-
-Ref = bounded_str(MAX_REF, 1)
-ModulePattern = bounded_str(MAX_PATTERN, 1)
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be run; the message names the field and the reason."""
-
-    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(message)
-        self.errors = errors or []
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: NaN or Infinity in any number is an error naming the field, never a crash later
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class Resources(_Strict):
-    """What one stage asks of the cluster; passed to Ray's `.options()` at call time."""
-
-    num_cpus: float | None = Field(
-        None, gt=0, le=MAX_NUM_CPUS, description="CPUs for the stage; None takes a whole node's."
-    )
-    num_gpus: float = Field(0.0, ge=0, le=MAX_NUM_GPUS, description="GPUs for the stage, all on one node.")
-    memory_gb: float | None = Field(None, gt=0, le=MAX_MEMORY_GB, description="Memory reserved for the stage.")
+__all__ = [
+    "DEFAULT_SPARSITY", "MAX_BATCH", "MAX_LIST", "MAX_MEMORY_GB", "MAX_NUM_CPUS", "MAX_NUM_GPUS", "MAX_PATTERN",
+    "MAX_RECIPE_FILE_BYTES", "MAX_REF", "MAX_SAMPLES", "MAX_SEED", "MAX_SEQ_LEN", "MAX_SLEEP_S", "MAX_STAGES",
+    "MAX_STEPS", "NUL_FREE", "PRUNE_METHODS", "ActivationProfileStage", "CalibrateStage", "DataSpec",
+    "EvaluateStage", "FinetuneStage", "KernelTuneStage", "MagnitudePrune", "ModulePattern", "PruneSpec",
+    "PruneStage", "Recipe", "RecipeError", "Ref", "Resources", "SleepStage", "SparseGPTPrune", "StageSpec",
+    "WandaPrune", "bounded_str", "format_validation_error", "load_recipe", "parse_pattern", "parse_recipe",
+    "prune_stage",
+]
 
 
 class DataSpec(_Strict):
@@ -117,14 +97,6 @@ class DataSpec(_Strict):
     evaluation: Ref = "builtin:enwiki"
 
 
-class _StageBase(_Strict):
-    resources: Resources = Resources()
-    store_inputs: ClassVar[tuple[str, ...]] = ()
-    """Inputs the service's store serves to this stage (by kind) besides the outputs of earlier stages."""
-    resumable: ClassVar[bool] = False
-    """Writes checkpoints that a retried attempt resumes from (so the worker publishes and looks for them)."""
-
-
 class CalibrateStage(_StageBase):
     """Tokenize calibration samples and record per-Linear input statistics."""
 
@@ -132,114 +104,6 @@ class CalibrateStage(_StageBase):
     samples: int = Field(32, ge=1, le=MAX_SAMPLES, description="Number of calibration sequences.")
     seq_len: int = Field(256, ge=8, le=MAX_SEQ_LEN, description="Tokens per calibration sequence.")
     batch_size: int = Field(4, ge=1, le=MAX_BATCH)
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """`"unstructured"` -> None; `"N:M"` -> (N, M) with 0 < N < M."""
-    if pattern == "unstructured":
-        return None
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
-    if not match:
-        raise ValueError(f"pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise ValueError(f"pattern {pattern!r}: need 0 < N < M")
-    return n, m
-
-
-class PruneStage(_StageBase):
-    """Prune Linear weights layer by layer.
-
-    `pattern: "2:4"` keeps N of every M consecutive input weights and fixes sparsity at 1 - N/M.
-    `profile: owl` gives layers with more activation outliers less sparsity (OWL), same average.
-    """
-
-    stage: Literal["prune"] = "prune"
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    pattern: bounded_str(32, 1) = "unstructured"
-    profile: Literal["uniform", "owl"] = "uniform"
-    owl_lambda: float = Field(0.08, ge=0.0, lt=1.0, description="OWL: max deviation from the mean sparsity.")
-    owl_threshold: float = Field(5.0, gt=0.0, le=1e6, description="OWL: outlier if |act| > M x mean.")
-    targets: list[ModulePattern] = Field(
-        default_factory=lambda: [r"re:.*\.(self_attn|mlp)\.\w+_proj$"], max_length=MAX_LIST
-    )
-    ignore: list[ModulePattern] = Field(
-        default_factory=lambda: ["lm_head", r"re:.*embed_tokens$"], max_length=MAX_LIST
-    )
-    block_size: int = Field(128, ge=1, le=MAX_BATCH, description="SparseGPT: columns per lazy update block.")
-    dampening: float = Field(
-        0.01, gt=0.0, le=1e6, description="SparseGPT: diagonal damping, fraction of mean diag."
-    )
-    act_order: bool | None = Field(
-        None, description="SparseGPT: visit columns (N:M: whole groups) by decreasing Hessian diagonal, as GPTQ does. "
-        "None: on for N:M (every group must drop M-N weights, so the heaviest groups are decided first, before "
-        "errors pile onto them), off for unstructured (measured worse there).",
-    )
-    damping_retries: int = Field(
-        4, ge=0, le=12, description="SparseGPT: times to retry a failed Cholesky with 10x more damping."
-    )
-    batch_size: int = Field(
-        4, ge=1, le=MAX_BATCH, description="Calibration sequences per forward pass of a decoder layer."
-    )
-    sequential: bool = Field(
-        True, description="Feed each layer the outputs of the already pruned layers (False: dense outputs)."
-    )
-    within_layer: bool | None = Field(
-        None, description="Inside a layer too: o_proj is calibrated on the pruned q/k/v's outputs, down_proj on the "
-        "pruned gate/up's (one more forward of the layer per group). None: on for sparsegpt (whose weight updates "
-        "use it, as GPTQ's true-sequential does) and for wanda with an unstructured pattern, off for wanda N:M and "
-        "magnitude. On SmolLM2-135M, over three calibration seeds, it lowered Wanda 50% unstructured perplexity "
-        "every time (by 0.36-1.13) and raised Wanda 2:4's every time (by 2.0-13.4).",
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype the model is loaded and run in; statistics are always fp32."
-    )
-    export: Literal["auto", "none", "sparse-bitmask", "sparse-24-bitmask"] = Field(
-        "auto", description="Also write a compressed-tensors copy (auto: sparse-24-bitmask for 2:4)."
-    )
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        return parse_pattern(self.pattern)
-
-    @property
-    def use_act_order(self) -> bool:
-        """`act_order` resolved: None means on for N:M patterns, off for unstructured."""
-        return self.nm is not None if self.act_order is None else self.act_order
-
-    @property
-    def calibrate_within_layer(self) -> bool:
-        """`within_layer` resolved. None means on for SparseGPT, and for Wanda with an unstructured pattern.
-
-        Wanda's reference implementation measures a layer once, with the layer dense. Re-measuring
-        o_proj's and down_proj's inputs after q/k/v and gate/up are pruned matches them to the model
-        they will really see; with a free choice of which half of a row to drop that helped on every
-        seed measured, while under N:M (every group of M must lose M-N whatever its scores) it hurt
-        on every seed (`bench/results/pruning_quality_wanda_seed*.json`, docs/compression.md).
-        """
-        if self.within_layer is not None:
-            return self.within_layer
-        return self.method == "sparsegpt" or (self.method == "wanda" and self.nm is None)
-
-    @field_validator("pattern")
-    @classmethod
-    def _check_pattern(cls, value: str) -> str:
-        parse_pattern(value)
-        return value.strip()
-
-    @model_validator(mode="after")
-    def _check_combination(self) -> PruneStage:
-        if self.nm is not None and self.profile == "owl":
-            raise ValueError("profile 'owl' varies sparsity per layer and cannot be combined with N:M")
-        low, high = self.sparsity - self.owl_lambda, self.sparsity + self.owl_lambda
-        if self.profile == "owl" and not (low >= 0.0 and high < 1.0):
-            raise ValueError(
-                f"owl_lambda: sparsity {self.sparsity} +/- owl_lambda {self.owl_lambda} must stay within [0, 1)"
-            )
-        if self.export == "sparse-24-bitmask" and self.nm != (2, 4):
-            raise ValueError(f"export: 'sparse-24-bitmask' needs pattern '2:4', got {self.pattern!r}")
-        return self
 
 
 class FinetuneStage(_StageBase):
@@ -415,10 +279,24 @@ class SleepStage(_StageBase):
     seconds: float = Field(1.0, ge=0.0, le=MAX_SLEEP_S, description="How long to hold the stage's resources.")
 
 
+def _stage_of(value: Any) -> str | None:
+    if isinstance(value, dict):
+        stage = value.get("stage")
+        return stage if isinstance(stage, str) else None
+    return getattr(value, "stage", None)
+
+
+# A callable discriminator: with `Field(discriminator="stage")` the JSON schema maps each stage to a $ref,
+# which the prune stage (itself a union on `method`) is not, and OpenAPI refuses the mapping.
 StageSpec = Annotated[
-    CalibrateStage | PruneStage | FinetuneStage | EvaluateStage | KernelTuneStage | ActivationProfileStage
-    | SleepStage,
-    Field(discriminator="stage"),
+    Annotated[CalibrateStage, Tag("calibrate")] | Annotated[PruneSpec, Tag("prune")]
+    | Annotated[FinetuneStage, Tag("finetune")] | Annotated[EvaluateStage, Tag("evaluate")]
+    | Annotated[KernelTuneStage, Tag("kernel_tune")] | Annotated[ActivationProfileStage, Tag("activation_profile")]
+    | Annotated[SleepStage, Tag("sleep")],
+    Discriminator(
+        _stage_of, custom_error_type="stage_kind", custom_error_message="'stage' must be one of 'calibrate', "
+        "'prune', 'finetune', 'evaluate', 'kernel_tune', 'activation_profile', 'sleep'",
+    ),
 ]
 
 
@@ -442,8 +320,9 @@ class Recipe(_Strict):
     def _check_order(self) -> Recipe:
         for i, stage in enumerate(self.stages):
             calibrated = any(s.stage == "calibrate" for s in self.stages[:i])
-            if isinstance(stage, PruneStage) and stage.method != "magnitude" and not calibrated:
-                raise ValueError(f"stages.{i}: method {stage.method!r} needs a 'calibrate' stage before it")
+            if isinstance(stage, PruneStage) and stage.needs_calibration and not calibrated:
+                needs = f"method {stage.method!r}" if stage.needs_calibration_data else "profile 'owl'"
+                raise ValueError(f"stages.{i}: {needs} needs a 'calibrate' stage before it")
         self._check_model_stages_first()
         return self
 

@@ -8,6 +8,7 @@ back per Linear. Metrics come back as tensors and are moved to the CPU once per 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,14 +21,16 @@ from pipelines.pruning.result import PruneResult
 from pipelines.pruning.sequential import LayerWork
 from pipelines.pruning.sparsegpt import prune_sparsegpt
 from pipelines.pruning.stats import InputStats, relative_output_errors
+from pipelines.pruning.threads import solver_threads
 from pipelines.pruning.wanda import prune_wanda
 
 Method = Literal["magnitude", "wanda", "sparsegpt"]
+Statistics = Literal["none", "column_norms", "hessian"]
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """How to prune: the method and its knobs (a plain mirror of the recipe's PruneStage)."""
+    """How to prune: the method and its knobs (a plain mirror of the recipe's prune spec)."""
 
     method: Method
     nm: tuple[int, int] | None = None
@@ -36,13 +39,63 @@ class MethodConfig:
     retries: int = 4
     act_order: bool = False
 
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown pruning method {self.method!r}; known: {', '.join(METHODS)}")
+
+    @property
+    def statistics(self) -> Statistics:
+        """What the method needs of each Linear's inputs (`METHODS`)."""
+        return METHODS[self.method].statistics
+
     @property
     def needs_data(self) -> bool:
-        return self.method != "magnitude"
+        return self.statistics != "none"
 
     @property
     def needs_hessian(self) -> bool:
-        return self.method == "sparsegpt"
+        return self.statistics == "hessian"
+
+
+PruneFn = Callable[[Tensor, InputStats | None, MethodConfig, float], PruneResult]
+
+
+def _magnitude(weight: Tensor, stats: InputStats | None, config: MethodConfig, sparsity: float) -> PruneResult:
+    return prune_magnitude(weight, sparsity, config.nm)
+
+
+def _wanda(weight: Tensor, stats: InputStats | None, config: MethodConfig, sparsity: float) -> PruneResult:
+    return prune_wanda(weight, _require(stats, config).col_sq_norms, sparsity, config.nm)
+
+
+def _sparsegpt(weight: Tensor, stats: InputStats | None, config: MethodConfig, sparsity: float) -> PruneResult:
+    with solver_threads(weight.device, weight.shape[0] * config.block_size):  # a column update's size
+        return prune_sparsegpt(
+            weight, _require(stats, config).hessian(), sparsity, config.nm, config.block_size, config.dampening,
+            config.retries, config.act_order,
+        )
+
+
+def _require(stats: InputStats | None, config: MethodConfig) -> InputStats:
+    if stats is None:
+        raise ValueError(f"method {config.method!r} needs calibration statistics")
+    return stats
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One pruning method: its pure function (adapted to one signature) and the input statistics it reads."""
+
+    prune: PruneFn
+    statistics: Statistics
+
+
+METHODS: dict[str, MethodEntry] = {
+    "magnitude": MethodEntry(_magnitude, "none"),
+    "wanda": MethodEntry(_wanda, "column_norms"),
+    "sparsegpt": MethodEntry(_sparsegpt, "hessian"),
+}
+"""Method name -> how to prune; the recipe's `method` values are exactly these keys."""
 
 
 @dataclass
@@ -60,17 +113,8 @@ class LinearOutcome:
 
 
 def prune_weight(weight: Tensor, stats: InputStats | None, config: MethodConfig, sparsity: float) -> PruneResult:
-    """Dispatch to the method's pure function."""
-    if config.method == "magnitude":
-        return prune_magnitude(weight, sparsity, config.nm)
-    if stats is None:
-        raise ValueError(f"method {config.method!r} needs calibration statistics")
-    if config.method == "wanda":
-        return prune_wanda(weight, stats.col_sq_norms, sparsity, config.nm)
-    return prune_sparsegpt(
-        weight, stats.hessian(), sparsity, config.nm, config.block_size, config.dampening, config.retries,
-        config.act_order,
-    )
+    """Prune one (row-stacked) weight with the method's pure function."""
+    return METHODS[config.method].prune(weight, stats, config, sparsity)
 
 
 class _Clock:

@@ -1,13 +1,14 @@
 """The prune stage: magnitude, Wanda or SparseGPT, unstructured or N:M, uniform or OWL, layer by layer.
 
 Inputs: `model` (a model directory) and, for wanda/sparsegpt or the OWL profile, `calibration`
-(a safetensors file with `input_ids` [samples, seq_len]; its `sq_norm.*` statistics are not used,
-since each layer's statistics are recomputed on the outputs of the already pruned layers).
+(a safetensors file with `input_ids` [samples, seq_len]; any `sq_norm.*` statistics in it are not
+used, since each layer's statistics are recomputed on the outputs of the already pruned layers).
+Magnitude reads no calibration, even when a calibrate stage ran before it: with a uniform profile
+it runs no forward pass at all.
 Outputs: `model`, `masks`, `compressed_model` (unless `export: none`) and `report`. Sample::
 
     - stage: prune
       method: sparsegpt
-      sparsity: 0.5
       pattern: "2:4"
       block_size: 128
       dampening: 0.01
@@ -33,10 +34,9 @@ from pipelines.modeling import decoder_layers
 from pipelines.modelio import load_model, save_model
 from pipelines.pruning.engine import LinearOutcome, MethodConfig, prune_layer, prune_layer_without_data
 from pipelines.pruning.owl import outlier_ratio, owl_sparsities
-from pipelines.pruning.patterns import pattern_sparsity
 from pipelines.pruning.sequential import CalibrationError, LayerWork, run_sequential
 from pipelines.pruning.targets import check_pattern_fits, resolve_targets
-from pipelines.recipe import PruneStage
+from pipelines.recipe import PruneStage, SparseGPTPrune
 from pipelines.stage import Metric, StageContext, StageResult
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def read_calibration_ids(path: Path, vocab_size: int) -> torch.Tensor:
 
 def _layer_sparsities(model, ids, targets, spec: PruneStage, ctx: StageContext, total: int) -> tuple[dict, int]:
     """Per decoder layer sparsity: uniform, or OWL from one dense pass (Wanda scores per layer)."""
-    base = pattern_sparsity(spec.sparsity, spec.nm)
+    base = spec.target_sparsity
     if spec.profile == "uniform":
         return {index: base for index in targets}, 0
     ratios: dict[int, float] = {}
@@ -81,8 +81,16 @@ def _layer_sparsities(model, ids, targets, spec: PruneStage, ctx: StageContext, 
         propagate="dense", progress=lambda d, t, m: ctx.progress(d, total, f"OWL outliers: {m}"),
     )
     order = sorted(ratios)
-    values = owl_sparsities([ratios[i] for i in order], spec.sparsity, spec.owl_lambda)
+    values = owl_sparsities([ratios[i] for i in order], base, spec.owl_lambda)
     return dict(zip(order, values, strict=True)), peak
+
+
+def method_config(spec: PruneStage) -> MethodConfig:
+    """The engine's view of a spec: the method and, for SparseGPT, its solver settings."""
+    if isinstance(spec, SparseGPTPrune):
+        return MethodConfig(spec.method, spec.nm, spec.block_size, spec.dampening, spec.damping_retries,
+                            spec.use_act_order)
+    return MethodConfig(spec.method, spec.nm)
 
 
 def run(spec: PruneStage, ctx: StageContext) -> StageResult:
@@ -93,11 +101,9 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
     targets = resolve_targets(model, spec.targets, spec.ignore)
     linears = {name: lin for found in targets.values() for name, lin in found.items()}
     check_pattern_fits(linears, spec.nm)
-    config = MethodConfig(spec.method, spec.nm, spec.block_size, spec.dampening, spec.damping_retries,
-                          spec.use_act_order)
-    needs_data = config.needs_data or spec.profile == "owl"
+    config = method_config(spec)
     ids = None
-    if needs_data or "calibration" in ctx.inputs:
+    if spec.needs_calibration:
         ids = read_calibration_ids(ctx.require("calibration"), model.config.vocab_size)
     torch.manual_seed(ctx.seed)
 
@@ -106,17 +112,17 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
     sparsities, peak = _layer_sparsities(model, ids, targets, spec, ctx, total)
     offset = total - n_layers
     outcomes: list[LinearOutcome] = []
-    if ids is not None:
+    if config.needs_data:
         peak = max(peak, run_sequential(
             model, ids, targets, lambda work: outcomes.extend(prune_layer(work, config, sparsities[work.index])),
-            device=ctx.device, batch_size=spec.batch_size, full_stats=True,
+            device=ctx.device, batch_size=spec.batch_size, full_stats=config.needs_hessian,
             propagate="pruned" if spec.sequential else "dense", within_layer=spec.calibrate_within_layer,
             progress=lambda d, t, m: ctx.progress(offset + d, total, f"pruning: {m}"),
         ))
     else:
         for done, (index, found) in enumerate(sorted(targets.items()), 1):
             outcomes.extend(prune_layer_without_data(found, config, sparsities[index]))
-            ctx.progress(done, len(targets), f"pruning layer {index} by magnitude")
+            ctx.progress(offset + done * n_layers // len(targets), total, f"pruning layer {index} by magnitude")
     prune_time = time.perf_counter() - start
     return _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time, peak)
 
@@ -128,7 +134,7 @@ def _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time
         {o.name: o.packed_mask for o in outcomes},
         {o.name: o.shape for o in outcomes},
         workdir / "masks.safetensors",
-        meta={"method": spec.method, "pattern": spec.pattern, "sparsity": str(spec.sparsity)},
+        meta={"method": spec.method, "pattern": spec.pattern, "sparsity": str(spec.target_sparsity)},
     )
     notes = []
     if spec.export != "none":
@@ -138,9 +144,10 @@ def _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time
             model, workdir / "compressed", fmt, [o.name for o in outcomes], sparsity_structure=structure,
             tokenizer_source=model_dir,
         )
-    raised = [o for o in outcomes if o.damping is not None and o.damping > spec.dampening * 1.0001]
-    for o in raised:
-        notes.append(f"sparsegpt: {o.name} needed damping {o.damping:g} (asked {spec.dampening:g})")
+    asked = spec.dampening if isinstance(spec, SparseGPTPrune) else None
+    for o in outcomes:
+        if asked is not None and o.damping is not None and o.damping > asked * 1.0001:
+            notes.append(f"sparsegpt: {o.name} needed damping {o.damping:g} (asked {asked:g})")
     params = sum(o.shape[0] * o.shape[1] for o in outcomes)
     overall = sum(o.sparsity * o.shape[0] * o.shape[1] for o in outcomes) / max(params, 1)
     metrics = [Metric("sparsity", overall), Metric("prune_time_s", prune_time), Metric("peak_gpu_mem_bytes", peak)]
@@ -155,7 +162,7 @@ def _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time
         "method": spec.method,
         "pattern": spec.pattern,
         "profile": spec.profile,
-        "target_sparsity": pattern_sparsity(spec.sparsity, spec.nm),
+        "target_sparsity": spec.target_sparsity,
         "sparsity": overall,
         "pruned_linears": len(outcomes),
         "pruned_params": params,

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from pipelines.pruning.owl import outlier_ratio, owl_sparsities
 from pipelines.pruning.patterns import prune_count
-from pipelines.recipe import DataSpec, PruneStage
+from pipelines.recipe import DataSpec, WandaPrune
 from pipelines.stage import StageContext
 from pipelines.stages.prune import run
 
@@ -65,7 +65,7 @@ def test_owl_stage_varies_layers_keeps_mean_and_prunes_each_layer_to_its_sparsit
     from pipelines.modelio import load_tokenizer
 
     load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "skewed")
-    spec = PruneStage(method="wanda", sparsity=0.5, profile="owl", owl_lambda=0.1, export="none")
+    spec = WandaPrune(sparsity=0.5, profile="owl", owl_lambda=0.1, export="none")
     ctx = StageContext(workdir=tmp_path / "out", inputs={"model": tmp_path / "skewed", "calibration": calibration},
                        data=DataSpec())
     result = run(spec, ctx)
