@@ -62,6 +62,22 @@ def _load_recipe(path: str):
         _fail(escape(f"invalid recipe {path}: {error}"))
 
 
+def _services_ready(services, orchestrator) -> None:
+    """Prefect's API answering, before a job is recorded: a service that cannot start leaves no queued job."""
+    from api.prefect_server import PrefectServerError
+
+    try:
+        services.ready()
+    except PrefectServerError as error:
+        _close(services, orchestrator)
+        _fail(str(error), 1)
+
+
+def _close(services, orchestrator) -> None:
+    orchestrator.close()
+    services.close()
+
+
 @app.command()
 def run(
     recipe: Annotated[str, typer.Argument(help=f"Recipe file (YAML/JSON), or '{QUICKSTART}'.")] = QUICKSTART,
@@ -72,21 +88,29 @@ def run(
     from api.reaper import install_reaper
 
     install_reaper()  # Ray and Prefect's processes end with this one
-    from api.display import job_progress, print_summary
+    from api.run_services import RunServices
     from orchestrator.access import AccessDenied, check_recipe
-    from orchestrator.service import Orchestrator, submit_job
+    from orchestrator.runtime import JobRuntime
     from orchestrator.settings import get_settings
     from orchestrator.store.errors import NotFound
 
-    orchestrator = Orchestrator(get_settings())
-    with orchestrator.sessions.begin() as session:
+    services = RunServices(get_settings()).start_prefect()  # up while the flow's code is imported
+    store = JobRuntime.from_settings(services.settings)  # the store alone: no Prefect or Ray imported yet
+    with store.sessions() as session:
         try:  # the same data access policy as the API (no auth: owner 'local', paths unrestricted)
-            check_recipe(session, parsed, owner="local", settings=orchestrator.settings)
+            check_recipe(session, parsed, owner="local", settings=services.settings)
         except (AccessDenied, NotFound) as error:
             from rich.markup import escape
 
-            orchestrator.close()
+            services.close()
             _fail(escape(str(error)))
+    services.start_ray()
+    from api.display import job_progress, print_summary
+    from orchestrator.service import Orchestrator, submit_job
+
+    orchestrator = Orchestrator(services.settings)
+    _services_ready(services, orchestrator)
+    with orchestrator.sessions.begin() as session:
         job_id = submit_job(session, parsed).id
     console.print(f"job [bold]{job_id}[/bold] ({parsed.name}): {len(parsed.stages)} stages")
     with job_progress(console, parsed) as display:
@@ -97,7 +121,7 @@ def run(
             display.stop()
             err.print(f"[red]job {job_id} failed:[/red] {error}")
     print_summary(console, orchestrator, job_id)
-    orchestrator.close()
+    _close(services, orchestrator)
     if status != "succeeded":
         console.print(f"resume with: sparseflow resume {job_id}")
         raise typer.Exit(1)
@@ -237,29 +261,37 @@ def resume(
         console.print(f"{job['id']} {job['status']}")
         return
     _quiet_frameworks()
+    from api.reaper import install_reaper
+
+    install_reaper()  # Ray and Prefect's processes end with this one
+    from api.run_services import RunServices
+
+    services = RunServices(get_settings()).start_prefect().start_ray()
     from api.display import job_progress, print_summary
     from orchestrator.service import Orchestrator, requeue_job
-    from orchestrator.settings import get_settings
     from orchestrator.states import InvalidTransition, Status
     from orchestrator.store import queries
     from orchestrator.store.errors import NotFound, StoreError
     from pipelines.recipe import Recipe
 
-    orchestrator = Orchestrator(get_settings())
+    orchestrator = Orchestrator(services.settings)
+    _services_ready(services, orchestrator)
     try:
         with orchestrator.sessions.begin() as session:
             requeue_job(session, job_id, force=force)
             recipe = Recipe.model_validate(queries.get_job(session, job_id).recipe)
     except InvalidTransition as error:
+        _close(services, orchestrator)
         hint = " (its runner died? resume with --force to take it over)" \
             if error.current in (Status.queued, Status.running) else ""
         _fail(f"{error}{hint}")
     except (NotFound, StoreError) as error:
+        _close(services, orchestrator)
         _fail(str(error))
     with job_progress(console, recipe) as display:
         final = orchestrator.run(job_id, on_event=display.handle)
     print_summary(console, orchestrator, job_id)
-    orchestrator.close()
+    _close(services, orchestrator)
     raise typer.Exit(0 if final == "succeeded" else 1)
 
 
