@@ -15,14 +15,16 @@ Layout per compressed Linear `<module>` (the `.weight` suffix dropped, as compre
   two kept values of every group of four), `<module>.bitmask` uint8 [rows, ceil(cols/8)].
 - both: `<module>.weight`, an empty [0] tensor (the guard below).
 
-Who can read these layouts today (the versions are tested in tests/pipelines/test_export_compat.py):
+Who can read these layouts (docs/export.md has the table of releases tried; tests/pipelines/
+test_export_compat.py runs the newest and the oldest pinned):
 
-- compressed-tensors 0.14 and later ship no sparse compressors ("the Sparse24 format is no longer
-  supported as of compressed-tensors>0.14.0", its ModelCompressor says), and transformers 5's
+- compressed-tensors 0.15 and later ship no sparse compressors (its ModelCompressor says Sparse24 is
+  unsupported after 0.14.0, and writes `sparsity_config: {}`), and transformers 5's
   compressed-tensors quantizer builds only the quantization part of the config. vLLM removed its
   Sparse24 integration too (vllm-project/vllm#36799). A stock `from_pretrained` of such a folder then
-  finds every pruned Linear's `weight` missing and initialises it randomly, printing only a report.
-- transformers 4.56-4.57 with compressed-tensors 0.12-0.13 still decompress `sparse-24-bitmask` on
+  finds every pruned Linear's `weight` missing and initialises it randomly, printing only a report
+  (transformers 5.24 with compressed-tensors 0.20.1, and 4.57 with 0.15).
+- transformers 4.56-5.0 with compressed-tensors 0.12-0.14 still decompress `sparse-24-bitmask` on
   load (in fp16 unless given a dtype); their `sparse-bitmask` path fails on the meta device.
 
 So the decision: keep the compact layouts (size is what this artifact is for) and make every loader

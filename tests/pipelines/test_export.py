@@ -155,3 +155,19 @@ def test_infer_export_finds_the_pattern_from_the_zeros() -> None:
     two_four, names = _pruned_tiny_model((2, 4))
     assert infer_export(two_four) == ("sparse-24-bitmask", sorted(names), "2:4")
 
+
+
+def test_documented_loading_example_runs(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+    """docs/examples/load_compressed.py: loads an export, generates, writes a plain copy from_pretrained reads."""
+    import runpy
+
+    from transformers import AutoModelForCausalLM
+
+    model, names = _pruned_tiny_model((2, 4))
+    out = export_compressed(model, tmp_path / "compressed", "sparse-24-bitmask", names, tokenizer_source=tiny_model_dir)
+    example = runpy.run_path(str(Path(__file__).parents[2] / "docs" / "examples" / "load_compressed.py"))
+    example["main"](str(out), str(tmp_path / "plain"))
+    assert capsys.readouterr().out.startswith("The quick")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], tensor), name
