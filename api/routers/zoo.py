@@ -98,7 +98,8 @@ def list_nights(
 ) -> NightsPublic:
     """The zoo's nights with a job of the caller's, newest first."""
     shown = [n for n in (_visible(session, night, user) for night in
-                         zoo_store.list_nights(session, name, limit=limit, offset=offset)) if n is not None]
+                         zoo_store.list_nights(session, name, owner=user, limit=limit, offset=offset))
+             if n is not None]
     return NightsPublic(data=shown, count=len(shown))
 
 
@@ -114,7 +115,8 @@ def list_regressions(
     """Regressions among the caller's jobs of the zoo, newest night first."""
     found = []
     pairs: dict[str, dict[str, ZooNightJob]] = {}  # night id -> job id -> its pair, loaded once per night
-    for row in zoo_store.list_regressions(session, name, night_id=night_id, limit=limit, offset=offset):
+    for row in zoo_store.list_regressions(session, name, owner=user, night_id=night_id, limit=limit,
+                                          offset=offset):
         if row.night_id not in pairs:
             pairs[row.night_id] = {j.job_id: j for j in zoo_store.night_jobs(session, row.night_id)}
         pair = pairs[row.night_id].get(row.job_id)

@@ -60,9 +60,16 @@ def set_night_report(session: Session, night_id: str, artifact_id: str) -> ZooNi
     return night
 
 
-def list_nights(session: Session, zoo: str, *, limit: int = 50, offset: int = 0) -> list[ZooNight]:
-    """Nights of `zoo`, newest first, with their jobs loaded."""
-    query = (select(ZooNight).where(ZooNight.zoo == zoo).options(selectinload(ZooNight.jobs))
+def list_nights(session: Session, zoo: str, *, owner: str | None = None, limit: int = 50,
+                offset: int = 0) -> list[ZooNight]:
+    """Nights of `zoo`, newest first, with their jobs loaded; with `owner`, only nights with a job of theirs
+    (filtered before paging, so a page holds `limit` of them while they last)."""
+    query = select(ZooNight).where(ZooNight.zoo == zoo)
+    if owner is not None:
+        theirs = (select(ZooNightJob.night_id).join(Job, Job.id == ZooNightJob.job_id)
+                  .where(Job.owner == owner))
+        query = query.where(ZooNight.id.in_(theirs))
+    query = (query.options(selectinload(ZooNight.jobs))
              .order_by(ZooNight.started_at.desc(), ZooNight.id.desc()).limit(limit).offset(offset))
     return list(session.scalars(query))
 
@@ -138,10 +145,13 @@ def add_regression(session: Session, *, night_id: str, job_id: str, previous_job
     return row
 
 
-def list_regressions(session: Session, zoo: str, *, night_id: str | None = None, limit: int = 100,
-                     offset: int = 0) -> list[ZooRegression]:
-    """Regressions of `zoo` (optionally of one night), newest night first, then by job and metric."""
+def list_regressions(session: Session, zoo: str, *, owner: str | None = None, night_id: str | None = None,
+                     limit: int = 100, offset: int = 0) -> list[ZooRegression]:
+    """Regressions of `zoo` (optionally of one night, of one owner's jobs), newest night first, then by job
+    and metric; the owner is filtered before paging."""
     query = select(ZooRegression).join(ZooNight, ZooNight.id == ZooRegression.night_id).where(ZooNight.zoo == zoo)
+    if owner is not None:
+        query = query.join(Job, Job.id == ZooRegression.job_id).where(Job.owner == owner)
     if night_id is not None:
         query = query.where(ZooRegression.night_id == night_id)
     order = (ZooNight.started_at.desc(), ZooRegression.job_id, ZooRegression.metric, ZooRegression.id)

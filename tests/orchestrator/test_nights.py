@@ -87,9 +87,9 @@ def receiver() -> Iterator[Receiver]:
 # --------------------------------------------------------------------------------- store and regressions
 
 
-def _job(session: Session, status: Status, metrics: dict[str, float]) -> str:
+def _job(session: Session, status: Status, metrics: dict[str, float], owner: str = "schedule:z") -> str:
     job = queries.create_job(session, name="j", recipe={}, stages=[("evaluate", {})], code_version="v",
-                             package_versions={}, owner="schedule:z")
+                             package_versions={}, owner=owner)
     queries.set_job_status(session, job.id, Status.running)
     queries.set_job_status(session, job.id, status, error=None if status == Status.succeeded else "boom")
     queries.add_metrics(session, job_id=job.id, stage_run_id=job.stage_runs[0].id,
@@ -118,6 +118,27 @@ def test_nights_are_listed_newest_first_per_zoo(session: Session) -> None:
     assert zoo_store.get_night(session, old).status == NightStatus.partial
     with pytest.raises(ValueError, match="not running"):
         zoo_store.finish_night(session, new, NightStatus.running)
+
+
+def test_an_owners_nights_and_regressions_are_filtered_before_paging(session: Session) -> None:
+    """A tenant whose jobs ran only on older nights still gets a full first page, not an empty one."""
+    theirs = [_job(session, Status.succeeded, {"perplexity": 10.0 + i}, owner="team-a") for i in range(2)]
+    first = _night(session, "z", 96, {"p": theirs[0]})
+    second = _night(session, "z", 72, {"p": theirs[1]})
+    others = [_night(session, "z", 48 - i, {"p": _job(session, Status.succeeded, {"perplexity": 20.0})})
+              for i in range(3)]
+    zoo_store.add_regression(session, night_id=second, job_id=theirs[1], previous_job_id=theirs[0],
+                             metric="perplexity", old_value=10, new_value=11, tolerance=0.02, worse="higher")
+    [other_job] = [row.job_id for row in zoo_store.night_jobs(session, others[0])]
+    zoo_store.add_regression(session, night_id=others[0], job_id=other_job, previous_job_id=theirs[1],
+                             metric="perplexity", old_value=11, new_value=20, tolerance=0.02, worse="higher")
+
+    assert [n.id for n in zoo_store.list_nights(session, "z", owner="team-a", limit=1)] == [second]
+    assert [n.id for n in zoo_store.list_nights(session, "z", owner="team-a", limit=1, offset=1)] == [first]
+    assert [n.id for n in zoo_store.list_nights(session, "z", limit=1)] == [others[-1]]
+    [mine] = zoo_store.list_regressions(session, "z", owner="team-a", limit=1)
+    assert (mine.job_id, mine.night_id) == (theirs[1], second)
+    assert len(zoo_store.list_regressions(session, "z")) == 2
 
 
 def test_regression_against_the_last_successful_night_is_recorded_and_tagged(session: Session) -> None:
