@@ -53,7 +53,7 @@ def _profile(model_dir: Path, args, work: Path) -> tuple[dict, float]:
 
 
 def _prune_wanda(model_dir: Path, args, work: Path) -> Path:
-    from pipelines.recipe import CalibrateStage, DataSpec, PruneStage
+    from pipelines.recipe import CalibrateStage, DataSpec, WandaPrune
     from pipelines.sources import default_home
     from pipelines.stage import StageContext
     from pipelines.stages import calibrate, prune
@@ -62,7 +62,7 @@ def _prune_wanda(model_dir: Path, args, work: Path) -> Path:
     cal = calibrate.run(CalibrateStage(samples=args.samples, seq_len=args.seq_len),
                         StageContext(workdir=work / "cal", inputs={"model": model_dir}, data=DataSpec(),
                                      seed=args.seed, cache_dir=cache))
-    prune.run(PruneStage(method="wanda", sparsity=0.5, export="none"),
+    prune.run(WandaPrune(sparsity=0.5, export="none"),
               StageContext(workdir=work / "prune", inputs={"model": model_dir, **cal.outputs}, data=DataSpec(),
                            seed=args.seed, cache_dir=cache))
     return work / "prune" / "model"

@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from pipelines.modelio import load_model
-from pipelines.recipe import CalibrateStage, DataSpec, EvaluateStage, FinetuneStage, PruneStage
+from pipelines.recipe import CalibrateStage, DataSpec, EvaluateStage, FinetuneStage, prune_stage
 from pipelines.sources import default_cache_dir, resolve_model
 from pipelines.stage import StageContext
 from pipelines.stages import get_stage
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = resolve_model("builtin:smollm2-135m", cache)
     calibration = stage("calibrate", CalibrateStage(samples=args.calib_samples, seq_len=256), "calibrate",
                         model=base).outputs["calibration"]
-    prune = PruneStage(method=args.method, sparsity=0.5, pattern="2:4", export="none")
+    prune = prune_stage(method=args.method, pattern="2:4", export="none")
     pruned = stage("prune", prune, "prune", model=base, calibration=calibration).outputs["model"]
 
     evaluate = EvaluateStage(seq_len=args.eval_seq_len, max_windows=args.eval_windows, compare_dense=True)

@@ -110,13 +110,18 @@ def _evaluate(model_dir: Path, windows, batch_size: int) -> dict:
 def _run_ours(method: str, pattern: str, args, model_dir: Path, calibration: Path, work: Path) -> tuple[Path, float]:
     import torch
 
-    from pipelines.recipe import DataSpec, PruneStage
+    from pipelines.recipe import DataSpec, prune_stage
     from pipelines.stage import StageContext
     from pipelines.stages.prune import run
 
-    spec = PruneStage(method=method, sparsity=0.5, pattern=pattern, block_size=args.block_size,
-                      dampening=args.dampening, batch_size=args.batch_size, within_layer=args.within_layer,
-                      act_order=args.act_order, export="none")
+    settings: dict = {"pattern": pattern, "batch_size": args.batch_size, "export": "none"}
+    if pattern == "unstructured":
+        settings["sparsity"] = 0.5  # an N:M pattern fixes the sparsity itself
+    if method != "magnitude":
+        settings["within_layer"] = args.within_layer
+    if method == "sparsegpt":
+        settings.update(block_size=args.block_size, dampening=args.dampening, act_order=args.act_order)
+    spec = prune_stage(method=method, **settings)
     inputs = {"model": model_dir} if method == "magnitude" else {"model": model_dir, "calibration": calibration}
     ctx = StageContext(workdir=work, inputs=inputs, data=DataSpec(),
                        seed=args.seed, device=torch.device("cpu"))

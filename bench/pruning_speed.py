@@ -108,12 +108,12 @@ def worker_ours(args) -> dict:
     from pipelines.pruning.patterns import pattern_sparsity
     from pipelines.pruning.sequential import run_sequential
     from pipelines.pruning.targets import resolve_targets
-    from pipelines.recipe import PruneStage
+    from pipelines.recipe import SparseGPTPrune
 
     device = torch.device(args.device)
     model = load_model(args.model, "cpu", torch.bfloat16)
     ids = load_file(args.calibration)["input_ids"]
-    spec = PruneStage(method="sparsegpt", pattern=args.pattern, within_layer=args.within_layer)  # stage defaults
+    spec = SparseGPTPrune(pattern=args.pattern, within_layer=args.within_layer)  # stage defaults
     nm = spec.nm
     config = MethodConfig("sparsegpt", nm, block_size=128, dampening=0.01, act_order=spec.use_act_order)
     sparsity = pattern_sparsity(0.5, nm)

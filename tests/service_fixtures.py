@@ -79,7 +79,7 @@ def tiny_recipe(model_dir: Path, text: Path, **overrides: Any) -> dict[str, Any]
         "seed": 0,
         "stages": [
             {"stage": "calibrate", "samples": 4, "seq_len": 32, "batch_size": 2},
-            {"stage": "prune", "method": "wanda", "sparsity": 0.5, "pattern": "2:4",
+            {"stage": "prune", "method": "wanda", "pattern": "2:4",
              "resources": {"num_gpus": 1}},
             {"stage": "finetune", "steps": 2, "batch_size": 2, "seq_len": 32},
             {"stage": "evaluate", "seq_len": 32, "max_windows": 4},

@@ -150,7 +150,7 @@ def _recipe(model: Path, text: Path, name: str, *, finetune_steps: int, stages: 
         "seed": 0, "reuse_cached": False, **extra,  # every stage computed: none finishes early from the cache
         "stages": [
             {"stage": "calibrate", "samples": 2, "seq_len": 16, "batch_size": 2, "resources": one_cpu},
-            {"stage": "prune", "method": "magnitude", "sparsity": 0.5, "pattern": "2:4", "resources": one_cpu},
+            {"stage": "prune", "method": "magnitude", "pattern": "2:4", "resources": one_cpu},
             {"stage": "finetune", "steps": finetune_steps, "batch_size": 1, "seq_len": 16, "warmup_steps": 0,
              "resources": one_cpu},
             {"stage": "evaluate", "seq_len": 16, "max_windows": 2, "compare_dense": False, "resources": one_cpu},

@@ -89,7 +89,7 @@ def _recipe(model: Path, text: Path, name: str, *, finetune_steps: int | None = 
     """calibrate -> prune -> finetune -> evaluate on the tiny model; `finetune_steps` None: the first two only."""
     stages: list[dict[str, Any]] = [
         {"stage": "calibrate", "samples": 4, "seq_len": 32, "batch_size": 2},
-        {"stage": "prune", "method": "wanda", "sparsity": 0.5, "pattern": "2:4"},
+        {"stage": "prune", "method": "wanda", "pattern": "2:4"},
     ]
     if finetune_steps is not None:
         stages += [

@@ -48,7 +48,7 @@ def test_ray_retry_after_worker_death_is_a_new_attempt_with_a_note(settings: Any
         "data": {"calibration": str(tiny_text_file), "evaluation": str(tiny_text_file)},
         "stages": [
             {"stage": "calibrate", "samples": 2, "seq_len": 16, "batch_size": 2, "resources": one_cpu},
-            {"stage": "prune", "method": "magnitude", "sparsity": 0.5, "pattern": "2:4", "resources": one_cpu},
+            {"stage": "prune", "method": "magnitude", "pattern": "2:4", "resources": one_cpu},
             {"stage": "finetune", "steps": 150, "batch_size": 1, "seq_len": 16, "warmup_steps": 0,
              "resources": one_cpu},
         ],
