@@ -59,9 +59,9 @@ from pipelines.modelio import (
     SOURCE_DTYPE_ATTR,
     cast_state_dict,
     declared_dtype,
+    finish_config,
     load_tokenizer,
     source_dtype,
-    write_declared_dtype,
 )
 
 SPARSE_BITMASK = CompressionFormat.sparse_bitmask.value
@@ -212,7 +212,7 @@ def export_compressed(
         "transform_config": {},
     }
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-    write_declared_dtype(config_path, dtype)
+    finish_config(config_path, dtype)
     if tokenizer_source is not None:
         load_tokenizer(tokenizer_source).save_pretrained(out_dir)
     normalize_modes(out_dir)

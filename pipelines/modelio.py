@@ -8,6 +8,11 @@ source was stored in. `load_model` records the directory's declared dtype (confi
 `torch_dtype`) on the model as `source_dtype`; `save_model` writes the weights in that dtype unless
 it is given another, so a bf16 model is not handed back as an fp32 copy twice its size.
 
+Older readers: transformers 5 writes RoPE settings only as `rope_parameters`, which transformers 4.x
+ignores, silently falling back to its default `rope_theta` (10000; SmolLM2 uses 100000).
+`finish_config` also writes the 4.x keys (`rope_theta`, and `rope_scaling` for a non-default
+RoPE type) beside them; transformers 5 reads `rope_parameters` either way.
+
 File modes: safetensors writes its files 0600 while everything else in a model directory is 0644
 under the usual umask; `save_model` gives every file the mode `open()` would (`pipelines.filemodes`).
 """
@@ -58,12 +63,24 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def write_declared_dtype(config_path: Path, dtype: torch.dtype) -> None:
-    """Set the dtype a saved config.json declares (every key transformers reads it from that is present)."""
+def legacy_rope_keys(config: dict) -> dict:
+    """transformers 4.x's `rope_theta` / `rope_scaling` for a config that has only 5.x's `rope_parameters`."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or not isinstance(rope.get("rope_theta"), int | float):
+        return {}  # absent, or one set per attention type (no 4.x spelling)
+    keys = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        keys["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {k: v for k, v in keys.items() if config.get(k) is None}
+
+
+def finish_config(config_path: Path, dtype: torch.dtype) -> None:
+    """Make a saved config.json declare `dtype` (each dtype key present) and carry the 4.x RoPE keys."""
     config = json.loads(config_path.read_text())
     name = str(dtype).removeprefix("torch.")
     keys = [k for k in _DTYPE_KEYS if k in config] or ["dtype"]
     config.update(dict.fromkeys(keys, name))
+    config.update(legacy_rope_keys(config))
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -93,7 +110,7 @@ def save_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = dtype or source_dtype(model)
     model.save_pretrained(out_dir, state_dict=cast_state_dict(model, dtype), safe_serialization=True)
-    write_declared_dtype(out_dir / "config.json", dtype)
+    finish_config(out_dir / "config.json", dtype)
     load_tokenizer(tokenizer_source).save_pretrained(out_dir)
     normalize_modes(out_dir)
     return out_dir

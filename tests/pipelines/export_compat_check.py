@@ -1,7 +1,9 @@
 """Loads a compressed export with whatever transformers / compressed-tensors PYTHONPATH provides; prints JSON.
 
 Run as a script by tests/pipelines/test_export_compat.py: `python export_compat_check.py EXPORT EXPECTED ...`
-(pairs), where EXPECTED is a safetensors file of the pruned model's weights in the exported dtype. Two routes are
+(pairs), where EXPECTED is a safetensors file of the pruned model's weights in the exported dtype and, under
+`buffer.`, its RoPE buffers as the exporting transformers computed them (an older release that misreads
+the config's RoPE settings gets other values). Two routes are
 tried: stock `AutoModelForCausalLM.from_pretrained` (which must give the exact model or raise) and
 `pipelines.export.load_compressed_model` (which must give the exact model). "Exact" means every weight
 bit-identical to EXPECTED and the logits bit-identical to those of a reference model built here, with
@@ -30,8 +32,12 @@ def reference(path: str, weights: dict[str, torch.Tensor]):
     return model.eval()
 
 
-def compare(model, ref, weights: dict[str, torch.Tensor]) -> str:
-    """'exact' when every weight and the logits match the reference bit for bit, else what differs."""
+def compare(model, ref, weights: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> str:
+    """'exact' when every weight, buffer and the logits match bit for bit, else what differs."""
+    own = dict(model.named_buffers())
+    wrong_buffers = [name for name, tensor in buffers.items() if not torch.allclose(own[name], tensor)]
+    if wrong_buffers:
+        return f"wrong buffers: {wrong_buffers}"
     state = model.state_dict()
     wrong = [name for name, tensor in weights.items() if not torch.equal(state[name].to(tensor.dtype), tensor)]
     if model.dtype != ref.dtype:
@@ -45,19 +51,21 @@ def compare(model, ref, weights: dict[str, torch.Tensor]) -> str:
 
 
 def check(path: str, expected_path: str) -> dict[str, str]:
-    weights = load_file(expected_path)
+    expected = load_file(expected_path)
+    buffers = {k[len("buffer."):]: v for k, v in expected.items() if k.startswith("buffer.")}
+    weights = {k: v for k, v in expected.items() if not k.startswith("buffer.")}
     dtype = next(iter(weights.values())).dtype
     ref = reference(path, weights)
     result = {"path": path, "transformers": transformers.__version__,
               "compressed_tensors": compressed_tensors.__version__}
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        result["stock"] = compare(model.eval(), ref, weights)
+        result["stock"] = compare(model.eval(), ref, weights, buffers)
     except Exception as error:  # the refusal this route must give when it cannot decompress
         result["stock"] = f"refused: {type(error).__name__}: {str(error)[:200]}"
     from pipelines.export import load_compressed_model
 
-    result["sparseflow"] = compare(load_compressed_model(path), ref, weights)
+    result["sparseflow"] = compare(load_compressed_model(path), ref, weights, buffers)
     return result
 
 

@@ -171,3 +171,15 @@ def test_documented_loading_example_runs(tmp_path: Path, tiny_model_dir: Path, c
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     for name, tensor in model.state_dict().items():
         assert torch.equal(plain.state_dict()[name], tensor), name
+
+
+def test_configs_carry_the_rope_keys_older_transformers_read() -> None:
+    from pipelines.modelio import legacy_rope_keys
+
+    assert legacy_rope_keys({"rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}}) == {"rope_theta": 1e5}
+    llama3 = {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}
+    assert legacy_rope_keys({"rope_parameters": llama3}) == {
+        "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    assert legacy_rope_keys({"rope_parameters": llama3, "rope_theta": 5e5, "rope_scaling": {"x": 1}}) == {}
+    per_layer_type = {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}
+    assert legacy_rope_keys({"rope_parameters": per_layer_type}) == {}

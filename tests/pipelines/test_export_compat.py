@@ -34,13 +34,22 @@ FORMATS = {"sparse-bitmask": None, "sparse-24-bitmask": (2, 4)}
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """(export folder, expected weights file) per format, from one tiny bf16 model pruned each way."""
+    """(export folder, expected weights file) per format, from one tiny bf16 model pruned each way.
+
+    Its RoPE base is SmolLM2's 100000, not the default 10000, so a release that misreads it shows.
+    """
     from tiny_models import build_tiny_model
+    from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("compat")
     paths: list[Path] = []
     for fmt, nm in FORMATS.items():
-        model = build_tiny_model(512).to(torch.bfloat16)
+        config = build_tiny_model(512).config
+        config.rope_parameters = {"rope_theta": 100000.0, "rope_type": "default"}
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        rope = {f"buffer.{k}": v.clone() for k, v in model.named_buffers() if k.endswith("rotary_emb.inv_freq")}  # fp32
+        model = model.to(torch.bfloat16)
         names = [n for n, _ in model.named_modules() if n.endswith("_proj")]
         with torch.no_grad():
             for name in names:
@@ -48,7 +57,8 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
                 linear.weight.copy_(prune_magnitude(linear.weight.float(), 0.5, nm).weight)
         out = export_compressed(model, root / fmt, fmt, names, sparsity_structure="2:4" if nm else "unstructured")
         expected = root / f"{fmt}.expected.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(expected))
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file({**tensors, **rope}, str(expected))
         paths += [out, expected]
     return paths
 
