@@ -26,7 +26,6 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
-from pydantic import TypeAdapter
 from sqlalchemy.orm import Session
 
 from orchestrator import access, integrity, served_inputs
@@ -35,7 +34,7 @@ from orchestrator.runtime import Heartbeat, JobRuntime, embedded_runner, runtime
 from orchestrator.settings import Settings
 from orchestrator.states import Status
 from orchestrator.store import queries
-from pipelines.recipe import Recipe, StageSpec
+from orchestrator.stored_specs import stored_recipe, stored_stage_spec
 from workers import placement
 from workers.requests import StageRequest
 from workers.storage import ArtifactStorage
@@ -187,8 +186,8 @@ def run_stage(job_id: str, stage_run_id: str, label: str, inputs: dict[str, Inpu
     with runtime.sessions.begin() as session:
         job = queries.get_job(session, job_id)
         stage_run = queries.get_stage_run(session, stage_run_id)
-        recipe, owner = Recipe.model_validate(job.recipe), job.owner
-        spec = TypeAdapter(StageSpec).validate_python(stage_run.params)
+        recipe, owner = stored_recipe(job.recipe), job.owner
+        spec = stored_stage_spec(stage_run.params)
         if stage_run.status == Status.failed:  # a retry of a transient failure
             queries.set_stage_status(session, stage_run_id, Status.queued)
         for kind in spec.store_inputs:  # inputs the store serves, e.g. kernel choices measured before
@@ -278,7 +277,7 @@ def compression_job(job_id: str) -> Any:
         if queries.get_job(session, job_id).status == Status.cancelled:  # cancelled before it started
             return Cancelled(message=f"job {job_id} was cancelled before it started")
         job = queries.set_job_status(session, job_id, Status.running)
-        owner, recipe = job.owner, Recipe.model_validate(job.recipe)
+        owner, recipe = job.owner, stored_recipe(job.recipe)
         plan = [(run.id, run.index, run.kind, run.status) for run in queries.stage_runs(session, job_id)]
     runtime.on_event({"type": "job", "job_id": job_id, "status": "running"})
     with Heartbeat(runtime, job_id, runner) as heartbeat:
