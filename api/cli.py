@@ -222,6 +222,7 @@ def download(
     """Download an artifact, verify its sha256, then move it into place (an interrupted one resumes)."""
     from api.client import ApiError
     from api.download import ChecksumMismatch, DownloadError
+    from api.store_client import StoreRefused
 
     with _reader(url, token) as client:
         try:
@@ -230,7 +231,7 @@ def download(
             _fail(f"checksum mismatch: {error}", 1)
         except DownloadError as error:
             _fail(str(error), 1)
-        except ApiError as error:
+        except (ApiError, StoreRefused) as error:
             if error.status == 404:
                 _fail(f"artifact {artifact_id} not found (or not downloadable with this token)", 1)
             _fail(f"cannot download artifact {artifact_id}: {error.detail}", 1)
@@ -471,23 +472,35 @@ def zoo_status(name: str, url: UrlOpt = None, token: TokenOpt = None) -> None:
     print_night(console, name, nights[0] if nights else None, regressions)
 
 
+def _client_error(error: Exception) -> str | None:
+    """The one-line message for an API or store refusal or an unreachable API; None for anything else.
+
+    Looked up in `sys.modules`: a command that never loaded the HTTP client (a listing of the embedded
+    store) cannot have raised its errors, and does not pay for importing it.
+    """
+    client, httpx, store = (sys.modules.get(name) for name in ("api.client", "httpx", "api.store_client"))
+    if client is not None and isinstance(error, client.ApiError):
+        return str(error)
+    if store is not None and isinstance(error, store.StoreRefused):
+        return error.detail
+    if httpx is not None and isinstance(error, httpx.TransportError):
+        where = error.request.url if error.request else "the API"
+        return f"cannot reach {where}: {error}"
+    return None
+
+
 def main() -> None:
-    import httpx
-
-    from api.client import ApiError
-
     try:
         app()
-    except ApiError as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False)
-        sys.exit(1)
-    except httpx.TransportError as error:
-        where = error.request.url if error.request else "the API"
-        err.print(f"[red]error:[/red] cannot reach {where}: {error}", highlight=False)
-        sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except Exception as error:
+        message = _client_error(error)
+        if message is None:
+            raise
+        err.print(f"[red]error:[/red] {message}", highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 `ApiClient` without a URL mounts the whole API in-process, and the API brings the service with it:
 FastAPI, Prefect and Ray, seconds of imports before a listing of a few rows. These three commands only
 read, so `StoreClient` answers them from the store itself (SQLAlchemy and the same views and
-integrity checks the API uses), with the API's owner rule and its error statuses (`ApiError`): a
-listing imports no Prefect, Ray or torch.
+integrity checks the API uses), with the API's owner rule and its error statuses (`StoreRefused`, which
+carries `status` and `detail` as `ApiError` does): a listing imports no Prefect, Ray, torch or HTTP client.
 
 A store that does not exist yet holds no jobs and is not created by a read. One whose schema is older
 than this code is migrated, as any start of the service would, when a read finds a table or column
@@ -22,13 +22,21 @@ from sqlalchemy import create_engine, event, make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.client import ApiError
 from orchestrator.settings import Settings
 from orchestrator.store.errors import NotFound
 
 T = TypeVar("T")
 REPORT_KIND = "zoo_report"  # orchestrator.night_report.REPORT_KIND, which imports the report's plotting
 _SQLITE_BUSY_TIMEOUT_S = 30
+
+
+class StoreRefused(RuntimeError):
+    """What the API would have answered with an error status: `status` (404, 401, 409, 410) and `detail`."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
 
 
 class StoreClient:
@@ -76,12 +84,21 @@ class StoreClient:
         """The owner's newest `limit` jobs, as `GET /v1/jobs` lists them."""
         if self._absent:
             return []
+        from sqlalchemy import select
+
         from api.schemas import JobPublic
-        from orchestrator.store import queries
+        from orchestrator.store.models import Job
+
+        # the columns of the answer from the table itself, in `queries.list_jobs`' order: no ORM objects,
+        # whose first use (mapper configuration, each job's stage runs loaded) costs more than the query
+        table = Job.__table__
+        query = (select(*(table.c[name] for name in JobPublic.model_fields))
+                 .where(table.c.owner == self.owner)
+                 .order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit))
 
         def read(session: Session) -> list[dict[str, Any]]:
-            rows = queries.list_jobs(session, owner=self.owner, limit=limit, offset=0)
-            return [JobPublic.model_validate(job).model_dump(mode="json") for job in rows]
+            return [JobPublic.model_validate(dict(row._mapping)).model_dump(mode="json")
+                    for row in session.execute(query)]
 
         return self._read(read)
 
@@ -123,16 +140,16 @@ class StoreClient:
         from orchestrator.integrity import ArtifactCorrupt, ArtifactMissing
 
         self._require_store("artifact", artifact_id)
-        refused: ApiError | None = None
+        refused: StoreRefused | None = None
         with self._session() as session:  # committed even when refused: a corrupt mark is kept
             artifact = self._owned_artifact(session, artifact_id)
             meta = artifact_public(artifact).model_dump(mode="json")
             try:
                 body = LocalBody.open(session, artifact)
             except ArtifactCorrupt as error:
-                refused = ApiError(409, f"{error}; it is not served")
+                refused = StoreRefused(409, f"{error}; it is not served")
             except ArtifactMissing:
-                refused = ApiError(410, f"artifact {artifact_id}: its content is gone from storage")
+                refused = StoreRefused(410, f"artifact {artifact_id}: its content is gone from storage")
         if refused is not None:
             raise refused
         download = Download(body, meta, output, force=force)
@@ -146,19 +163,19 @@ class StoreClient:
         artifact = session.get(Artifact, artifact_id)
         if artifact is None or artifact.job.owner != self.owner \
                 or (artifact.stage_run_id is None and artifact.kind != REPORT_KIND):
-            raise ApiError(404, str(NotFound("artifact", artifact_id)))
+            raise StoreRefused(404, str(NotFound("artifact", artifact_id)))
         return artifact
 
     def _require_store(self, entity: str, ident: str) -> None:
         if self._absent:
-            raise ApiError(404, str(NotFound(entity, ident)))
+            raise StoreRefused(404, str(NotFound(entity, ident)))
 
 
 def _answer(read: Callable[[], T]) -> T:
     try:
         return read()
     except NotFound as error:
-        raise ApiError(404, str(error)) from None
+        raise StoreRefused(404, str(error)) from None
 
 
 def _owner(settings: Settings, token: str | None) -> str:
@@ -166,7 +183,7 @@ def _owner(settings: Settings, token: str | None) -> str:
     if not settings.api_tokens:
         return "local"
     if token is None or token not in settings.api_tokens:
-        raise ApiError(401, "missing or unknown bearer token")
+        raise StoreRefused(401, "missing or unknown bearer token")
     return settings.api_tokens[token]
 
 

@@ -25,7 +25,7 @@ from orchestrator.store.models import Artifact
 from workers.storage import ArtifactStorage
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "ray", "prefect", "transformers", "fastapi", "alembic")
+HEAVY = ("torch", "ray", "prefect", "transformers", "fastapi", "alembic", "httpx")
 
 
 def _sessions(settings: Settings) -> Any:
@@ -71,6 +71,17 @@ def test_jobs_listing_imports_no_service_stack(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert job_id in result.stdout and "listed" in result.stdout
     assert "LOADED []" in result.stdout, result.stdout.splitlines()[-1]
+
+
+def test_a_refusal_from_the_store_is_one_line_on_stderr(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    _sessions(Settings(home=home))
+    env_tokens = {"SPARSEFLOW_API_TOKENS": json.dumps({"ta": "alice"})}
+    script = "import sys; from api.cli import main; sys.argv = ['sparseflow', *sys.argv[1:]]; main()"
+    result = subprocess.run([sys.executable, "-c", script, "jobs"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "SPARSEFLOW_HOME": str(home), **env_tokens}, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: missing or unknown bearer token"
 
 
 def test_jobs_on_a_store_not_created_yet_lists_nothing_and_creates_nothing(tmp_path: Path) -> None:
