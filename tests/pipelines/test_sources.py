@@ -130,3 +130,12 @@ def test_a_hub_prefixed_reference_is_never_a_local_folder(tmp_path, monkeypatch)
     assert resolve_model("owner/model", tmp_path / "cache") == Path("owner/model")  # embedded use: a folder
     with pytest.raises((SourceError, OSError)):
         resolve_model("hub:owner/model", tmp_path / "cache")
+
+
+def test_builtin_news_is_text_of_another_kind_with_held_out_articles(tmp_path):
+    calibration = load_text("builtin:news", "calibration", tmp_path)
+    evaluation = load_text("builtin:news", "evaluation", tmp_path)
+    held_out, kept = evaluation.split("\n\n"), calibration.split("\n\n")
+    assert (len(kept), len(held_out)) == (264, 29)  # 300 articles, 7 repeats dropped
+    assert not set(held_out) & set(kept)
+    assert "bushfire" in calibration + evaluation
