@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.modeling import decoder_layers
+from pipelines.pruning.replay import SubmoduleReplay
 from pipelines.pruning.stats import InputStats, accumulate
 from pipelines.stage import ProgressFn, StageError
 
@@ -93,12 +95,19 @@ class _Collector:
     `_StopForward`, which `_forward_all` catches: the rest of the layer would compute nothing needed.
     With `first_group_only`, every group is discovered but only the first one's statistics are kept
     (the within-layer order measures the others again after the groups before them are pruned).
+    With `stop_early` (the caller keeps no output of this pass), the first batch runs as far as
+    without it (the whole layer, or to `stop_after`) to discover the groups, and every later batch
+    stops at the first Linear of the last group whose statistics are kept: that Linear's hook records
+    the input the whole group shares. Under `within_layer` that skips most of the first pass, and a
+    group's Linears after its first in each re-measuring pass. It is off when a Linear is called more
+    than once per forward (the first call would end the batch).
     """
 
     def __init__(self, linears: dict[str, nn.Linear], full: bool, device: torch.device, stop_after: str | None = None,
-                 first_group_only: bool = False):
+                 first_group_only: bool = False, stop_early: bool = False):
         self.linears, self.full, self.device, self.stop_after = linears, full, device, stop_after
-        self.first_group_only = first_group_only
+        self.first_group_only, self.stop_early = first_group_only, stop_early
+        self._calls: list[str] = []  # hook calls of the first batch, in order
         self.groups: list[list[str]] = []
         self.stats: dict[str, InputStats] = {}
         self._leader: dict[str, str] = {}
@@ -118,10 +127,16 @@ class _Collector:
 
     def end_batch(self) -> None:
         self._seen.clear()
+        if self.stop_early and self._calls:
+            if len(set(self._calls)) == len(self._calls) and set(self._calls) == set(self.linears):
+                self.stop_after = [group[0] for group in self.groups if group[0] in self.stats][-1]
+            self.stop_early = False  # decided once, on the first batch
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
+            if self.stop_early:
+                self._calls.append(name)
             leader = self._leader.get(name)
             if leader is None:  # first batch: group Linears that receive the very same tensor
                 seen = self._seen.get(id(x))
@@ -185,19 +200,23 @@ def _capture(
 
 def _forward_all(
     layer: nn.Module, calls: list[_Call], inputs: Tensor, outputs: Tensor | None, batches: list[slice],
-    device: torch.device, collector: _Collector | None = None,
+    device: torch.device, collector: _Collector | None = None, replay: SubmoduleReplay | None = None,
 ) -> None:
-    """Every batch through one layer; outputs (if given) written into the CPU buffer."""
-    for b, rows in enumerate(batches):
-        x = inputs[rows].to(device, non_blocking=True)
-        try:
-            out = _first_tensor(layer(x, *calls[b].args, **calls[b].kwargs))
-        except _StopForward:
-            out = None
-        if collector is not None:
-            collector.end_batch()
-        if outputs is not None and out is not None:
-            outputs[rows].copy_(out, non_blocking=True)
+    """Every batch through one layer; outputs (if given) written into the CPU buffer. With `replay`,
+    finished children of the layer are recorded or replayed (`replay.py`)."""
+    with replay.active(len(batches)) if replay is not None else nullcontext():
+        for b, rows in enumerate(batches):
+            if replay is not None:
+                replay.batch = b
+            x = inputs[rows].to(device, non_blocking=True)
+            try:
+                out = _first_tensor(layer(x, *calls[b].args, **calls[b].kwargs))
+            except _StopForward:
+                out = None
+            if collector is not None:
+                collector.end_batch()
+            if outputs is not None and out is not None:
+                outputs[rows].copy_(out, non_blocking=True)
 
 
 def run_sequential(
@@ -211,6 +230,7 @@ def run_sequential(
     full_stats: bool = True,
     propagate: Literal["pruned", "dense"] = "pruned",
     within_layer: bool = False,
+    replay: bool | None = None,
     progress: ProgressFn | None = None,
 ) -> int:
     """Run the calibration tokens through the decoder layer by layer, calling `on_layer` on each
@@ -218,6 +238,8 @@ def run_sequential(
 
     `full_stats=False` keeps only per-column sums of squares (enough for Wanda and OWL).
     `within_layer=True` calls `on_layer` once per shared-input group (see the module doc).
+    `replay` reuses the outputs of a layer's finished children in its later passes (`replay.py`);
+    None: on the CPU only, where memory for the records is plentiful.
     """
     if input_ids.ndim != 2 or input_ids.numel() == 0:
         raise CalibrationError(f"calibration: input_ids must be a non-empty [samples, seq_len] tensor, got "
@@ -244,17 +266,22 @@ def run_sequential(
 
             calls = capture.calls[index]
             if linears:
-                with _Collector(linears, full_stats, device, first_group_only=within_layer) as collector:
-                    keep = outputs if propagate == "dense" and not last else None
+                keep = outputs if propagate == "dense" and not last else None
+                with _Collector(linears, full_stats, device, first_group_only=within_layer,
+                                stop_early=keep is None) as collector:
                     _forward_all(layer, calls, inputs, keep, batches, device, collector)
                 collector.check_complete(index)
+                replaying = within_layer and (not on_cuda if replay is None else replay)
+                replayer = SubmoduleReplay(layer, f"{prefix}.{index}", linears, enabled=replaying)
                 if within_layer:
-                    _groups_in_order(index, layer, linears, collector, calls, inputs, batches, device, on_layer)
+                    _groups_in_order(index, layer, linears, collector, calls, inputs, batches, device, on_layer,
+                                     replayer)
                 else:
                     on_layer(LayerWork(index, layer, linears, collector.groups, collector.stats))
                 del collector
                 if propagate == "pruned" and not last:
-                    _forward_all(layer, calls, inputs, outputs, batches, device)
+                    _forward_all(layer, calls, inputs, outputs, batches, device, replay=replayer)
+                replayer.clear()
             elif not last:
                 _forward_all(layer, calls, inputs, outputs, batches, device)
             layer.to(home)
@@ -269,16 +296,20 @@ def run_sequential(
 def _groups_in_order(
     index: int, layer: nn.Module, linears: dict[str, nn.Linear], first: _Collector, calls: list[_Call],
     inputs: Tensor, batches: list[slice], device: torch.device, on_layer: Callable[[LayerWork], None],
+    replay: SubmoduleReplay,
 ) -> None:
     """`on_layer` on each group in call order; groups after the first are re-measured after the
-    groups before them were modified (one forward each, stopped once the group has its input)."""
+    groups before them were modified (one forward each, stopped once the group has its input;
+    after the first batch, at the group's first Linear, whose statistics the group shares)."""
+    replay.set_groups(first.groups)
     for g, group in enumerate(first.groups):
         members = {name: linears[name] for name in group}
         if g == 0:
             stats = first.stats[group[0]]
         else:
-            with _Collector(members, first.full, device, stop_after=group[-1]) as again:
-                _forward_all(layer, calls, inputs, None, batches, device, again)
+            with _Collector(members, first.full, device, stop_after=group[-1], stop_early=True) as again:
+                _forward_all(layer, calls, inputs, None, batches, device, again, replay=replay)
             again.check_complete(index)
             stats = again.stats[group[0]]
         on_layer(LayerWork(index, layer, members, [list(group)], {group[0]: stats}))
+        replay.mark_pruned(group)

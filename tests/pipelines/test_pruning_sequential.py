@@ -127,3 +127,52 @@ def test_within_layer_calibrates_each_group_on_the_pruned_groups_before_it(model
     dense = build_tiny_model(512)
     x_dense = _inputs_seen(dense, "model.layers.0.mlp.down_proj", ids)
     assert not torch.allclose(seen["model.layers.0.mlp.down_proj"], x_dense.t() @ x_dense, rtol=1e-3)
+
+
+@pytest.mark.parametrize(("within_layer", "down_calls"), [(True, 1 + 3), (False, 1 + 3)])
+def test_measuring_passes_stop_once_their_statistics_are_recorded(
+    model: nn.Module, within_layer: bool, down_calls: int
+) -> None:
+    """With the outputs recomputed after pruning, a measuring pass runs the whole layer on its first
+    batch only (to find the groups); later batches stop at the last statistics they keep. down_proj,
+    the last Linear, then computes once in measuring and once per batch in the propagating pass."""
+    calls = []
+    down = model.get_submodule("model.layers.0.mlp.down_proj")
+    handle = down.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    ids = _ids(6, 16)
+    stats = {}
+
+    def keep(work) -> None:
+        if work.index == 0:
+            stats.update({leader: s.xtx.clone() for leader, s in work.stats.items()})
+
+    run_sequential(model, ids, resolve_targets(model, TARGETS, ["lm_head"]), keep, device=torch.device("cpu"),
+                   batch_size=2, within_layer=within_layer)
+    handle.remove()
+    assert len(calls) == down_calls  # 3 batches: 1 in the measuring passes, 3 in the propagating one
+    for leader, xtx in stats.items():  # nothing is lost by stopping: every token is in every statistic
+        x = _inputs_seen(model, leader, ids)
+        assert torch.allclose(xtx, x.t() @ x, rtol=1e-4, atol=1e-3), leader
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_replaying_finished_attention_prunes_exactly_as_recomputing_it(batch_size: int) -> None:
+    """Within a layer, once q/k/v and o are pruned the attention block's output is recorded and
+    reused by the later passes; the pruned model is bit for bit the one that recomputes it."""
+    results, attention_calls = [], []
+    for replay in (False, True):
+        model = build_tiny_model(512)
+        calls = []
+        attn = model.get_submodule("model.layers.0.self_attn")
+        inner = attn.q_proj.register_forward_hook(lambda m, a, out, calls=calls: calls.append(1))
+        run_sequential(model, _ids(6, 16), resolve_targets(model, TARGETS, ["lm_head"]),
+                       lambda work: prune_layer(work, MethodConfig("sparsegpt"), 0.5), device=torch.device("cpu"),
+                       batch_size=batch_size, within_layer=True, replay=replay)
+        inner.remove()
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+        attention_calls.append(len(calls))
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    batches = -(-6 // batch_size)
+    # q_proj computes in: the first pass's first batch, the o_proj and gate/up passes, and (without
+    # replay) the down_proj and propagating passes; with replay the last two reuse the record
+    assert attention_calls == [1 + 4 * batches, 1 + 2 * batches]
