@@ -73,9 +73,16 @@ def _services_ready(services, orchestrator) -> None:
         _fail(str(error), 1)
 
 
-def _close(services, orchestrator) -> None:
+_finished_runs: list[object] = []  # run/resume in this process: `main` leaves without Python's finalization
+
+
+def _close(services, orchestrator, *, finished: bool = False) -> None:
+    """Close the store and stop the run's services; a `finished` run only tells Prefect's server to stop
+    (the process exits next, and its reaper ends whatever is left)."""
     orchestrator.close()
-    services.close()
+    services.close(wait=not finished)
+    if finished:
+        _finished_runs.append(services)
 
 
 @app.command()
@@ -121,7 +128,7 @@ def run(
             display.stop()
             err.print(f"[red]job {job_id} failed:[/red] {error}")
     print_summary(console, orchestrator, job_id)
-    _close(services, orchestrator)
+    _close(services, orchestrator, finished=True)
     if status != "succeeded":
         console.print(f"resume with: sparseflow resume {job_id}")
         raise typer.Exit(1)
@@ -292,7 +299,7 @@ def resume(
     with job_progress(console, recipe) as display:
         final = orchestrator.run(job_id, on_event=display.handle)
     print_summary(console, orchestrator, job_id)
-    _close(services, orchestrator)
+    _close(services, orchestrator, finished=True)
     raise typer.Exit(0 if final == "succeeded" else 1)
 
 
@@ -492,6 +499,12 @@ def _client_error(error: Exception) -> str | None:
 def main() -> None:
     try:
         app()
+    except SystemExit as done:
+        if _finished_runs:  # Ray and Prefect's server are stopped: skip tearing down their modules (~1 s)
+            from api.reaper import exit_service
+
+            exit_service(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
+        raise
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

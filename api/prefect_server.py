@@ -101,12 +101,14 @@ class PrefectServer:
         tail = "\n".join(self._output)
         return f"Prefect's API server {what}" + (f"; its last output:\n{tail}" if tail else "")
 
-    def stop(self) -> None:
-        """Terminate the server and reap it (killed if it ignores SIGTERM for a few seconds)."""
+    def stop(self, *, wait: bool = True) -> None:
+        """Terminate the server and, with `wait`, reap it (killed if it ignores SIGTERM for a few seconds)."""
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
         process.terminate()
+        if not wait:
+            return
         try:
             process.wait(timeout=_STOP_WAIT_S)
         except subprocess.TimeoutExpired:

@@ -106,11 +106,13 @@ class RunServices:
             self.prefect.wait_ready(timeout)
             self.timings["prefect_ready_s"] = time.monotonic() - self._began
 
-    def close(self) -> None:
-        """Stop Prefect's server and the local Ray node at the same time (each takes a moment)."""
+    def close(self, *, wait: bool = True) -> None:
+        """Stop Prefect's server and the local Ray node at the same time (each takes a moment). Without
+        `wait`, Prefect's server is only told to stop: for a process about to exit, whose reaper ends
+        whatever is left."""
         stopper = None
         if self.prefect is not None:
-            stopper = threading.Thread(target=self.prefect.stop, name="prefect-stop")
+            stopper = threading.Thread(target=self.prefect.stop, kwargs={"wait": wait}, name="prefect-stop")
             stopper.start()
         if self._ray is not None:
             self._stop.set()
