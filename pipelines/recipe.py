@@ -98,12 +98,17 @@ class DataSpec(_Strict):
 
 
 class CalibrateStage(_StageBase):
-    """Tokenize calibration samples and record per-Linear input statistics."""
+    """Draw calibration token windows; optionally record per-Linear input statistics of the dense model."""
 
     stage: Literal["calibrate"] = "calibrate"
     samples: int = Field(32, ge=1, le=MAX_SAMPLES, description="Number of calibration sequences.")
     seq_len: int = Field(256, ge=8, le=MAX_SEQ_LEN, description="Tokens per calibration sequence.")
     batch_size: int = Field(4, ge=1, le=MAX_BATCH)
+    input_norms: bool = Field(
+        False, description="Also record each decoder Linear's input sum of squares on the dense model (one "
+        "forward pass over the samples). No stage reads them: the prune stage measures every layer itself, "
+        "on the outputs of the layers already pruned.",
+    )
 
 
 class FinetuneStage(_StageBase):

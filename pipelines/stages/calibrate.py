@@ -1,11 +1,14 @@
-"""Calibrate: draw calibration sequences and record each decoder Linear's input statistics.
+"""Calibrate: draw calibration sequences, and on request record each decoder Linear's input statistics.
 
-For every `nn.Linear` inside the decoder layers, a forward pre-hook accumulates the per-input-column
-sum of squares of its inputs over all calibration tokens (Wanda's ||X_j||^2 before the square root).
+The token windows are what later stages read. With `input_norms: true`, for every `nn.Linear` inside
+the decoder layers a forward pre-hook also accumulates the per-input-column sum of squares of its
+inputs over all calibration tokens (Wanda's ||X_j||^2 before the square root), on the dense model.
+That costs a forward pass of the whole model over the samples, and no stage reads them (the prune
+stage measures each layer on the outputs of the layers already pruned), so it is off by default.
 Output (kind `calibration`), one safetensors file::
 
     input_ids                       int64 [samples, seq_len]
-    sq_norm.<linear name>           fp32  [in_features]     e.g. sq_norm.model.layers.0.mlp.up_proj
+    sq_norm.<linear name>           fp32  [in_features]     only with input_norms: true
     metadata: num_tokens, source, seq_len, samples           (strings, as safetensors requires)
 
 Recipe sample::
@@ -13,7 +16,8 @@ Recipe sample::
     - stage: calibrate
       samples: 32
       seq_len: 256
-      batch_size: 4
+      batch_size: 4           # sequences per forward pass, with input_norms
+      input_norms: false
 """
 
 from __future__ import annotations
@@ -110,8 +114,13 @@ def run(spec: CalibrateStage, ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(model_dir)
     text = load_text(ctx.data.calibration, "calibration", ctx.cache_dir)
     input_ids = calibration_samples(tokenizer, text, spec.samples, spec.seq_len, ctx.seed)
-    model = load_model(model_dir, device=ctx.device)
-    sums, num_tokens = collect_input_norms(model, input_ids, spec.batch_size, ctx.progress)
+    sums: dict[str, torch.Tensor] = {}
+    num_tokens = input_ids.numel()
+    if spec.input_norms:
+        model = load_model(model_dir, device=ctx.device)
+        sums, num_tokens = collect_input_norms(model, input_ids, spec.batch_size, ctx.progress)
+    else:
+        ctx.progress(1, 1, f"drew {spec.samples} windows of {spec.seq_len} tokens")
 
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     out = ctx.workdir / CALIBRATION_FILE
@@ -124,7 +133,7 @@ def run(spec: CalibrateStage, ctx: StageContext) -> StageResult:
         "samples": str(spec.samples),
     }
     save_file(tensors, str(out), metadata=metadata)
-    logger.info("calibrated %d Linears on %d tokens -> %s", len(sums), num_tokens, out)
+    logger.info("calibration: %d tokens, input norms of %d Linears -> %s", num_tokens, len(sums), out)
     return StageResult(
         outputs={"calibration": out},
         metrics=[Metric("calibration_tokens", float(num_tokens))],

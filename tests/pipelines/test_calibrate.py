@@ -1,4 +1,4 @@
-"""The calibrate stage: token ids and per-Linear input statistics."""
+"""The calibrate stage: token ids, and per-Linear input statistics when asked."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_calibrate_writes_ids_and_exact_input_norms(tiny_model_dir: Path, tiny_t
     calls = []
     ctx = StageContext(workdir=tmp_path / "w", inputs={"model": tiny_model_dir}, data=data, seed=3,
                        progress=lambda d, t, m: calls.append((d, t)))
-    result = run(CalibrateStage(samples=5, seq_len=16, batch_size=2), ctx)
+    result = run(CalibrateStage(samples=5, seq_len=16, batch_size=2, input_norms=True), ctx)
 
     path = result.outputs["calibration"]
     assert path == tmp_path / "w" / "calibration.safetensors"
@@ -44,3 +44,21 @@ def test_calibrate_writes_ids_and_exact_input_norms(tiny_model_dir: Path, tiny_t
     expected_q = x.reshape(-1, 64).square().sum(0)
     for proj in ("q_proj", "k_proj", "v_proj"):
         torch.testing.assert_close(cal.sq_norms[f"model.layers.0.self_attn.{proj}"], expected_q)
+
+
+def test_calibrate_by_default_writes_the_ids_without_running_the_model(
+    tiny_model_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    """The windows are the same as with input norms; no forward pass, so no statistics."""
+    data = DataSpec(calibration=str(tiny_text_file), evaluation=str(tiny_text_file))
+    spec = CalibrateStage(samples=5, seq_len=16, batch_size=2)
+    assert not spec.input_norms
+    plain = run(spec, StageContext(workdir=tmp_path / "a", inputs={"model": tiny_model_dir}, data=data, seed=3))
+    full = run(CalibrateStage(samples=5, seq_len=16, batch_size=2, input_norms=True),
+               StageContext(workdir=tmp_path / "b", inputs={"model": tiny_model_dir}, data=data, seed=3))
+    with safe_open(str(plain.outputs["calibration"]), framework="pt") as handle:
+        assert set(handle.keys()) == {"input_ids"}
+        assert handle.metadata()["num_tokens"] == "80"
+    a, b = read_calibration(plain.outputs["calibration"]), read_calibration(full.outputs["calibration"])
+    assert torch.equal(a.input_ids, b.input_ids) and a.sq_norms == {}
+    assert [(m.name, m.value) for m in plain.metrics] == [("calibration_tokens", 80.0)]
