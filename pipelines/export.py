@@ -51,7 +51,7 @@ from compressed_tensors.utils import get_nested_weight_mappings, pack_bitmasks, 
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, PreTrainedModel
 
 from pipelines.filemodes import normalize_modes
 from pipelines.modeling import decoder_linears
@@ -124,9 +124,7 @@ def decompress(params: dict[str, Tensor]) -> Tensor:
     """Dense weight from either format's tensors (`shape`, `compressed`, `bitmask`)."""
     shape = params["shape"].flatten().tolist()
     keep = unpack_bitmasks(params["bitmask"], shape)
-    dense = torch.zeros(shape, dtype=params["compressed"].dtype)
-    dense[keep] = params["compressed"].flatten()
-    return dense
+    return torch.zeros(shape, dtype=params["compressed"].dtype).masked_scatter_(keep, params["compressed"].flatten())
 
 
 def infer_export(model: nn.Module) -> tuple[str, list[str], str] | None:
@@ -238,21 +236,24 @@ def load_compressed_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     fmt = read_sparsity_config(path).format
     nested, other = get_nested_weight_mappings(str(path), list(FORMAT_PARAMS[fmt]), return_unmatched_params=True)
-    state: dict[str, Tensor] = {}
+    by_file: dict[str, list[str]] = {}
     for module, files in nested.items():
         missing = set(FORMAT_PARAMS[fmt]) - set(files)
         if missing:
             raise ExportError(f"{path}: {module} lacks {', '.join(sorted(missing))} of the {fmt} layout")
-        params = {}
         for param, file in files.items():
-            with safe_open(file, framework="pt") as handle:
-                params[param] = handle.get_tensor(f"{module}.{param}")
-        state[f"{module}.weight"] = decompress(params)
+            by_file.setdefault(file, []).append(f"{module}.{param}")
+    placeholders = {f"{module}.weight" for module in nested}
     for name, file in other.items():
-        if name in state:  # the placeholder of a compressed Linear
-            continue
+        if name not in placeholders:
+            by_file.setdefault(file, []).append(name)
+    tensors: dict[str, Tensor] = {}
+    for file, names in by_file.items():
         with safe_open(file, framework="pt") as handle:
-            state[name] = handle.get_tensor(name)
+            tensors.update((name, handle.get_tensor(name)) for name in names)
+    state = {name: tensors.pop(name) for name in list(tensors) if name in other}
+    for module in nested:
+        state[f"{module}.weight"] = decompress({p: tensors.pop(f"{module}.{p}") for p in FORMAT_PARAMS[fmt]})
     return state
 
 
@@ -261,8 +262,10 @@ def load_compressed_model(
 ) -> PreTrainedModel:
     """A standard transformers model (eval mode) with exactly the weights of the export at `path`.
 
-    `dtype` defaults to the dtype the export was written in. Every parameter of the model must come
-    from the folder (tied ones excepted); anything missing or left over is an `ExportError`.
+    `dtype` defaults to the dtype the export was written in. The model class is the config's causal-LM
+    class, given the decompressed state dict through `from_pretrained(None, config=, state_dict=)` (no
+    random initialisation). Every parameter must come from the folder (tied ones excepted); anything
+    missing or left over is an `ExportError`.
     """
     path = Path(path)
     state = load_compressed_state_dict(path)
@@ -270,12 +273,16 @@ def load_compressed_model(
     config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the model is dense once decompressed
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored or torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {tensor.data_ptr() for name, tensor in model.state_dict().items() if name in state}
-    untied = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
-    if untied or unexpected:
-        raise ExportError(f"{path}: the export does not fit {type(model).__name__}: missing {untied[:5]}, "
-                          f"unexpected {list(unexpected)[:5]}")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise ExportError(f"{path}: transformers has no causal-LM class for {type(config).__name__}")
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or stored or torch.float32)
+    own = model.state_dict()
+    loaded = {own[name].data_ptr() for name in state if name in own}
+    missing = [name for name, tensor in own.items() if name not in state and tensor.data_ptr() not in loaded]
+    unexpected = [name for name in state if name not in own]
+    if missing or unexpected:
+        raise ExportError(f"{path}: the export does not fit {model_class.__name__}: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
     setattr(model, SOURCE_DTYPE_ATTR, stored or dtype or torch.float32)
     return model.to(device).eval()

@@ -183,3 +183,16 @@ def test_configs_carry_the_rope_keys_older_transformers_read() -> None:
     assert legacy_rope_keys({"rope_parameters": llama3, "rope_theta": 5e5, "rope_scaling": {"x": 1}}) == {}
     per_layer_type = {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}
     assert legacy_rope_keys({"rope_parameters": per_layer_type}) == {}
+
+
+def test_load_compressed_model_refuses_an_export_missing_a_tensor(tmp_path: Path) -> None:
+    """A weight absent from the folder is an error, not a randomly initialised parameter."""
+    from safetensors.torch import load_file, save_file
+
+    model, names = _pruned_tiny_model((2, 4))
+    out = export_compressed(model, tmp_path / "c", "sparse-24-bitmask", names)
+    state = load_file(str(out / "model.safetensors"))
+    del state["model.norm.weight"]
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"missing \['model.norm.weight'\]"):
+        load_compressed_model(out)
