@@ -63,9 +63,11 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def _install_oldest(cache: pytest.Cache) -> Path:
+def _install_oldest(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     """The oldest pinned transformers and compressed-tensors in a --target folder kept in pytest's cache."""
-    target = cache.mkdir("export-compat-" + "-".join(p.split("==")[1] for p in OLDEST))
+    name = "export-compat-" + "-".join(p.split("==")[1] for p in OLDEST)
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider: install afresh
+    target = cache.mkdir(name) if cache is not None else tmp_path / name
     if (target / "COMPLETE").exists():
         return target
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade",
@@ -126,8 +128,9 @@ def test_newest_versions_load_exactly_or_refuse(exports: list[Path], tmp_path: P
         assert all(r["stock"].startswith("refused: ") for r in results[:2]), results
 
 
-def test_oldest_pinned_versions_load_exactly_or_refuse(exports: list[Path], request: pytest.FixtureRequest) -> None:
-    target = _install_oldest(request.config.cache)
+def test_oldest_pinned_versions_load_exactly_or_refuse(exports: list[Path], request: pytest.FixtureRequest,
+                                                       tmp_path: Path) -> None:
+    target = _install_oldest(request, tmp_path)
     results = _run_check(exports, target)
     _assert_correct_or_refused(results, "4.56.0", "0.12.0")
     by_format = {Path(r["path"]).name: r["stock"] for r in results}
