@@ -1,9 +1,11 @@
 """The `sparseflow` command line.
 
 `run` executes a job in this process (Prefect flow, local or remote Ray, the configured store) with a
-live progress bar per stage. `serve` starts the REST API. `submit`, `status`, `jobs`, `download`,
-`cancel` and `resume` talk to an API at `--url` (or `SPARSEFLOW_URL`); without one they use the
-embedded store directly through the same API code, in-process.
+live progress bar per stage on a terminal, plain log lines otherwise (`api.plain_progress`); Prefect's
+API and the local Ray node start side by side as its first acts (`api.run_services`). `serve` starts the
+REST API. `submit`, `status`, `jobs`, `download`, `cancel` and `resume` talk to an API at `--url` (or
+`SPARSEFLOW_URL`); without one, `jobs`, `status` and `download` read the embedded store directly
+(`api.store_client`: no Prefect, Ray or torch loaded), and the others run the same API code in-process.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from threading import Thread
 
 log = logging.getLogger(__name__)
 
-_ADDRESS_IN_USE = 3  # uvicorn's exit status when it cannot bind
 _POLL_S = 0.1
 _STOP_WAIT_S = 5.0
 
@@ -82,10 +81,7 @@ class PrefectServer:
         while time.monotonic() - began < timeout_s:
             assert self.process is not None
             code = self.process.poll()
-            if code == _ADDRESS_IN_USE:
-                raise PrefectServerError(self._failure(f"could not bind 127.0.0.1:{self.port}, taken since it "
-                                                       "was found free; run again"))
-            if code is not None:
+            if code is not None:  # uvicorn's 3: its port was taken meanwhile or the app's startup failed
                 raise PrefectServerError(self._failure(f"exited with status {code}"))
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as answer:

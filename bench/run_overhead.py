@@ -17,6 +17,9 @@ and where it went, from the store's timestamps and the process's own clock:
 - `to_job_finished`: last stage finished to `jobs.finished_at`;
 - `to_exit`: `jobs.finished_at` to the process's exit (the summary, Ray and Prefect shut down).
 
+`--running-prefect` gives the runs the address of a Prefect server started beforehand (untimed), which
+is what a user with a Prefect server already up gets: the run then starts none of its own.
+
 Results go to bench/results/run_overhead.json (machine, load averages before and after, versions, the
 command, every run and the medians); a table is printed.
 
@@ -114,14 +117,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="", help="What this run measures (e.g. the code state).")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "run_overhead.json")
     parser.add_argument("--append", action="store_true", help="Add this run's record to the file's list.")
+    parser.add_argument("--running-prefect", action="store_true", help=(
+        "Start one Prefect API server before the runs and give them its PREFECT_API_URL (what a user with a "
+        "Prefect server already up gets); its start is not timed."))
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="run-overhead-") as scratch:
         home, recipe = Path(scratch) / "home", Path(scratch) / "recipe.yaml"
         _recipe(recipe, args.stages, args.stage_seconds)
-        warmup = run_once(home, recipe)
-        runs = [run_once(home, recipe) for _ in range(args.repeats)]
+        server = None
+        if args.running_prefect:
+            from api.prefect_server import PrefectServer
+
+            os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+            Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+            server = PrefectServer().start()
+            server.wait_ready(300)
+        try:
+            warmup = run_once(home, recipe)
+            runs = [run_once(home, recipe) for _ in range(args.repeats)]
+        finally:
+            if server is not None:
+                server.stop()
     record = {
         "label": args.label,
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -130,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "versions": _versions(),
         "command": f"sparseflow run <recipe: {args.stages} sleep stages of {args.stage_seconds:g} s, "
-                   "reuse_cached false> (stdout piped)",
+                   "reuse_cached false> (stdout piped)"
+                   + (", PREFECT_API_URL of a Prefect server already up" if args.running_prefect else ""),
         "bench_command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "warmup": warmup,
         "runs": runs,
