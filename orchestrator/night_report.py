@@ -47,9 +47,9 @@ def _job_data(session: Session, row: ZooNightJob) -> NightJob:
                     kernel_speedups=speedups_from_metrics(metrics), error=job.error)
 
 
-def night_data(session: Session, night: ZooNight, owner: str) -> Night:
-    """`night` as the report module takes it, restricted to `owner`'s jobs."""
-    rows = [row for row in zoo_store.night_jobs(session, night.id) if row.job.owner == owner]
+def night_data(session: Session, night: ZooNight, owner: str | None) -> Night:
+    """`night` as the report module takes it, restricted to `owner`'s jobs (None: every job)."""
+    rows = [row for row in zoo_store.night_jobs(session, night.id) if owner is None or row.job.owner == owner]
     pairs = {row.job_id: row for row in rows}
     regressions = [
         Regression(model=pairs[r.job_id].model, recipe=pairs[r.job_id].recipe_name, metric=r.metric,

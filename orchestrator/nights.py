@@ -18,22 +18,23 @@ import logging
 import time
 from concurrent import futures
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator import access
 from orchestrator.lifecycle import submit_job
-from orchestrator.night_report import publish_reports
+from orchestrator.night_report import night_data, publish_reports
 from orchestrator.regressions import record_regressions
 from orchestrator.service import DispatchFailed, Orchestrator
 from orchestrator.states import Status
 from orchestrator.store import queries
 from orchestrator.store import zoo as zoo_store
 from orchestrator.store.errors import NotFound
-from orchestrator.store.models import NightStatus, ZooNight, ZooNightJob, ZooRegression
+from orchestrator.store.models import NightStatus
 from orchestrator.webhook import Backoff, deliver, slack_message
 from orchestrator.zoo_file import Zoo
+from orchestrator.zoo_report import text_summary
 from workers.storage import ArtifactStorage
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,10 @@ def run_night(zoo: Zoo, orchestrator: Orchestrator, *, poll_s: float = 1.0, time
         reused = _mark_reused(session, night_id)
         regressions = record_regressions(session, zoo=zoo.name, night_id=night_id, tolerances=zoo.tolerances)
         status = night_status(final)
-        night = zoo_store.get_night(session, night_id)
-        summary = text_summary(night, zoo_store.night_jobs(session, night_id), regressions, finished=datetime.now(UTC))
+        # one summary for the store and the webhook: zoo_report's, whose zoo strings are escaped for Slack
+        night = replace(night_data(session, zoo_store.get_night(session, night_id), owner=None),
+                        finished_at=datetime.now(UTC))
+        summary = text_summary(night)
         zoo_store.finish_night(session, night_id, status, summary=summary)
     outcome = NightOutcome(night_id, status.value, final, reused, len(regressions), summary=summary,
                            reports=_publish_reports(orchestrator, night_id))
@@ -187,39 +190,3 @@ def night_status(final: dict[str, str]) -> NightStatus:
     if final and succeeded == len(final):
         return NightStatus.succeeded
     return NightStatus.partial if succeeded else NightStatus.failed
-
-
-def text_summary(night: ZooNight, jobs: list[ZooNightJob], regressions: list[ZooRegression], *,
-                 finished: datetime) -> str:
-    """A few plain-text lines for people: counts, wall time, each regression and each failure."""
-    statuses = [j.job.status for j in jobs]
-    succeeded = sum(s == Status.succeeded for s in statuses)
-    reused = sum(j.reused for j in jobs)
-    wall = (finished - night.started_at).total_seconds()
-    lines = [
-        f"Zoo {night.zoo}, night of {night.started_at:%Y-%m-%d %H:%M} UTC: {len(jobs)} jobs, {succeeded} succeeded "
-        f"({reused} reused unchanged), {len(jobs) - succeeded} failed or unfinished; "
-        f"{len(regressions)} regression{'s' if len(regressions) != 1 else ''}; wall time {_duration(wall)}.",
-    ]
-    by_job = {j.job_id: j for j in jobs}
-    for regression in regressions:
-        pair = by_job.get(regression.job_id)
-        name = f"{pair.model}/{pair.recipe_name}" if pair else regression.job_id
-        change = (regression.new_value - regression.old_value) / abs(regression.old_value) * 100 \
-            if regression.old_value else float("inf")
-        sign = "+" if regression.worse == "higher" else "-"
-        lines.append(f"REGRESSED {name}: {regression.metric} {regression.old_value:.6g} -> "
-                     f"{regression.new_value:.6g} ({change:+.1f}% beyond {sign}{regression.tolerance * 100:g}%), "
-                     f"job {regression.job_id} vs {regression.previous_job_id}")
-    for job in jobs:
-        if job.job.status != Status.succeeded:
-            error = (job.job.error or "").splitlines()[0][:200] if job.job.error else ""
-            lines.append(f"{job.job.status.upper()} {job.model}/{job.recipe_name}: job {job.job_id}"
-                         + (f": {error}" if error else ""))
-    return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"

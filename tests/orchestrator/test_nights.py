@@ -395,7 +395,8 @@ def test_two_nights_skip_the_unchanged_pair_and_catch_a_regression(
         nights = zoo_store.list_nights(session, "ci-zoo")
         assert [n.id for n in nights] == [second["night_id"], first["night_id"]]
         assert all(n.status == NightStatus.succeeded and n.finished_at for n in nights)
-        assert "REGRESSED" in nights[0].summary and "REGRESSED" not in nights[1].summary
+        assert "1 regression;" in nights[0].summary and drift_2.job_id in nights[0].summary
+        assert "0 regressions;" in nights[1].summary
         assert [d.status for d in zoo_store.deliveries(session, second["night_id"])] == [DeliveryStatus.delivered]
 
         # one HTML report per owner, an artifact of each of that owner's jobs, holding only that owner's jobs
@@ -455,7 +456,7 @@ def test_two_nights_skip_the_unchanged_pair_and_catch_a_regression(
 
     # the webhook got one Slack-compatible message per night, the second naming the regression
     assert [set(b) for b in server.bodies] == [{"text", "blocks"}] * 2
-    assert "1 regression;" in server.bodies[1]["text"] and "REGRESSED" in server.bodies[1]["text"]
+    assert "1 regression;" in server.bodies[1]["text"] and ": perplexity " in server.bodies[1]["text"]
     assert "perplexity" in server.bodies[1]["text"] and "0 regressions" in server.bodies[0]["text"]
 
 
@@ -485,4 +486,4 @@ def test_a_pair_the_access_policy_refuses_is_a_failed_job_of_the_night(tmp_path:
     finally:
         orchestrator.close()
     assert outcome.status == "failed" and outcome.webhook == "delivered"
-    assert f"FAILED {tmp_path / 'elsewhere'}/mag: job " in receiver.bodies[0]["text"]
+    assert f"- failed: {tmp_path / 'elsewhere'}/mag job " in receiver.bodies[0]["text"]
