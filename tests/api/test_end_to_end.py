@@ -15,6 +15,7 @@ from api.app import create_app
 from api.client import ApiClient
 from orchestrator.service import Orchestrator, requeue_job, submit_job
 from orchestrator.store import queries
+from pipelines.export import load_compressed_model
 from pipelines.recipe import parse_recipe
 
 pytestmark = pytest.mark.usefixtures("ray_cluster", "prefect_harness")
@@ -57,6 +58,8 @@ def test_full_job_runs_records_lineage_and_downloads(settings: Any, tiny_model_d
     with TestClient(create_app(settings)) as client:
         artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()
         final_model = [a for a in artifacts if a["kind"] == "model" and a["stage_run_id"]][-1]
+        compressed = [a for a in artifacts if a["kind"] == "compressed_model"]
+        finetune_run = client.get(f"/v1/jobs/{job_id}").json()["stages"][2]
         assert client.get(f"/v1/jobs/{job_id}/lineage").json()["edges"]
         assert client.get(f"/v1/jobs/{job_id}/metrics", params={"name": "loss"}).json()
     local = _download(settings, final_model["id"], tmp_path / "dl")
@@ -64,6 +67,13 @@ def test_full_job_runs_records_lineage_and_downloads(settings: Any, tiny_model_d
     weight = model.model.layers[0].mlp.up_proj.weight
     groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
     assert torch.all(groups <= 2), "the downloaded model keeps the 2:4 pattern"
+
+    # the job's last compressed export is the final (finetuned) model's, and loads back to it exactly
+    assert [a["stage_run_id"] for a in compressed][-1] == final_model["stage_run_id"] == finetune_run["id"]
+    exported = load_compressed_model(_download(settings, compressed[-1]["id"], tmp_path / "dl-compressed"))
+    final_state = model.state_dict()
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, final_state[name]), name
 
 
 def _download(settings: Any, artifact_id: str, out: Path) -> Path:
