@@ -29,6 +29,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sparseflow-bench-transfer"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="Reuse the stages an earlier run of the same settings finished in --workdir.")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "finetune_transfer.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -82,6 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     loads: list[float] = []
 
     def stage(kind: str, spec, name: str, data: DataSpec, **inputs: Path):
+        done = args.workdir / name / "stage_result.json"
+        if args.reuse and done.is_file():  # an earlier run of this bench finished this stage with these settings
+            saved = json.loads(done.read_text())
+            logger.info("%s reused from %s", name, done)
+            return SimpleNamespace(outputs={k: Path(v) for k, v in saved["outputs"].items()}, summary=saved["summary"])
         ctx = StageContext(workdir=args.workdir / name, inputs={"base_model": base, **inputs}, data=data,
                            seed=0, cache_dir=cache)
         began = time.perf_counter()
@@ -89,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         times[name] = round(time.perf_counter() - began, 1)
         loads.append(os.getloadavg()[0])
         logger.info("%s done in %.1f s (load %.1f)", name, times[name], loads[-1])
+        done.write_text(json.dumps({"outputs": {k: str(v) for k, v in result.outputs.items()},
+                                    "summary": result.summary}, default=str))
         return result
 
     wiki_data = DataSpec(calibration="builtin:enwiki", evaluation="builtin:enwiki")
