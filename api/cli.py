@@ -275,29 +275,44 @@ def resume(
 
     install_reaper()  # Ray and Prefect's processes end with this one
     from api.run_services import RunServices
-
-    services = RunServices(get_settings()).start_prefect().start_ray()
-    from api.display import job_progress, print_summary
-    from orchestrator.service import Orchestrator, requeue_job
+    from orchestrator.lifecycle import requeue_job
+    from orchestrator.runtime import JobRuntime
     from orchestrator.states import InvalidTransition, Status
     from orchestrator.store import queries
     from orchestrator.store.errors import NotFound, StoreError
     from pipelines.recipe import Recipe
 
+    def requeue(sessions, *, keep: bool):
+        """Requeue the job (`keep`: committed; else rolled back, a check that it can be resumed)."""
+        try:
+            with sessions() as session:
+                requeue_job(session, job_id, force=force)
+                recipe = Recipe.model_validate(queries.get_job(session, job_id).recipe)
+                if keep:
+                    session.commit()
+                else:
+                    session.rollback()
+                return recipe
+        except InvalidTransition as error:
+            hint = " (its runner died? resume with --force to take it over)" \
+                if error.current in (Status.queued, Status.running) else ""
+            return f"{error}{hint}"
+        except (NotFound, StoreError) as error:
+            return str(error)
+
+    refused = requeue(JobRuntime.from_settings(get_settings()).sessions, keep=False)  # fail fast, start nothing
+    if isinstance(refused, str):
+        _fail(refused)
+    services = RunServices(get_settings()).start_prefect().start_ray()
+    from api.display import job_progress, print_summary
+    from orchestrator.service import Orchestrator
+
     orchestrator = Orchestrator(services.settings)
     _services_ready(services, orchestrator)
-    try:
-        with orchestrator.sessions.begin() as session:
-            requeue_job(session, job_id, force=force)
-            recipe = Recipe.model_validate(queries.get_job(session, job_id).recipe)
-    except InvalidTransition as error:
+    recipe = requeue(orchestrator.sessions, keep=True)
+    if isinstance(recipe, str):  # changed meanwhile (another resume): as refused
         _close(services, orchestrator)
-        hint = " (its runner died? resume with --force to take it over)" \
-            if error.current in (Status.queued, Status.running) else ""
-        _fail(f"{error}{hint}")
-    except (NotFound, StoreError) as error:
-        _close(services, orchestrator)
-        _fail(str(error))
+        _fail(recipe)
     with job_progress(console, recipe) as display:
         final = orchestrator.run(job_id, on_event=display.handle)
     print_summary(console, orchestrator, job_id)

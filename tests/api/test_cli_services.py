@@ -40,3 +40,28 @@ def test_the_server_is_started_before_prefect_is_imported_or_not_at_all() -> Non
               "try:\n    PrefectServer().start()\nexcept PrefectServerError as error:\n    print(error)\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "before importing prefect" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_resume_of_a_finished_job_is_refused_before_any_service_starts(tmp_path: Path) -> None:
+    from orchestrator.runtime import JobRuntime
+    from orchestrator.settings import Settings
+    from orchestrator.states import Status
+    from orchestrator.store import queries
+
+    home = tmp_path / "home"
+    with JobRuntime.from_settings(Settings(home=home)).sessions.begin() as session:
+        job = queries.create_job(session, name="done", recipe={}, stages=[("sleep", {})], code_version="t",
+                                 package_versions={})
+        queries.set_job_status(session, job.id, Status.running)
+        queries.set_job_status(session, job.id, Status.succeeded)
+        job_id = job.id
+    script = "import sys; from api.cli import main; sys.argv = ['sparseflow', *sys.argv[1:]]; main()"
+    env = {**os.environ, "SPARSEFLOW_HOME": str(home)}
+    for key in ("SPARSEFLOW_URL", "PREFECT_API_URL"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, "-c", script, "resume", job_id], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: job {job_id}: cannot move from 'succeeded' to 'queued'; " \
+                                    "allowed from 'succeeded': none (final)"
+    assert not (home / "prefect" / "prefect.db").exists()  # Prefect's server never got to its database
