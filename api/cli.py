@@ -280,14 +280,14 @@ def resume(
     from orchestrator.states import InvalidTransition, Status
     from orchestrator.store import queries
     from orchestrator.store.errors import NotFound, StoreError
-    from pipelines.recipe import Recipe
+    from orchestrator.stored_specs import stored_recipe
 
     def requeue(sessions, *, keep: bool):
         """Requeue the job (`keep`: committed; else rolled back, a check that it can be resumed)."""
         try:
             with sessions() as session:
                 requeue_job(session, job_id, force=force)
-                recipe = Recipe.model_validate(queries.get_job(session, job_id).recipe)
+                recipe = stored_recipe(queries.get_job(session, job_id).recipe)
                 if keep:
                     session.commit()
                 else:
