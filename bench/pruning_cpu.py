@@ -227,7 +227,9 @@ def main() -> None:
                 if not args.no_quality:
                     row.update(_evaluate(model_out, windows))
                 row["status"] = "ok"
-            except (RuntimeError, subprocess.TimeoutExpired) as error:
+            except subprocess.TimeoutExpired:
+                row.update(status=f"timeout: still running after {args.timeout:.0f} s", load_after=_load())
+            except RuntimeError as error:
                 row.update(status=f"failed: {str(error)[-500:]}", load_after=_load())
             rows.append(row)
             print(json.dumps(row), flush=True)
