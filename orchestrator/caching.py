@@ -87,8 +87,9 @@ def _still_stored(uri: str) -> bool:
 
 
 def reuse_cached(session: Session, *, job_id: str, stage_run_id: str, cache_key: str) -> list[Artifact] | None:
-    """Copy a cached stage run's outputs onto `stage_run_id`; None when there is nothing usable."""
-    cached = queries.find_cached_stage(session, cache_key)
+    """Copy a cached stage run's outputs onto `stage_run_id` from one of the same owner's jobs; None when
+    there is nothing usable."""
+    cached = queries.find_cached_stage(session, cache_key, owner=queries.get_job(session, job_id).owner)
     if cached is None or cached.id == stage_run_id:
         return None
     outputs = queries.stage_outputs(session, cached.id)

@@ -292,11 +292,16 @@ def lineage_edges(session: Session, job_id: str) -> list[LineageEdge]:
     return list(session.scalars(query))
 
 
-def find_cached_stage(session: Session, cache_key: str) -> StageRun | None:
-    """The most recently finished succeeded stage run with `cache_key`, from any job."""
+def find_cached_stage(session: Session, cache_key: str, *, owner: str) -> StageRun | None:
+    """The most recently finished succeeded stage run with `cache_key` among `owner`'s jobs.
+
+    The cache never crosses owners: a hit would tell one tenant that another ran the same model on the
+    same data, and hand it artifacts stored under the other's job, gone when that job is deleted.
+    """
     query = (
         select(StageRun)
-        .where(StageRun.cache_key == cache_key, StageRun.status == Status.succeeded)
+        .join(Job, Job.id == StageRun.job_id)
+        .where(StageRun.cache_key == cache_key, StageRun.status == Status.succeeded, Job.owner == owner)
         .order_by(StageRun.finished_at.desc(), StageRun.id.desc())
         .limit(1)
     )

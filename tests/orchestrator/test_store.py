@@ -297,18 +297,25 @@ def test_tags_keep_repeated_keys_in_order(session, job):
 # caching
 
 
-def test_find_cached_stage_returns_latest_success_from_any_job(session):
+def test_find_cached_stage_returns_latest_success_from_any_job_of_the_owner(session):
     older, newer, failed = (_new_job(session, name=n).stage_runs[0] for n in ("a", "b", "c"))
     _succeed(session, older.id, cache_key="k1")
     _succeed(session, newer.id, cache_key="k1")
     queries.set_stage_status(session, failed.id, Status.running, cache_key="k1")
     queries.set_stage_status(session, failed.id, Status.failed, error="boom")
-    assert queries.find_cached_stage(session, "k1").id == newer.id
+    assert queries.find_cached_stage(session, "k1", owner="local").id == newer.id
+
+
+def test_find_cached_stage_never_crosses_owners(session):
+    theirs = _new_job(session, name="a", owner="team-a").stage_runs[0]
+    _succeed(session, theirs.id, cache_key="k3")
+    assert queries.find_cached_stage(session, "k3", owner="team-b") is None
+    assert queries.find_cached_stage(session, "k3", owner="team-a").id == theirs.id
 
 
 def test_find_cached_stage_ignores_unfinished_runs(session, job):
     queries.set_stage_status(session, job.stage_runs[0].id, Status.running, cache_key="k2")
-    assert queries.find_cached_stage(session, "k2") is None
+    assert queries.find_cached_stage(session, "k2", owner=job.owner) is None
 
 
 # time zones
