@@ -8,7 +8,7 @@ stage run may itself have been a cache hit, so the chain is followed to the run 
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from orchestrator.store.models import StageRun, Tag
@@ -17,7 +17,7 @@ CACHED_FROM = "cached_from"
 _MAX_HOPS = 64  # a chain of cache hits, each of an earlier run: far longer than any real one
 
 
-def reused_from(session: Session, job_id: str) -> dict[str, str]:
+def reused_from(session: Session | Connection, job_id: str) -> dict[str, str]:
     """Stage run id -> id of the job that computed what it reused, for each of `job_id`'s cache hits.
 
     A reused run whose origin is gone from the store (its job deleted) maps to the last job still known,

@@ -65,6 +65,9 @@ class StageRunPublic(BaseModel):
         "time series: `GET /v1/jobs/{job_id}/metrics`.",
     )
     notes: list[str] = Field(default_factory=list)
+    reused_from_job: str | None = Field(
+        None, description="A stage-cache hit: the job whose run of this stage computed what this one reused "
+        "(its times and metrics are that run's); '' when that job is gone.")
 
 
 class JobPublic(BaseModel):

@@ -7,6 +7,7 @@ from pathlib import PurePosixPath
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
+from api.reuse import reused_from
 from api.schemas import ArtifactPublic, JobDetail, StageRunPublic
 from orchestrator.store import reads
 from orchestrator.store.errors import NotFound
@@ -46,8 +47,10 @@ def _stages(db: Session | Connection, job_id: str) -> tuple[list[StageRunPublic]
     """The job's stages with their headline metrics and notes, and the job's own notes (no stage)."""
     metrics = reads.last_metric_values(db, job_id, HEADLINE_METRICS)
     notes = reads.notes(db, job_id)
+    origins = reused_from(db, job_id)  # the stage cache stays within one owner: these are the caller's jobs
     stages = [
-        StageRunPublic(**row._mapping, metrics=metrics.get(row.id, {}), notes=notes.get(row.id, []))
+        StageRunPublic(**row._mapping, metrics=metrics.get(row.id, {}), notes=notes.get(row.id, []),
+                       reused_from_job=origins.get(row.id))
         for row in reads.stage_rows(db, job_id)
     ]
     return stages, notes.get(None, [])

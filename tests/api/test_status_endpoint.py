@@ -131,3 +131,13 @@ def test_bad_paging_is_422_naming_the_field(client: TestClient, params: dict[str
     answer = client.get(f"/v1/jobs/{job_id}/metrics", params=params)
     assert answer.status_code == 422
     assert next(iter(params)) in answer.text
+
+
+def test_a_cache_hit_names_the_job_that_computed_it(client: TestClient) -> None:
+    sessions = client.app.state.orchestrator.sessions
+    first, first_runs = seed_job(sessions, layers=1, steps=1)
+    second, second_runs = seed_job(sessions, layers=1, steps=1)
+    with sessions.begin() as session:  # as orchestrator.caching.reuse_cached tags a hit
+        queries.add_tag(session, job_id=second, stage_run_id=second_runs[1], key="cached_from", value=first_runs[1])
+    stages = client.get(f"/v1/jobs/{second}").json()["stages"]
+    assert [s["reused_from_job"] for s in stages] == [None, first, None, None]
