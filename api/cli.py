@@ -456,12 +456,13 @@ def nightly(
     zoo: Annotated[Path, typer.Argument(help="Model zoo file (models, recipes, owners, tolerances, webhook, cron).")],
     now: Annotated[bool, typer.Option("--now", help="Run one night now instead of serving the schedule.")] = False,
 ) -> None:
-    """Run a model zoo: every (model, recipe) pair as its own job, now or every night on the zoo's cron."""
-    from pipelines.recipe import RecipeError
+    """Run a model zoo: every (model, recipe) pair as its own job, now or every night on the zoo's cron.
 
-    _quiet_frameworks()
-    from orchestrator.schedules import load_zoo, serve_nightly
-    from orchestrator.schedules import nightly as nightly_flow
+    As for `run`, Prefect's API server and the local Ray node start first, side by side: a night starts
+    many flows at once, and each would otherwise wait on (or race to start) Prefect's ephemeral server.
+    """
+    from orchestrator.zoo_file import load_zoo  # the file alone: a bad zoo starts nothing
+    from pipelines.recipe import RecipeError
 
     try:
         load_zoo(zoo)
@@ -469,10 +470,30 @@ def nightly(
         from rich.markup import escape
 
         _fail(escape(str(error)))
-    if not now:
-        serve_nightly(str(zoo))
-        return
-    outcome = nightly_flow(str(zoo))
+    _quiet_frameworks()
+    from api.reaper import install_reaper
+
+    install_reaper()  # Ray and Prefect's processes end with this one
+    from api.prefect_server import PrefectServerError
+    from api.run_services import RunServices
+    from orchestrator.settings import get_settings
+
+    services = RunServices(get_settings()).start_prefect()  # before Prefect is imported: it reads its address once
+    try:
+        from orchestrator.schedules import nightly as nightly_flow
+        from orchestrator.schedules import serve_nightly
+
+        services.start_ray()
+        try:
+            services.ready()
+        except PrefectServerError as error:
+            _fail(str(error), 1)
+        if not now:
+            serve_nightly(str(zoo))
+            return
+        outcome = nightly_flow(str(zoo))
+    finally:
+        services.close()
     for job_id, final in outcome["jobs"].items():
         console.print(f"{job_id}  {final}{'  (reused)' if job_id in outcome['reused'] else ''}", highlight=False)
     console.print(outcome["summary"], markup=False, highlight=False)
