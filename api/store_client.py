@@ -18,16 +18,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event, make_url
+from sqlalchemy import make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.settings import Settings
+from orchestrator.store.db import make_engine
 from orchestrator.store.errors import NotFound
 
 T = TypeVar("T")
 REPORT_KIND = "zoo_report"  # orchestrator.night_report.REPORT_KIND, which imports the report's plotting
-_SQLITE_BUSY_TIMEOUT_S = 30
 
 
 class StoreRefused(RuntimeError):
@@ -48,7 +48,7 @@ class StoreClient:
         url = make_url(settings.database)
         self._absent = url.get_backend_name() == "sqlite" and bool(url.database) \
             and url.database != ":memory:" and not Path(url.database).exists()
-        self._engine = None if self._absent else _engine(settings.database)
+        self._engine = None if self._absent else make_engine(settings.database)
         self._sessions = sessionmaker(bind=self._engine, expire_on_commit=False) if self._engine else None
         self._migrated = False
 
@@ -185,23 +185,3 @@ def _owner(settings: Settings, token: str | None) -> str:
     if token is None or token not in settings.api_tokens:
         raise StoreRefused(401, "missing or unknown bearer token")
     return settings.api_tokens[token]
-
-
-def _engine(database: str) -> Any:
-    """An engine like `orchestrator.store.db.make_engine`'s (SQLite: foreign keys, busy timeout) without
-    importing Alembic, which only a migration needs."""
-    url = make_url(database)
-    if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_S * 1000}")
-        finally:
-            cursor.close()
-
-    return engine

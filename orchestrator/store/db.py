@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,11 @@ def alembic_config(connection: Connection | None = None) -> Config:
     """The Alembic config of the packaged migrations, optionally bound to an open connection.
 
     It reads `orchestrator/alembic.ini` beside the package (so the `alembic` CLI works too) and
-    points `script_location` at the installed migrations, whatever the working directory.
+    points `script_location` at the installed migrations, whatever the working directory. Alembic is
+    imported here, not with the module: reading the store (the CLI's listings) needs no migration tool.
     """
+    from alembic.config import Config
+
     config = Config(str(ALEMBIC_INI))
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     if connection is not None:
@@ -68,11 +72,15 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Upgrade the database behind `engine` to `revision` (default: the latest)."""
+    from alembic import command
+
     _run_alembic(engine, lambda config: command.upgrade(config, revision))
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Downgrade the database behind `engine` to `revision` (`"base"` drops everything)."""
+    from alembic import command
+
     _run_alembic(engine, lambda config: command.downgrade(config, revision))
 
 
