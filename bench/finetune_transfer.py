@@ -15,6 +15,7 @@ The held-out articles of both texts never enter training.
 
     python bench/finetune_transfer.py                         # ~40 min on 2 CPU cores
     python bench/finetune_transfer.py --steps 2 --eval-windows 1 --setups wiki   # smoke run
+    python bench/finetune_transfer.py --reuse --runs mix:24 mix:48 wiki:24     # finish or re-report a run
 
 Writes `bench/results/finetune_transfer.json` (device, versions, command, load, table).
 """
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[48, 144], help="The curve's step counts.")
     parser.add_argument("--setups", nargs="+", choices=["wiki", "mix"], default=["wiki", "mix"])
+    parser.add_argument("--runs", nargs="+", default=None, metavar="SETUP:STEPS",
+                        help="Exactly these fine-tunes (e.g. mix:24 mix:48 wiki:24) instead of every setup x steps.")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -89,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.reuse and done.is_file():  # an earlier run of this bench finished this stage with these settings
             saved = json.loads(done.read_text())
             logger.info("%s reused from %s", name, done)
+            times[name] = saved.get("seconds")
+            if saved.get("load") is not None:
+                loads.append(saved["load"])
             return SimpleNamespace(outputs={k: Path(v) for k, v in saved["outputs"].items()}, summary=saved["summary"])
         ctx = StageContext(workdir=args.workdir / name, inputs={"base_model": base, **inputs}, data=data,
                            seed=0, cache_dir=cache)
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         loads.append(os.getloadavg()[0])
         logger.info("%s done in %.1f s (load %.1f)", name, times[name], loads[-1])
         done.write_text(json.dumps({"outputs": {k: str(v) for k, v in result.outputs.items()},
-                                    "summary": result.summary}, default=str))
+                                    "summary": result.summary, "seconds": times[name], "load": loads[-1]},
+                                   default=str))
         return result
 
     wiki_data = DataSpec(calibration="builtin:enwiki", evaluation="builtin:enwiki")
@@ -115,30 +122,31 @@ def main(argv: list[str] | None = None) -> dict:
                         DataSpec(evaluation=text), model=pruned).summary
         reference[text] = {"dense": summary["dense_perplexity"], "pruned": summary["perplexity"]}
 
+    runs = ([(setup, int(steps)) for setup, steps in (run.split(":") for run in args.runs)] if args.runs
+            else [(setup, steps) for setup in args.setups for steps in args.steps])
     training = {"wiki": "builtin:enwiki"}
-    if "mix" in args.setups:
+    if any(setup == "mix" for setup, _ in runs):
         training["mix"] = str(write_mix(args.workdir / "mix-text", cache))
     rows = []
-    for setup in args.setups:
-        for steps in args.steps:
-            name = f"finetune_{setup}_{steps}"
-            spec = FinetuneStage(steps=steps, lr=args.lr, warmup_steps=max(1, steps // 12),
-                                 batch_size=args.batch_size, seq_len=args.seq_len)
-            tuned = stage("finetune", spec, name, DataSpec(calibration=training[setup]), model=pruned)
-            changed, masked = changed_pruned_weights(pruned, tuned.outputs["model"])
-            if changed:
-                raise SystemExit(f"{name}: {changed} pruned weights changed during fine-tuning")
-            row = {"setup": setup, "steps": steps, "train_tokens": steps * args.batch_size * args.seq_len,
-                   "finetune_s": times[name], "pruned_weights_changed": changed}
-            for text in EVAL_TEXTS:
-                ppl = stage("evaluate", evaluate.model_copy(update={"compare_dense": False}),
-                            f"evaluate_{setup}_{steps}_{text[8:]}", DataSpec(evaluation=text),
-                            model=tuned.outputs["model"]).summary["perplexity"]
-                ref = reference[text]
-                row[text] = {"perplexity": ppl,
-                             "gap_recovered": (ref["pruned"] - ppl) / (ref["pruned"] - ref["dense"])}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for setup, steps in runs:
+        name = f"finetune_{setup}_{steps}"
+        spec = FinetuneStage(steps=steps, lr=args.lr, warmup_steps=max(1, steps // 12),
+                             batch_size=args.batch_size, seq_len=args.seq_len)
+        tuned = stage("finetune", spec, name, DataSpec(calibration=training[setup]), model=pruned)
+        changed, masked = changed_pruned_weights(pruned, tuned.outputs["model"])
+        if changed:
+            raise SystemExit(f"{name}: {changed} pruned weights changed during fine-tuning")
+        row = {"setup": setup, "steps": steps, "train_tokens": steps * args.batch_size * args.seq_len,
+               "finetune_s": times[name], "pruned_weights_changed": changed}
+        for text in EVAL_TEXTS:
+            ppl = stage("evaluate", evaluate.model_copy(update={"compare_dense": False}),
+                        f"evaluate_{setup}_{steps}_{text[8:]}", DataSpec(evaluation=text),
+                        model=tuned.outputs["model"]).summary["perplexity"]
+            ref = reference[text]
+            row[text] = {"perplexity": ppl,
+                         "gap_recovered": (ref["pruned"] - ppl) / (ref["pruned"] - ref["dense"])}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
     result = {
         "benchmark": "finetune_transfer",
