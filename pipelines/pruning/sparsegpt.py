@@ -33,11 +33,13 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
+from kernels import obs_block
 from pipelines.pruning.patterns import check_nm, keep_all_but_lowest, prune_count
 from pipelines.pruning.result import PruneResult
 from pipelines.stage import StageError
 
 MAX_NM_PATTERNS = 70  # C(8, 4): every 4:8 choice is still scored exactly
+FUSED_MAX_PATTERNS = 6  # N:M patterns the fused block takes by default (2:4 has 6); more stay on the PyTorch loop
 
 
 class HessianNotPositiveDefiniteError(StageError):
@@ -86,6 +88,7 @@ def prune_sparsegpt(
     dampening: float = 0.01,
     retries: int = 4,
     act_order: bool = False,
+    fused: bool | None = None,
 ) -> PruneResult:
     """SparseGPT on `weight` [rows, columns] with input Hessian `hessian` [columns, columns].
 
@@ -93,6 +96,8 @@ def prune_sparsegpt(
     tensor, on the device) and the damping used. No host sync inside the column loop.
     `act_order` visits columns (N:M: whole groups) by decreasing Hessian diagonal, as GPTQ's
     act-order does: the columns that matter most are decided first, before errors pile onto them.
+    `fused` runs each block's column loop as one Triton kernel (`kernels.obs_block`); None chooses
+    by `solve_path`, True insists (ValueError if it cannot), False keeps the PyTorch loop.
     """
     rows, columns = weight.shape
     if hessian.shape != (columns, columns):
@@ -102,7 +107,7 @@ def prune_sparsegpt(
     if act_order:
         order = _act_order(hessian, nm)
         result = prune_sparsegpt(weight[:, order], hessian[order][:, order], sparsity, nm, block_size, dampening,
-                                 retries)
+                                 retries, fused=fused)
         inverse = torch.argsort(order)
         return PruneResult(weight=result.weight[:, inverse].contiguous(), mask=result.mask[:, inverse].contiguous(),
                            loss=result.loss, damping=result.damping)
@@ -116,30 +121,85 @@ def prune_sparsegpt(
     work = weight.float().t().contiguous()  # [columns, rows]: column j of W is row j here
     keep = torch.ones_like(work, dtype=torch.bool)
     loss = torch.zeros((), device=weight.device, dtype=torch.float32)
+    use_kernel = _resolve_fused(fused, weight.device, nm, block_size)
     for i1, i2 in _block_bounds(columns, block_size, nm):
         block = work[i1:i2]
         u_block = upper[i1:i2, i1:i2]
         diag = u_block.diagonal().unsqueeze(1)
         block_keep = keep[i1:i2]
+        coef = None
         if nm is None:
             drop = prune_count(i2, sparsity) - prune_count(i1, sparsity)
             score = (block / diag).square_().mul_(alive[i1:i2])
             block_keep.copy_(keep_all_but_lowest(score.t(), drop).t())
             coef = (~block_keep).float().div_(diag)
-        else:
-            coef = torch.empty_like(block)
         errors = torch.empty_like(block)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                _select_group(block, diag, alive[i1:i2], block_keep, coef, i, nm, u_block)
-            err = torch.mul(block[i], coef[i], out=errors[i])
-            block[i:].addr_(u_block[i, i:], err, alpha=-1.0)
-        block.mul_(block_keep)  # pruned entries are ~0 after their own update; make them exactly 0
+        if use_kernel:
+            _fused_block(block, u_block, errors, coef, block_keep, alive[i1:i2, 0], nm)
+        else:
+            _torch_block(block, u_block, errors, coef, block_keep, alive[i1:i2], diag, nm)
         loss += errors.square().sum() / 2
         if i2 < columns:
             work[i2:].addmm_(upper[i1:i2, i2:].t(), errors, alpha=-1.0)
     pruned = work.t().to(weight.dtype)
     return PruneResult(weight=pruned, mask=keep.t().contiguous(), loss=loss, damping=damping)
+
+
+def solve_path(device: torch.device, nm: tuple[int, int] | None, block_size: int = 128) -> str:
+    """Which column loop `prune_sparsegpt(fused=None)` runs here: "triton" (one kernel per block) or "torch".
+
+    The kernel runs on CUDA when Triton imports, the block fits its registers (`obs_block.MAX_BLOCK`)
+    and the pattern is unstructured or has at most `FUSED_MAX_PATTERNS` prune patterns.
+    """
+    if device.type != "cuda" or not _kernel_fits(nm, block_size):
+        return "torch"
+    return "triton" if obs_block.available(device) else "torch"
+
+
+def _kernel_fits(nm: tuple[int, int] | None, block_size: int, max_patterns: int = FUSED_MAX_PATTERNS) -> bool:
+    if block_size > obs_block.MAX_BLOCK:
+        return False
+    return nm is None or math.comb(nm[1], nm[0]) <= max_patterns
+
+
+def _resolve_fused(fused: bool | None, device: torch.device, nm: tuple[int, int] | None, block_size: int) -> bool:
+    if fused is None:
+        return solve_path(device, nm, block_size) == "triton"
+    if fused and not (_kernel_fits(nm, block_size, MAX_NM_PATTERNS) and obs_block.available(device)):
+        raise ValueError(
+            f"fused: the Triton block cannot run here (device {device}, pattern {nm}, block_size {block_size}; "
+            f"needs CUDA or TRITON_INTERPRET=1, triton, block_size <= {obs_block.MAX_BLOCK}, "
+            f"<= {MAX_NM_PATTERNS} patterns)"
+        )
+    return fused
+
+
+def _fused_block(
+    block: Tensor, u_block: Tensor, errors: Tensor, coef: Tensor | None, block_keep: Tensor, alive: Tensor,
+    nm: tuple[int, int] | None,
+) -> None:
+    """The block's column loop as one Triton launch; same results as `_torch_block` up to rounding."""
+    if nm is None:
+        obs_block.obs_block(block, u_block, errors, coef=coef)
+    else:
+        patterns = _pattern_tensor(*nm, block.device, torch.float32)
+        obs_block.obs_block(block, u_block, errors, keep=block_keep, alive=alive.contiguous(), patterns=patterns,
+                            group=nm[1])
+
+
+def _torch_block(
+    block: Tensor, u_block: Tensor, errors: Tensor, coef: Tensor | None, block_keep: Tensor, alive: Tensor,
+    diag: Tensor, nm: tuple[int, int] | None,
+) -> None:
+    """The block's column loop in PyTorch, a few small ops per column: the reference and the fallback."""
+    if coef is None:
+        coef = torch.empty_like(block)
+    for i in range(block.shape[0]):
+        if nm is not None and i % nm[1] == 0:
+            _select_group(block, diag, alive, block_keep, coef, i, nm, u_block)
+        err = torch.mul(block[i], coef[i], out=errors[i])
+        block[i:].addr_(u_block[i, i:], err, alpha=-1.0)
+    block.mul_(block_keep)  # pruned entries are ~0 after their own update; make them exactly 0
 
 
 def _act_order(hessian: Tensor, nm: tuple[int, int] | None) -> Tensor:
