@@ -265,9 +265,14 @@ def load_compressed_model(
     `dtype` defaults to the dtype the export was written in. The model class is the config's causal-LM
     class, given the decompressed state dict through `from_pretrained(None, config=, state_dict=)` (no
     random initialisation). Every parameter must come from the folder (tied ones excepted); anything
-    missing or left over is an `ExportError`.
+    missing or left over is an `ExportError`. An FP8 export (the quantize stage's) is handed to
+    `pipelines.quantize.export.load_fp8_compressed`: dequantized weights, its Linears run as emulated FP8.
     """
     path = Path(path)
+    from pipelines.quantize.export import is_fp8_export, load_fp8_compressed  # noqa: PLC0415 (imports this module)
+
+    if is_fp8_export(path):
+        return load_fp8_compressed(path, dtype=dtype, device=device)
     state = load_compressed_state_dict(path)
     stored = declared_dtype(path)
     config = AutoConfig.from_pretrained(str(path))

@@ -19,6 +19,8 @@ setting silently ignored. Sample::
         sparsity: 0.5                  # or, instead of sparsity, pattern: "2:4" (any "N:M")
       - stage: finetune
         steps: 20
+      - stage: quantize                # FP8: pipelines/quantize_spec.py
+        scheme: fp8_dynamic
       - stage: evaluate
       - stage: kernel_tune
 """
@@ -50,6 +52,7 @@ from pipelines.prune_spec import (
     parse_pattern,
     prune_stage,
 )
+from pipelines.quantize_spec import QUANTIZE_SCHEMES, QuantizeStage, check_quantize_order
 from pipelines.recipe_base import (
     MAX_BATCH,
     MAX_LIST,
@@ -80,9 +83,9 @@ __all__ = [
     "MAX_RECIPE_FILE_BYTES", "MAX_REF", "MAX_SAMPLES", "MAX_SEED", "MAX_SEQ_LEN", "MAX_SLEEP_S", "MAX_STAGES",
     "MAX_STEPS", "NUL_FREE", "PRUNE_METHODS", "ActivationProfileStage", "CalibrateStage", "DataSpec",
     "EvaluateStage", "FinetuneStage", "KernelTuneStage", "MagnitudePrune", "ModulePattern", "PruneSpec",
-    "PruneStage", "Recipe", "RecipeError", "Ref", "Resources", "SleepStage", "SparseGPTPrune", "StageSpec",
-    "WandaPrune", "bounded_str", "format_validation_error", "load_recipe", "parse_pattern", "parse_recipe",
-    "prune_stage",
+    "PruneStage", "QUANTIZE_SCHEMES", "QuantizeStage", "Recipe", "RecipeError", "Ref", "Resources", "SleepStage",
+    "SparseGPTPrune", "StageSpec", "WandaPrune", "bounded_str", "format_validation_error", "load_recipe",
+    "parse_pattern", "parse_recipe", "prune_stage",
 ]
 
 
@@ -297,10 +300,10 @@ StageSpec = Annotated[
     Annotated[CalibrateStage, Tag("calibrate")] | Annotated[PruneSpec, Tag("prune")]
     | Annotated[FinetuneStage, Tag("finetune")] | Annotated[EvaluateStage, Tag("evaluate")]
     | Annotated[KernelTuneStage, Tag("kernel_tune")] | Annotated[ActivationProfileStage, Tag("activation_profile")]
-    | Annotated[SleepStage, Tag("sleep")],
+    | Annotated[SleepStage, Tag("sleep")] | Annotated[QuantizeStage, Tag("quantize")],
     Discriminator(
         _stage_of, custom_error_type="stage_kind", custom_error_message="'stage' must be one of 'calibrate', "
-        "'prune', 'finetune', 'evaluate', 'kernel_tune', 'activation_profile', 'sleep'",
+        "'prune', 'finetune', 'quantize', 'evaluate', 'kernel_tune', 'activation_profile', 'sleep'",
     ),
 ]
 
@@ -328,26 +331,32 @@ class Recipe(_Strict):
             if isinstance(stage, PruneStage) and stage.needs_calibration and not calibrated:
                 needs = f"method {stage.method!r}" if stage.needs_calibration_data else "profile 'owl'"
                 raise ValueError(f"stages.{i}: {needs} needs a 'calibrate' stage before it")
+            if isinstance(stage, QuantizeStage) and stage.needs_calibration and not calibrated:
+                raise ValueError(f"stages.{i}: activations 'static' needs a 'calibrate' stage before it")
         self._check_model_stages_first()
         return self
 
     def _check_model_stages_first(self) -> None:
-        """Prune and finetune change the model; evaluate and kernel_tune measure the model they are given.
+        """Prune, finetune and quantize change the model; evaluate and kernel_tune measure the model given.
 
         A measuring stage placed before a changing one would report on the unpruned model (its perplexity
         shown as the sparse one), so the order is refused rather than guessed. Finetune recovers what
-        pruning lost, so when both are present the first finetune follows a prune.
+        pruning lost, so when both are present the first finetune follows a prune. Quantize rounds the
+        final weights to FP8, so it comes after every prune and finetune (they would train or prune
+        weights off the FP8 grid), and at most once.
         """
         kinds = [s.stage for s in self.stages]
         for i, kind in enumerate(kinds):
-            if kind not in ("prune", "finetune"):
+            if kind not in ("prune", "finetune", "quantize"):
                 continue
             measured = next((j for j in range(i) if kinds[j] in ("evaluate", "kernel_tune")), None)
             if measured is not None:
                 raise ValueError(
                     f"stages.{i}: {kind!r} comes after the {kinds[measured]!r} at stages.{measured}; "
-                    "prune and finetune must come before evaluate and kernel_tune, which measure the final model"
+                    "prune, finetune and quantize must come before evaluate and kernel_tune, which measure the "
+                    "final model"
                 )
+        check_quantize_order(kinds)
         if "prune" in kinds and "finetune" in kinds and kinds.index("finetune") < kinds.index("prune"):
             i, j = kinds.index("finetune"), kinds.index("prune")
             raise ValueError(

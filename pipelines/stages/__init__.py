@@ -15,6 +15,7 @@ STAGE_MODULES: dict[str, str] = {
     "calibrate": "pipelines.stages.calibrate",
     "prune": "pipelines.stages.prune",
     "finetune": "pipelines.stages.finetune",
+    "quantize": "pipelines.stages.quantize",
     "evaluate": "pipelines.stages.evaluate",
     "kernel_tune": "pipelines.stages.kernel_tune",
     "activation_profile": "pipelines.stages.activation_profile",

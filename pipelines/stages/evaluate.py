@@ -7,7 +7,13 @@ base model's weights and the exact token windows, so it is computed once per mod
 
 Sparsity counts exact zeros: per decoder Linear, per decoder layer, in total over decoder Linears
 (the `sparsity` metric), and separately for the input embeddings and the LM head. Output (kind
-`report`): `report.json`. Recipe sample::
+`report`): `report.json`.
+
+An FP8 model (a quantize stage's output, `pipelines.quantize.is_fp8_model`) is evaluated as FP8: every
+quantized Linear runs through the emulation (`pipelines.quantize.emulate`: inputs rounded to E4M3 per
+token or with the static scale, codes multiplied in fp32, both scales applied), on whatever device the
+stage has. The report's `quantization` block, the summary and a note say so (`fp8_execution: emulated`),
+with the metric `fp8_linears`. Recipe sample::
 
     - stage: evaluate
       seq_len: 1024
@@ -32,6 +38,8 @@ from torch import nn
 from pipelines.data import eval_windows, perplexity
 from pipelines.modeling import decoder_layers, decoder_linears
 from pipelines.modelio import load_model, load_tokenizer
+from pipelines.quantize import is_fp8_model, read_fp8_layers, read_sidecar_metadata
+from pipelines.quantize.emulate import attach_emulation
 from pipelines.recipe import EvaluateStage
 from pipelines.sources import describe, hash_weights, load_text
 from pipelines.stage import Metric, ProgressFn, StageContext, StageResult
@@ -107,6 +115,17 @@ def _offset(progress: ProgressFn, done_before: int, total: int, label: str) -> P
     return lambda done, _total, message: progress(done_before + done, total, f"{label}: {message}")
 
 
+def _emulate_fp8(model: nn.Module, model_dir: Path) -> dict[str, Any] | None:
+    """For an FP8 model folder, run its quantized Linears as emulated FP8 and describe it; else None."""
+    if not is_fp8_model(model_dir):
+        return None
+    meta = read_sidecar_metadata(model_dir)
+    layers = read_fp8_layers(model_dir)
+    attach_emulation(model, layers)
+    return {"scheme": meta["scheme"], "activations": meta["activations"], "linears": len(layers),
+            "fp8_execution": "emulated"}
+
+
 def run(spec: EvaluateStage, ctx: StageContext) -> StageResult:
     model_dir = ctx.require("model")
     tokenizer = load_tokenizer(model_dir)
@@ -126,10 +145,15 @@ def run(spec: EvaluateStage, ctx: StageContext) -> StageResult:
     total = batches * (2 if spec.compare_dense and dense_ppl is None and not same_model else 1)
 
     model = load_model(model_dir, device=ctx.device)
-    ppl = perplexity(model, windows, spec.batch_size, _offset(ctx.progress, 0, total, "model"))
     sparsity = sparsity_report(model)
     params, nonzero = parameter_counts(model)
     size = dir_size(model_dir)
+    quantization = _emulate_fp8(model, model_dir)
+    if quantization is not None:
+        notes.append(f"quantization: {quantization['scheme']} ({quantization['activations']} activations, "
+                     f"{quantization['linears']} Linears); fp8_execution: emulated (FP8 W8A8 with fp32 "
+                     f"accumulation, computed on {ctx.device.type})")
+    ppl = perplexity(model, windows, spec.batch_size, _offset(ctx.progress, 0, total, "model"))
     del model
     if spec.compare_dense and dense_ppl is None:
         if same_model:
@@ -155,6 +179,7 @@ def run(spec: EvaluateStage, ctx: StageContext) -> StageResult:
         "param_count": params,
         "nonzero_params": nonzero,
         "model_size_bytes": size,
+        "quantization": quantization,
     }
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     out = ctx.workdir / REPORT_FILE
@@ -169,9 +194,13 @@ def run(spec: EvaluateStage, ctx: StageContext) -> StageResult:
     ]
     if dense_ppl is not None:
         metrics.append(Metric("dense_perplexity", dense_ppl))
+    if quantization is not None:
+        metrics.append(Metric("fp8_linears", float(quantization["linears"])))
     for group in ("layers", "linears"):
         metrics += [Metric(f"sparsity.{name}", s["sparsity"]) for name, s in sparsity[group].items()]
     logger.info("perplexity %.3f (dense %s), sparsity %.4f", ppl, dense_ppl, sparsity["total"]["sparsity"])
     summary = {k: report[k] for k in ("perplexity", "dense_perplexity", "param_count", "nonzero_params")}
     summary["sparsity"] = sparsity["total"]["sparsity"]
+    if quantization is not None:
+        summary["quantization"], summary["fp8_execution"] = quantization["scheme"], quantization["fp8_execution"]
     return StageResult(outputs={"report": out}, metrics=metrics, summary=summary, notes=notes)

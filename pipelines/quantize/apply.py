@@ -1,0 +1,101 @@
+"""Quantize a model's Linears to FP8 in place, and observe static input scales on calibration tokens.
+
+`quantize_linears` replaces each target weight by its dequantized FP8 value (fp32 in memory, on the grid)
+and returns the `Fp8Layer` of each plus what changed: exact zeros before and after (a zero stays zero; a
+tiny nonzero whose |w| / scale is below half the smallest E4M3 subnormal becomes zero), the relative
+weight error, and whether the stored dtype keeps the codes recoverable (`fp8_codes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipelines.quantize.fp8 import (
+    dequantize_weight,
+    fp8_codes,
+    quantization_error,
+    quantize_weight,
+    tensor_scale,
+    weight_scales,
+)
+from pipelines.quantize.sidecar import Fp8Layer
+
+
+@dataclass(frozen=True)
+class LinearQuantOutcome:
+    """What quantizing one Linear did."""
+
+    name: str
+    numel: int
+    zeros_before: int
+    zeros_after: int
+    zeros_preserved: bool
+    """Every weight that was exactly zero is still exactly zero."""
+    codes_recoverable: bool
+    """The codes come back exactly from the weight stored in the model's dtype."""
+    rel_error: float
+    max_abs_error: float
+
+
+def quantize_linears(
+    linears: dict[str, nn.Linear], storage_dtype: torch.dtype, activations: str = "dynamic",
+    input_amax: dict[str, float] | None = None,
+) -> tuple[dict[str, Fp8Layer], list[LinearQuantOutcome]]:
+    """Quantize each Linear's weight in place to the FP8 grid; scales are rounded to `storage_dtype`.
+
+    With activations 'static', `input_amax` holds each Linear's observed max |input| (see `observe_input_amax`).
+    """
+    if activations == "static" and (input_amax is None or set(linears) - set(input_amax)):
+        missing = sorted(set(linears) - set(input_amax or {}))
+        raise ValueError(f"activations 'static' needs an observed input max for every Linear; missing {missing[:3]}")
+    layers: dict[str, Fp8Layer] = {}
+    outcomes: list[LinearQuantOutcome] = []
+    for name, linear in linears.items():
+        weight = linear.weight.detach()
+        scale = weight_scales(weight, storage_dtype)
+        codes = quantize_weight(weight, scale)
+        dequantized = dequantize_weight(codes, scale, torch.float32)
+        stored = dequantized.to(storage_dtype)
+        was_zero = weight == 0
+        error = quantization_error(weight, dequantized)
+        outcomes.append(LinearQuantOutcome(
+            name=name, numel=weight.numel(), zeros_before=int(was_zero.sum()), zeros_after=int((stored == 0).sum()),
+            zeros_preserved=bool((stored[was_zero] == 0).all()),
+            codes_recoverable=bool(torch.equal(fp8_codes(stored, scale).view(torch.uint8), codes.view(torch.uint8))),
+            rel_error=error["rel_error"], max_abs_error=error["max_abs_error"],
+        ))
+        with torch.no_grad():
+            linear.weight.copy_(stored.to(linear.weight.dtype))
+        input_scale = None if activations == "dynamic" else tensor_scale(input_amax[name], storage_dtype)
+        layers[name] = Fp8Layer(weight_scale=scale, input_scale=input_scale, activations=activations)
+    return layers, outcomes
+
+
+@torch.inference_mode()
+def observe_input_amax(
+    model: nn.Module, linears: dict[str, nn.Linear], input_ids: Tensor, batch_size: int, progress=None,
+) -> dict[str, float]:
+    """Max |input| of each Linear over all calibration tokens (the decoder only; the LM head is not run)."""
+    device = next(model.parameters()).device
+    amax = dict.fromkeys(linears, 0.0)
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
+
+        return hook
+
+    handles = [linear.register_forward_pre_hook(make_hook(name)) for name, linear in linears.items()]
+    try:
+        batches = (input_ids.shape[0] + batch_size - 1) // batch_size
+        for b in range(batches):
+            model.base_model(input_ids=input_ids[b * batch_size:(b + 1) * batch_size].to(device), use_cache=False)
+            if progress is not None:
+                progress(b + 1, batches, f"input scales: batch {b + 1}/{batches}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return amax
