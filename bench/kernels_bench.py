@@ -140,58 +140,6 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, ro
     report = apply_plan(sparse_model, plan)
     models = {"dense": model, "sparse": sparse_model}
 
-    def run_prefill(m, tokens: int) -> tuple[float, torch.Tensor]:
-        ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=dev, generator=torch.Generator(dev).manual_seed(1))
-        with torch.no_grad():
-            t = time_calls(lambda _i: m(ids, use_cache=False), warmup=2, repeats=repeats, target_ms=0.0,
-                           max_inner=1)
-            logits = m(ids, use_cache=False).logits[0, -16:].float()
-        return t.median_ms, logits
-
-    def run_decode(m, prompt: int = 128, steps: int = 32) -> float:
-        ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=dev, generator=torch.Generator(dev).manual_seed(2))
-        with torch.no_grad():
-            out = m(ids, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            times = []
-            for _ in range(steps):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                out = m(nxt, past_key_values=past, use_cache=True)
-                e.record()
-                e.synchronize()
-                times.append(s.elapsed_time(e))
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return statistics.median(times)
-
-    def run_decode_graph(m, prompt: int = 128, steps: int = 32) -> float:
-        """Per-token time of decode steps replayed from one CUDA graph (static KV cache), as servers run
-        decode: the host's per-op cost, which bounds eager decode of a small model, is gone."""
-        from transformers import StaticCache
-
-        ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=dev, generator=torch.Generator(dev).manual_seed(2))
-        cache = StaticCache(config=cfg, max_cache_len=prompt + steps + 8)
-        with torch.no_grad():
-            out = m(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=dev))
-            token = out.logits[:, -1:].argmax(-1)
-            position = torch.tensor([prompt], device=dev)
-
-            def step() -> torch.Tensor:
-                return m(token, past_key_values=cache, use_cache=True, cache_position=position).logits
-
-            graph, logits = capture_graph(step)
-            times = []
-            for _ in range(steps):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                graph.replay()
-                e.record()
-                e.synchronize()
-                times.append(s.elapsed_time(e))
-                token.copy_(logits[:, -1:].argmax(-1))
-                position += 1
-        return statistics.median(times)
-
     result: dict = {"config": {"layers": 4, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8,
                                "vocab": 128256, "dtype": dtype_name},
                     "replaced": len(report.replaced),
@@ -205,10 +153,10 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, ro
     for r in range(rounds):
         for label in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
             for tokens in (2048, 8192):
-                ms, logits[f"{label}_{tokens}"] = run_prefill(models[label], tokens)
+                ms, logits[f"{label}_{tokens}"] = run_prefill(models[label], cfg, dev, tokens, repeats)
                 samples.setdefault(f"{label}_prefill_{tokens}_ms", []).append(ms)
             try:
-                graph_ms = run_decode_graph(models[label])
+                graph_ms = run_decode_graph(models[label], cfg, dev)
             except Exception as error:  # noqa: BLE001 - recorded; the eager rows still count
                 result[f"{label}_decode_graph_error"] = str(error)[:400]
             else:
@@ -217,12 +165,12 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, ro
     # warm up first (the first decode also builds kernels' lazy state), then alternate in many short rounds,
     # and the ratio reported is the median of the rounds' paired ratios
     for label in models:
-        run_decode(models[label])
+        run_decode(models[label], cfg, dev)
     decode_ratios = []
     for r in range(decode_rounds):
         pair = {}
         for label in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
-            pair[label] = run_decode(models[label])
+            pair[label] = run_decode(models[label], cfg, dev)
             samples.setdefault(f"{label}_decode_ms_per_token", []).append(pair[label])
         decode_ratios.append(pair["dense"] / pair["sparse"])
     result.update({k: statistics.median(v) for k, v in samples.items()})
@@ -238,6 +186,63 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, ro
         result["decode_graph_speedup"] = (result["dense_decode_graph_ms_per_token"]
                                           / result["sparse_decode_graph_ms_per_token"])
     return result
+
+
+def run_prefill(m, cfg, dev: torch.device, tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
+    """Median ms of one prefill of `tokens` random ids, and the last 16 positions' logits."""
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=dev, generator=torch.Generator(dev).manual_seed(1))
+    with torch.no_grad():
+        t = time_calls(lambda _i: m(ids, use_cache=False), warmup=2, repeats=repeats, target_ms=0.0,
+                       max_inner=1)
+        logits = m(ids, use_cache=False).logits[0, -16:].float()
+    return t.median_ms, logits
+
+
+def run_decode(m, cfg, dev: torch.device, prompt: int = 128, steps: int = 32) -> float:
+    """Median ms per eager decode step after a `prompt`-token prefill."""
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=dev, generator=torch.Generator(dev).manual_seed(2))
+    with torch.no_grad():
+        out = m(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            out = m(nxt, past_key_values=past, use_cache=True)
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return statistics.median(times)
+
+
+def run_decode_graph(m, cfg, dev: torch.device, prompt: int = 128, steps: int = 32) -> float:
+    """Per-token time of decode steps replayed from one CUDA graph (static KV cache), as servers run
+    decode: the host's per-op cost, which bounds eager decode of a small model, is gone."""
+    from transformers import StaticCache
+
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=dev, generator=torch.Generator(dev).manual_seed(2))
+    cache = StaticCache(config=cfg, max_cache_len=prompt + steps + 8)
+    with torch.no_grad():
+        out = m(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=dev))
+        token = out.logits[:, -1:].argmax(-1)
+        position = torch.tensor([prompt], device=dev)
+
+        def step() -> torch.Tensor:
+            return m(token, past_key_values=cache, use_cache=True, cache_position=position).logits
+
+        graph, logits = capture_graph(step)
+        times = []
+        for _ in range(steps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            graph.replay()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+            token.copy_(logits[:, -1:].argmax(-1))
+            position += 1
+    return statistics.median(times)
 
 
 def tables(rows: list[dict], e2e_result: dict | None, info: dict) -> str:

@@ -50,9 +50,24 @@ class TuneSettings:
     eager_gpu_bound_tokens: int = 1024
 
 
-def shape_key(out_features: int, in_features: int) -> str:
-    """Plan key of a Linear: its weight shape, out x in."""
-    return f"{out_features}x{in_features}"
+@dataclass(frozen=True)
+class TuneTarget:
+    """One representative Linear of a plan shape key.
+
+    `mask` None: derive a 2:4 mask by magnitude (the weight is pruned here). `fp8_scale` (fp32 [out]): the
+    layer was quantized to FP8 and the FP8 kernels are candidates too. `sparse` False: the layer does not
+    follow 2:4, so only dense kernels (bf16, and FP8 where quantized) are candidates."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor | None = None
+    fp8_scale: Any = None  # fp32 weight scale [out], or kernels.fp8.Fp8Scales
+    sparse: bool = True
+
+
+def shape_key(out_features: int, in_features: int, fp8: bool = False) -> str:
+    """Plan key of a Linear: its weight shape, out x in, with `:fp8` for a layer quantized to FP8 (whose
+    candidates include the FP8 kernels; a plain layer of the same shape keeps its own choices)."""
+    return f"{out_features}x{in_features}" + (":fp8" if fp8 else "")
 
 
 def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -74,8 +89,15 @@ def tune_shape(
     settings: TuneSettings,
     backends: dict[str, Backend],
     configs: dict[int, dict[str, Any]] | None = None,
+    fp8_scale: Any = None,
+    sparse: bool = True,
 ) -> dict[int, dict[str, Any]]:
-    """Choices for one shape: tokens -> {backend, config, times_ms, max_rel_error, speedup, reason}."""
+    """Choices for one shape: tokens -> {backend, config, times_ms, max_rel_error, speedup, reason}.
+
+    `fp8_scale` (fp32 [out], or `kernels.fp8.Fp8Scales` with a static activation scale) marks a layer quantized to
+    FP8: `weight` is then its dequantized weight, the FP8 backends are candidates too, and they are checked against
+    the dequantized FP8 reference (`kernels.fp8.reference_linear`); without it they are not tried. `sparse` False
+    tries dense kernels only."""
     device, dtype = weight.device, settings.dtype
     weight = weight.detach().to(device=device, dtype=dtype)
     if mask is not None:
@@ -85,27 +107,42 @@ def tune_shape(
     handles: dict[str, list[Any]] = {}
     failures: dict[str, str] = {}
     for name, backend in backends.items():
+        if (backend.fp8 and fp8_scale is None) or (backend.sparse and not sparse):
+            continue
+        if backend.fp8 and dtype != torch.bfloat16:
+            failures[name] = f"FP8 kernels output bfloat16; this tuning is in {dtype}"
+            continue
         cfg = {t: c for t, c in (configs or {}).items() if "error" not in c} if name == "cusparselt-planned" else None
+        extra = {"scale": fp8_scale} if backend.fp8 else {}
         try:
-            first = backend.prepare(weight, None, cfg)
+            first = backend.prepare(weight, None, cfg, **extra)
             # rotate over distinct weight copies (same values) so repeats do not read L2
-            handles[name] = [first] + [backend.prepare(weight.clone(), None, cfg) for _ in range(copies - 1)]
+            handles[name] = [first] + [backend.prepare(weight.clone(), None, cfg, **extra) for _ in range(copies - 1)]
         except Exception as error:  # noqa: BLE001 - a backend that cannot take this weight is skipped, with reason
             failures[name] = f"prepare failed: {error}"
+    fp8_codes = None
+    if fp8_scale is not None:
+        from kernels.fp8 import Fp8Scales
+        from kernels.fp8_backends import fp8_codes as codes_of
+
+        static = Fp8Scales.of(fp8_scale).input
+        fp8_codes = (*codes_of(weight, fp8_scale), None if static is None else static.to(device))
     choices: dict[int, dict[str, Any]] = {}
     searched: dict[str, dict[int, dict[str, int]]] = {}  # backend -> tokens -> config found in-process
     for tokens in settings.tokens:
         xs = [torch.randn(tokens, in_f, device=device, dtype=dtype) for _ in range(copies)]
         ref = F.linear(xs[0], weight)
+        ref_fp8 = None if fp8_codes is None else _fp8_reference(xs[0], *fp8_codes)
         times: dict[str, float] = {}
         errors: dict[str, float] = {}
         notes: dict[str, str] = dict(failures)
         calls: dict[str, Callable[[int], Any]] = {}
         for name, hs in handles.items():
             backend = backends[name]
+            expected = ref_fp8 if backend.fp8 else ref
             candidates = backend.candidate_configs(tokens)
             if candidates:
-                found = search_in_process(backend, candidates, hs, xs, ref, copies, settings)
+                found = search_in_process(backend, candidates, hs, xs, expected, copies, settings)
                 if "error" in found:
                     notes[name] = found["error"]
                     continue
@@ -114,7 +151,7 @@ def tune_shape(
                 calls[name] = lambda i, b=backend, hs=hs, xs=xs, c=found["config"]: b.linear(xs[i], hs[i], c)
                 continue
             try:
-                errors[name] = _rel_error(backend.linear(xs[0], hs[0]), ref)
+                errors[name] = _rel_error(backend.linear(xs[0], hs[0]), expected)
                 if errors[name] > settings.max_rel_error:
                     notes[name] = f"max rel error {errors[name]:.3g} > {settings.max_rel_error}"
                     continue
@@ -159,6 +196,13 @@ def tune_shape(
             choices[tokens]["searched_configs"] = found
         log.info("%s tokens=%d -> %s", shape_key(out_f, in_f), tokens, choices[tokens]["backend"])
     return choices
+
+
+def _fp8_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                   input_scale: torch.Tensor | None) -> torch.Tensor:
+    from kernels.fp8 import reference_linear
+
+    return reference_linear(x, codes, scale, input_scale)
 
 
 def search_in_process(
@@ -283,15 +327,16 @@ def eager_route(backend: str, tokens: int, host_us: dict[str, float], settings: 
 
 
 def tune(
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor | None] | TuneTarget],
     settings: TuneSettings,
     device: torch.device,
     progress: ProgressFn | None = None,
 ) -> dict[str, dict[int, dict[str, Any]]]:
-    """shape key -> tokens -> choice, for one representative (weight, mask) per shape key.
+    """shape key -> tokens -> choice, for one representative `TuneTarget` (or (weight, mask)) per shape key.
 
     `mask` None means: derive the 2:4 mask by magnitude (the weight is pruned here).
     """
+    targets = {k: v if isinstance(v, TuneTarget) else TuneTarget(*v) for k, v in weights.items()}
     backends = make_backends(list(settings.backends))
     usable: dict[str, Backend] = {}
     skipped: dict[str, str] = {}
@@ -305,16 +350,18 @@ def tune(
         log.info("backends skipped: %s", skipped)
     configs: dict[tuple[int, int, int], dict[str, Any]] = {}
     if settings.search_configs and "cusparselt-planned" in usable:
-        cases = [(w.shape[0], w.shape[1], t) for w, _ in weights.values() for t in settings.tokens]
+        cases = sorted({(x.weight.shape[0], x.weight.shape[1], t) for x in targets.values() if x.sparse
+                        for t in settings.tokens})
         configs = _planned_configs(cases, settings, device)
     plan: dict[str, dict[int, dict[str, Any]]] = {}
-    for i, (key, (weight, mask)) in enumerate(weights.items()):
+    for i, (key, target) in enumerate(targets.items()):
         if progress:
-            progress(i, len(weights), f"tuning {key}")
-        weight = weight.to(device=device, dtype=settings.dtype)
-        mask = mask_24(weight) if mask is None else mask.to(device)
+            progress(i, len(targets), f"tuning {key}")
+        weight = target.weight.to(device=device, dtype=settings.dtype)
+        mask = (None if not target.sparse else mask_24(weight) if target.mask is None
+                else target.mask.to(device))
         shape_cfg = {t: configs.get((weight.shape[0], weight.shape[1], t), {}) for t in settings.tokens}
-        plan[key] = tune_shape(weight, mask, settings, usable, shape_cfg)
+        plan[key] = tune_shape(weight, mask, settings, usable, shape_cfg, target.fp8_scale, target.sparse)
         for tokens, choice in plan[key].items():
             if skipped:
                 choice.setdefault("rejected", {}).update({k: f"unavailable: {v}" for k, v in skipped.items()})
@@ -323,5 +370,5 @@ def tune(
                 choice.setdefault("rejected", {})["cusparselt-planned config search"] = cfg["error"]
         torch.cuda.empty_cache()
     if progress:
-        progress(len(weights), len(weights), "tuning done")
+        progress(len(targets), len(targets), "tuning done")
     return plan

@@ -60,6 +60,7 @@ class Handle:
 class Backend(ABC):
     name: str = ""
     sparse: bool = True
+    fp8: bool = False  # takes FP8 weights: `prepare` also needs the layer's `scale` (see kernels.fp8_backends)
     config_keys: tuple[str, ...] = ()  # what a plan records of this backend's per-token config
 
     @abstractmethod
@@ -396,12 +397,21 @@ BACKENDS: dict[str, type[Backend]] = {
     ReferenceBackend.name: ReferenceBackend,
 }
 
-# what tuning tries on a GPU, in order; `dense` is always the baseline
-GPU_CANDIDATES = ("dense", "torch-semi-structured", "cusparselt-planned", "cutlass-sm90")
+# what tuning tries on a GPU, in order; `dense` is always the baseline; the FP8 ones only on quantized layers
+GPU_CANDIDATES = ("dense", "torch-semi-structured", "cusparselt-planned", "cutlass-sm90", "dense-fp8",
+                  "cutlass-sm90-fp8")
+
+
+def all_backends() -> dict[str, type[Backend]]:
+    """Every backend by name, the FP8 ones (`kernels.fp8_backends`, which builds on this module) included."""
+    from kernels.fp8_backends import FP8_BACKENDS
+
+    return {**BACKENDS, **FP8_BACKENDS}
 
 
 def make_backends(names: list[str] | tuple[str, ...]) -> dict[str, Backend]:
-    unknown = [n for n in names if n not in BACKENDS]
+    known = all_backends()
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise KeyError(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
-    return {name: BACKENDS[name]() for name in names}
+        raise KeyError(f"unknown backend(s) {unknown}; known: {', '.join(known)}")
+    return {name: known[name]() for name in names}

@@ -1,8 +1,10 @@
 """Our own Hopper 2:4 GEMM: CUTLASS 3.x sm90a sparse kernels, built with nvcc, called through ctypes.
 
 `csrc/sparse24_sm90.cuh` holds the templates; `csrc/sparse24_sm90_kernel.cu` is compiled once per
-(element type, entry of `KERNELS`) and `csrc/sparse24_sm90_compress.cu` once per element type, all in
-parallel, then linked into one shared library in the cache folder (`SPARSEFLOW_CACHE`, default
+(16-bit element type, entry of `KERNELS`), `csrc/sparse24_sm90_fp8_kernel.cu` (e4m3 inputs, the per-channel
+and per-token scales applied in the epilogue, bf16 output; `csrc/sparse24_sm90_fp8.cuh`) once per entry,
+and `csrc/sparse24_sm90_compress.cu` once per element type, all in parallel, then linked into one shared
+library in the cache folder (`SPARSEFLOW_CACHE`, default
 `~/.cache/sparseflow`). The library's name carries a hash of the sources, the CUTLASS version, the
 nvcc release and the table below, so a cache filled ahead of time (`python -m kernels.cutlass24
 build`, on any machine with nvcc, no GPU needed) is used as is, and a change rebuilds.
@@ -40,8 +42,11 @@ _CSRC = Path(__file__).with_name("csrc")
 _HEADER = _CSRC / "sparse24_sm90.cuh"
 _KERNEL_TU = _CSRC / "sparse24_sm90_kernel.cu"
 _COMPRESS_TU = _CSRC / "sparse24_sm90_compress.cu"
+_FP8_HEADER = _CSRC / "sparse24_sm90_fp8.cuh"
+_FP8_KERNEL_TU = _CSRC / "sparse24_sm90_fp8_kernel.cu"
 _ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)  # wgmma needs the "a" target
 _ELEMENTS = {torch.float16: ("f16", "cutlass::half_t"), torch.bfloat16: ("bf16", "cutlass::bfloat16_t")}
+FP8 = torch.float8_e4m3fn  # the FP8 kernels' input type; their output is bfloat16
 STATUS = {1: "cannot implement this problem", 2: "initialize failed", 3: "launch failed", 4: "CUDA error"}
 
 
@@ -131,7 +136,7 @@ def library_key(kernels: tuple[KernelConfig, ...] = KERNELS) -> tuple[str, list[
     includes, version = find_cutlass()
     nvcc, release = find_nvcc()
     digest = hashlib.sha256()
-    for source in (_HEADER, _KERNEL_TU, _COMPRESS_TU):
+    for source in (_HEADER, _KERNEL_TU, _COMPRESS_TU, _FP8_HEADER, _FP8_KERNEL_TU):
         digest.update(source.read_bytes())
     digest.update(repr((version, release, _ARCH_FLAGS, kernels, sorted(v[0] for v in _ELEMENTS.values()))).encode())
     return digest.hexdigest()[:16], includes, nvcc
@@ -149,7 +154,7 @@ def _compile(nvcc: str, includes: list[Path], source: Path, defines: list[str], 
 
 def build_library(cache: Path | str | None = None, jobs: int | None = None,
                   kernels: tuple[KernelConfig, ...] = KERNELS) -> Path:
-    """Compile (once per key) and return the shared library's path. Takes minutes: ~1.5 min per object."""
+    """Compile (once per key) and return the shared library's path. Takes minutes: ~1 min per object, 27 objects."""
     key, includes, nvcc = library_key(kernels)
     target = cache_dir(cache) / f"libsf_sparse24_sm90-{key}.so"
     if target.is_file():
@@ -161,6 +166,9 @@ def build_library(cache: Path | str | None = None, jobs: int | None = None,
         for i, config in enumerate(kernels):
             defines = [f"-DSF24_NAME=sf24_{tag}_{i}", f"-DSF24_ELEMENT={element}", *config.defines()]
             units.append((_KERNEL_TU, defines, f"k_{tag}_{i}"))
+    units.append((_COMPRESS_TU, ["-DSF24_NAME=sf24_compress_e4m3", "-DSF24_FP8=1"], "c_e4m3"))
+    for i, config in enumerate(kernels):
+        units.append((_FP8_KERNEL_TU, [f"-DSF24_NAME=sf24_e4m3_{i}", *config.defines()], f"k_e4m3_{i}"))
     # objects are kept per key, so an interrupted build resumes where it stopped
     objects_dir = target.parent / f"sf24-objects-{key}"
     objects_dir.mkdir(exist_ok=True)
@@ -209,7 +217,7 @@ class Sparse24Sm90:
         vp, i32, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
         self._compress: dict[torch.dtype, tuple] = {}
         self._kernels: dict[tuple[torch.dtype, int], tuple] = {}
-        for dtype, (tag, _) in _ELEMENTS.items():
+        for dtype, tag in [*((d, t) for d, (t, _) in _ELEMENTS.items()), (FP8, "e4m3")]:
             sizes = getattr(lib, f"sf24_compress_{tag}_sizes")
             sizes.argtypes = [i32, i32, ctypes.POINTER(sz), ctypes.POINTER(sz)]
             workspace = getattr(lib, f"sf24_compress_{tag}_workspace")
@@ -221,7 +229,8 @@ class Sparse24Sm90:
                 ws = getattr(lib, f"sf24_{tag}_{i}_workspace")
                 ws.argtypes = [i32] * 9 + [ctypes.POINTER(sz)]
                 gemm = getattr(lib, f"sf24_{tag}_{i}_run")
-                gemm.argtypes = [i32, i32, i32, vp, vp, vp, vp, vp, sz, i32, i32, i32, i32, i32, i32, vp]
+                scales = [vp, vp] if dtype == FP8 else []  # weight scale [N], token scale [T]
+                gemm.argtypes = [i32, i32, i32, vp, vp, vp, vp, *scales, vp, sz, i32, i32, i32, i32, i32, i32, vp]
                 self._kernels[(dtype, i)] = (ws, gemm)
         self._lib = lib
         self._workspaces: dict[int, torch.Tensor] = {}
@@ -244,12 +253,13 @@ class Sparse24Sm90:
             raise Cutlass24Error(f"{what}: {STATUS.get(status, f'status {status}')}")
 
     def compress(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, metadata) of a 2:4-pruned (N, K) fp16/bf16 CUDA weight in CUTLASS's sm90 layout.
+        """(values, metadata) of a 2:4-pruned (N, K) fp16/bf16/e4m3 CUDA weight in CUTLASS's sm90 layout.
 
         Each group of 4 along K keeps its (at most 2) non-zeros; a group with more is a caller error
         that the backend's correctness check catches, since the extra values are dropped."""
-        if weight.dtype not in _ELEMENTS or not weight.is_cuda or weight.dim() != 2:
-            raise Cutlass24Error(f"compress needs a 2-D fp16/bf16 CUDA tensor, got {weight.dtype} on {weight.device}")
+        if weight.dtype not in self._compress or not weight.is_cuda or weight.dim() != 2:
+            raise Cutlass24Error(f"compress needs a 2-D fp16/bf16/e4m3 CUDA tensor, got {weight.dtype} "
+                                 f"on {weight.device}")
         weight = weight.contiguous()
         m, k = weight.shape
         sizes, workspace, run = self._compress[weight.dtype]
@@ -302,6 +312,28 @@ class Sparse24Sm90:
             None if workspace is None else workspace.data_ptr(), nbytes, *schedule, self.device.index,
             self.sm_count, stream)
         self._check(status, f"{KERNELS[kernel].name} on {out_features}x{k}, {tokens} tokens, {schedule}")
+        return out
+
+    def linear_fp8(self, xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                   w_scale: torch.Tensor, out_features: int, kernel: int = 0,
+                   schedule: Schedule | None = None) -> torch.Tensor:
+        """bf16 y[T, N] = x_scale[T] * w_scale[N] * (xq[T, K] @ Wq^T), Wq given by `compress` of e4m3 codes.
+
+        xq contiguous e4m3, x_scale fp32 [T] (per token), w_scale fp32 [N] (per output channel)."""
+        tokens, k = xq.shape
+        schedule = schedule or Schedule()
+        out = torch.empty(tokens, out_features, dtype=torch.bfloat16, device=xq.device)
+        problem = (FP8, kernel, out_features, tokens, k, schedule)
+        nbytes = self._workspace_sizes.get(problem)
+        if nbytes is None:
+            nbytes = self._workspace_sizes[problem] = self.workspace_bytes(*problem)
+        stream = self._stream()
+        workspace = self._workspace(nbytes, stream)
+        status = self._kernels[(FP8, kernel)][1](
+            out_features, tokens, k, values.data_ptr(), meta.data_ptr(), xq.data_ptr(), out.data_ptr(),
+            w_scale.data_ptr(), x_scale.data_ptr(), None if workspace is None else workspace.data_ptr(), nbytes,
+            *schedule, self.device.index, self.sm_count, stream)
+        self._check(status, f"e4m3 {KERNELS[kernel].name} on {out_features}x{k}, {tokens} tokens, {schedule}")
         return out
 
 

@@ -156,7 +156,7 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, mask: torch.Tensor | None, choices: Mapping[int, KernelChoice],
-                 backends: Mapping[str, Backend]) -> None:
+                 backends: Mapping[str, Backend], fp8_scale: Any = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.choices = {int(t): c for t, c in choices.items()}
@@ -167,7 +167,8 @@ class SparseLinear(nn.Module):
         self._handles: dict[str, Handle] = {}
         for name, backend in self._backends.items():
             configs = {t: c.config for t, c in self.choices.items() if c.backend == name and c.config}
-            self._handles[name] = backend.prepare(linear.weight, mask, configs)
+            extra = {"scale": fp8_scale} if backend.fp8 else {}
+            self._handles[name] = backend.prepare(linear.weight, mask, configs, **extra)
         self._modes_differ = any(c.route(False) != c.route(True) for c in self.choices.values())
         self._routes: dict[tuple[int, bool], Route] = {}
         # the fast path: inputs of up to this many elements route to dense in both modes. Plain attributes,
@@ -247,12 +248,14 @@ def apply_plan(
     *,
     backends: Mapping[str, Backend] | None = None,
     check_env: bool = True,
+    fp8_scales: Mapping[str, Any] | None = None,
 ) -> ApplyReport:
     """Swap 2:4 Linears for `SparseLinear` where the plan has a sparse choice for their shape.
 
-    `masks` maps module names to boolean 2:4 masks; None reads the masks off the weights' zero
-    pattern (a Linear whose weight is not 2:4 stays dense). The model must already be on the
-    device and in the dtype the plan was tuned for.
+    `masks` maps module names to boolean 2:4 masks; None reads the masks off the weights' zero pattern (a Linear
+    whose weight is not 2:4 stays dense). `fp8_scales` maps the names of layers quantized to FP8 to their scales (a
+    weight scale tensor, or `kernels.fp8.Fp8Scales`): those follow their shape's `:fp8` choices, the only ones that
+    may name FP8 kernels. The model must already be on the device and in the dtype the plan was tuned for.
     """
     report = ApplyReport()
     sparse = plan.sparse_shapes()
@@ -270,8 +273,10 @@ def apply_plan(
         if not ok:
             raise PlanError(f"plan names backend {name!r}, unavailable on {device}: {why}")
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    fp8_scales = fp8_scales or {}
     for name, linear in targets:
-        key = f"{linear.out_features}x{linear.in_features}"
+        scale = fp8_scales.get(name)
+        key = f"{linear.out_features}x{linear.in_features}" + (":fp8" if scale is not None else "")
         if key not in sparse:
             continue
         if masks is not None:
@@ -281,6 +286,9 @@ def apply_plan(
             mask = masks[name].to(device=linear.weight.device, dtype=torch.bool)
         elif is_24(linear.weight):
             mask = mask_from_zero_pattern(linear.weight)
+        elif scale is not None and not any(backends[c.route(g)].sparse for c in sparse[key].choices.values()
+                                           for g in (False, True) if c.route(g) != "dense"):
+            mask = None  # a quantized layer that was not pruned: dense FP8 needs no pattern
         else:
             report.dense[name] = "weight does not follow 2:4"
             continue
@@ -288,7 +296,7 @@ def apply_plan(
             raise PlanError(f"{name}: weight is {linear.weight.dtype}, plan was tuned for {plan.dtype}")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SparseLinear(linear, mask, sparse[key].choices, backends))
+        setattr(parent, child, SparseLinear(linear, mask, sparse[key].choices, backends, scale))
         report.replaced[name] = key
     log.info("kernel plan applied: %d Linears sparse, %d kept dense", len(report.replaced), len(report.dense))
     return report
@@ -311,7 +319,7 @@ def plan_from_tuning(tuned: Mapping[str, Mapping[int, Mapping[str, Any]]], layer
     """Wrap `kernels.autotune.tune` output into a validated plan."""
     shapes = {}
     for key, choices in tuned.items():
-        out_f, in_f = (int(v) for v in key.split("x"))
+        out_f, in_f = (int(v) for v in key.partition(":")[0].split("x"))
         shapes[key] = ShapePlan(out_features=out_f, in_features=in_f, layers=list(layers.get(key, [])),
                                 choices={int(t): KernelChoice(**c) for t, c in choices.items()})
     return KernelPlan(environment=environment, dtype=dtype, tokens=list(tokens), shapes=shapes, notes=list(notes or []))

@@ -40,6 +40,88 @@ using ReferenceTile = Shape<_128, _128, _128>;
 // Status codes shared with the Python side (kernels/cutlass24.py).
 enum : int { kOk = 0, kCannotImplement = 1, kInitializeFailed = 2, kRunFailed = 3, kCudaError = 4 };
 
+// Everything a launch's parameters depend on: sizes, device, schedule and every pointer. Kernel
+// parameters embed TMA descriptors (and the epilogue's vector pointers), so they can be reused only for
+// the very same buffers; PyTorch's caching allocator hands a steady decode loop the same addresses step
+// after step, so that is the common case.
+struct CallKey {
+  int ints[8];
+  void const* ptrs[8];
+  bool operator==(CallKey const& o) const {
+    for (int i = 0; i < 8; ++i) {
+      if (ints[i] != o.ints[i] || ptrs[i] != o.ptrs[i]) return false;
+    }
+    return true;
+  }
+};
+
+// A function attribute is per device: set it the first time a kernel runs on each one.
+template <class Kernel>
+int set_shared_memory_attribute(int device) {
+  static std::atomic<uint64_t> done{0};
+  uint64_t const bit = uint64_t(1) << (device & 63);
+  if (done.load(std::memory_order_acquire) & bit) return kOk;
+  int const smem = Kernel::SharedStorageSize;
+  if (smem >= (48 << 10) &&
+      cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+          cudaSuccess) {
+    return kCudaError;
+  }
+  done.fetch_or(bit, std::memory_order_release);
+  return kOk;
+}
+
+// The per-call path shared by every GEMM: no re-check, the shared-memory attribute set once per device,
+// the parameters of the last few calls (per host thread and kernel) reused when nothing changed, the
+// workspace initialized only when the schedule has one. `make_args()` builds the kernel's arguments.
+template <class Kernel, class Device, class MakeArgs>
+int launch_cached(CallKey const& key, void* workspace, size_t workspace_bytes, int device, cudaStream_t stream,
+                  MakeArgs make_args) {
+  if (int status = set_shared_memory_attribute<Kernel>(device); status != kOk) return status;
+  constexpr int kRecent = 8;
+  thread_local CallKey keys[kRecent] = {};
+  thread_local typename Kernel::Params params[kRecent];
+  thread_local int next = 0;
+  int slot = -1;
+  for (int i = 0; i < kRecent; ++i) {
+    if (keys[i] == key) slot = i;
+  }
+  if (slot < 0 || workspace_bytes > 0) {  // a workspace (stream-K) is re-initialized on every call
+    auto args = make_args();
+    if (workspace_bytes > 0 && Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess) {
+      return kInitializeFailed;
+    }
+    if (slot < 0) {
+      slot = next;
+      next = (next + 1) % kRecent;
+      keys[slot] = key;
+      params[slot] = Kernel::to_underlying_arguments(args, workspace);
+    }
+  }
+  if (Device::run(params[slot], stream) != cutlass::Status::kSuccess) return kRunFailed;
+  return cudaPeekAtLastError() == cudaSuccess ? kOk : kCudaError;
+}
+
+// Scheduling knobs, all chosen at run time: `raster` (0 heuristic, 1 along M, 2 along N) and `swizzle`
+// (1, 2, 4, 8: tiles grouped so that neighbours share operands in L2) for every scheduler; for stream-K
+// kernels also `mode` (0 heuristic, 1 data-parallel, 2 split-K, 3 stream-K) and `splits`.
+struct Schedule {
+  int splits, mode, raster, swizzle;
+};
+
+// Applies a schedule to a kernel's scheduler arguments.
+template <class TileScheduler, class SchedulerArgs>
+void apply_schedule(SchedulerArgs& scheduler, Schedule schedule) {
+  using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+  scheduler.raster_order = static_cast<Raster>(schedule.raster);
+  scheduler.max_swizzle_size = schedule.swizzle;
+  if constexpr (cute::is_same_v<TileScheduler, cutlass::gemm::StreamKScheduler>) {
+    using Mode = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamKParams::DecompositionMode;
+    scheduler.splits = schedule.splits;
+    scheduler.decomposition_mode = static_cast<Mode>(schedule.mode);
+  }
+}
+
 template <class Element, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
           class TileScheduler>
 struct Gemm24 {
@@ -63,13 +145,6 @@ struct Gemm24 {
   using StrideC = typename Kernel::StrideC;
   using StrideD = typename Kernel::StrideD;
 
-  // Scheduling knobs, all chosen at run time: `raster` (0 heuristic, 1 along M, 2 along N) and
-  // `swizzle` (1, 2, 4, 8: tiles grouped so that neighbours share operands in L2) for every scheduler;
-  // for stream-K kernels also `mode` (0 heuristic, 1 data-parallel, 2 split-K, 3 stream-K) and `splits`.
-  struct Schedule {
-    int splits, mode, raster, swizzle;
-  };
-
   static typename Device::Arguments arguments(int m, int n, int k, void const* a, void const* e, void const* b,
                                               void* d, Schedule schedule, int device, int sm_count) {
     ProblemShape problem{m, n, k, 1};
@@ -88,14 +163,7 @@ struct Gemm24 {
     args.epilogue.thread.beta = 0.0f;
     args.hw_info.device_id = device;
     args.hw_info.sm_count = sm_count;
-    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
-    args.scheduler.raster_order = static_cast<Raster>(schedule.raster);
-    args.scheduler.max_swizzle_size = schedule.swizzle;
-    if constexpr (cute::is_same_v<TileScheduler, cutlass::gemm::StreamKScheduler>) {
-      using Mode = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamKParams::DecompositionMode;
-      args.scheduler.splits = schedule.splits;
-      args.scheduler.decomposition_mode = static_cast<Mode>(schedule.mode);
-    }
+    apply_schedule<TileScheduler>(args.scheduler, schedule);
     return args;
   }
 
@@ -107,67 +175,14 @@ struct Gemm24 {
     return kOk;
   }
 
-  // Everything a launch's parameters depend on. Kernel parameters embed TMA descriptors, which hold
-  // the operands' addresses, so they can be reused only for the very same buffers; PyTorch's caching
-  // allocator hands a steady decode loop the same addresses step after step, so that is the common case.
-  struct CallKey {
-    int m, n, k, device;
-    Schedule schedule;
-    void const *a, *e, *b;
-    void *d, *workspace;
-    bool operator==(CallKey const& o) const {
-      return m == o.m && n == o.n && k == o.k && device == o.device && schedule.splits == o.schedule.splits &&
-             schedule.mode == o.schedule.mode && schedule.raster == o.schedule.raster &&
-             schedule.swizzle == o.schedule.swizzle && a == o.a && e == o.e && b == o.b && d == o.d &&
-             workspace == o.workspace;
-    }
-  };
-
-  // The per-call path, kept lean for decode-sized problems: no re-check, the kernel's shared-memory
-  // attribute set once per device, the parameters of the last few calls (per host thread) reused when
-  // nothing changed, the workspace initialized only when the schedule has one.
+  // The per-call path, kept lean for decode-sized problems (see `launch_cached`).
   static int run(int m, int n, int k, void const* a, void const* e, void const* b, void* d, void* workspace,
                  size_t workspace_bytes, Schedule schedule, int device, int sm_count, cudaStream_t stream) {
-    if (int status = set_shared_memory_attribute(device); status != kOk) return status;
-    constexpr int kRecent = 8;
-    thread_local CallKey keys[kRecent] = {};
-    thread_local typename Kernel::Params params[kRecent];
-    thread_local int next = 0;
-    CallKey key{m, n, k, device, schedule, a, e, b, d, workspace};
-    int slot = -1;
-    for (int i = 0; i < kRecent; ++i) {
-      if (keys[i] == key) slot = i;
-    }
-    if (slot < 0 || workspace_bytes > 0) {  // a workspace (stream-K) is re-initialized on every call
-      auto args = arguments(m, n, k, a, e, b, d, schedule, device, sm_count);
-      if (workspace_bytes > 0 &&
-          Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess) {
-        return kInitializeFailed;
-      }
-      if (slot < 0) {
-        slot = next;
-        next = (next + 1) % kRecent;
-        keys[slot] = key;
-        params[slot] = Kernel::to_underlying_arguments(args, workspace);
-      }
-    }
-    if (Device::run(params[slot], stream) != cutlass::Status::kSuccess) return kRunFailed;
-    return cudaPeekAtLastError() == cudaSuccess ? kOk : kCudaError;
-  }
-
-  // A function attribute is per device: set it the first time this kernel runs on each one.
-  static int set_shared_memory_attribute(int device) {
-    static std::atomic<uint64_t> done{0};
-    uint64_t const bit = uint64_t(1) << (device & 63);
-    if (done.load(std::memory_order_acquire) & bit) return kOk;
-    int const smem = Kernel::SharedStorageSize;
-    if (smem >= (48 << 10) &&
-        cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
-            cudaSuccess) {
-      return kCudaError;
-    }
-    done.fetch_or(bit, std::memory_order_release);
-    return kOk;
+    CallKey key{{m, n, k, device, schedule.splits, schedule.mode, schedule.raster, schedule.swizzle},
+                {a, e, b, d, workspace}};
+    return launch_cached<Kernel, Device>(key, workspace, workspace_bytes, device, stream, [&] {
+      return arguments(m, n, k, a, e, b, d, schedule, device, sm_count);
+    });
   }
 };
 
@@ -176,9 +191,9 @@ template <class Element>
 using ReferenceGemm = Gemm24<Element, ReferenceTile, Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                              cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::PersistentScheduler>;
 
-template <class Element>
+// The offline compressor for one element type and the compressed layout its kernels read.
+template <class Element, class SparseConfig>
 struct Compress24 {
-  using SparseConfig = typename ReferenceGemm<Element>::SparseConfig;
   using StrideA = cutlass::gemm::TagToStrideA_t<LayoutTagA>;
   using Utility = cutlass::transform::kernel::StructuredSparseCompressorUtility<ProblemShape, Element, LayoutTagA,
                                                                                   SparseConfig>;

@@ -11,6 +11,11 @@ An optional `kernel_cache` input (written by the orchestrator from the lineage s
 cached for this environment (GPU, capability, CUDA, driver, torch, cuSPARSELt) and dtype reuses
 those choices without timing; the other shapes are tuned. The plan is complete either way.
 
+A model quantized to FP8 by the `quantize` stage (`pipelines.quantize`) is tuned with its layers' FP8
+weight scales: its quantized Linears get plan keys `<out>x<in>:fp8`, whose candidates also include the
+FP8 kernels (dense FP8 and our FP8 2:4), and quantized Linears that are not 2:4 are tuned too, between
+dense bf16 and dense FP8. FP8 kernels output bfloat16, so such a model is tuned in `dtype: bfloat16`.
+
 Without a CUDA device nothing is timed: the plan marks every shape dense with reason "no CUDA GPU"
 and the result's notes say that tuning was skipped. Sample recipe entry::
 
@@ -31,7 +36,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kernels.autotune import TuneSettings, shape_key, tune
+from kernels.autotune import TuneSettings, TuneTarget, shape_key, tune
+from kernels.fp8 import Fp8Scales
 from kernels.plan import Environment, KernelChoice, KernelPlan, dense_plan, environment_of, plan_from_tuning, save_plan
 from kernels.sparse24 import is_24, mask_from_zero_pattern
 from pipelines.modeling import decoder_layers
@@ -50,7 +56,7 @@ class KernelCacheEntry(BaseModel):
 
     environment: Environment
     dtype: Literal["float16", "bfloat16"]
-    shape: str = Field(pattern=r"^[0-9]+x[0-9]+$", description='Weight shape "<out>x<in>".')
+    shape: str = Field(pattern=r"^[0-9]+x[0-9]+(:fp8)?$", description='Weight shape "<out>x<in>[:fp8]".')
     tokens: int = Field(ge=1)
     choice: KernelChoice
 
@@ -83,8 +89,11 @@ def cached_choices(cache: KernelCache, environment: Environment, dtype: str, sha
             for key in shapes if all((key, t) in found for t in tokens)}
 
 
-def find_24_linears(model: torch.nn.Module) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """(shape key -> 2:4 Linear names, non-2:4 Linear name -> shape key) inside the decoder layers."""
+def find_24_linears(model: torch.nn.Module, fp8_layers: frozenset[str] = frozenset()
+                    ) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(shape key -> tunable Linear names, untuned Linear name -> shape key) inside the decoder layers.
+
+    Tunable: a 2:4 Linear, or any Linear named in `fp8_layers` (quantized; its key ends in `:fp8`)."""
     prefix, layers = decoder_layers(model)
     sparse: dict[str, list[str]] = defaultdict(list)
     dense: dict[str, str] = {}
@@ -93,8 +102,8 @@ def find_24_linears(model: torch.nn.Module) -> tuple[dict[str, list[str]], dict[
             if not isinstance(module, torch.nn.Linear):
                 continue
             full = f"{prefix}.{i}.{name}"
-            key = shape_key(module.out_features, module.in_features)
-            if is_24(module.weight):
+            key = shape_key(module.out_features, module.in_features, fp8=full in fp8_layers)
+            if is_24(module.weight) or full in fp8_layers:
                 sparse[key].append(full)
             else:
                 dense[full] = key
@@ -109,12 +118,14 @@ def run(spec: KernelTuneStage, ctx: StageContext) -> StageResult:
     except Exception as error:
         raise StageError(f"kernel_tune: cannot load the model at {model_dir}: {error}") from error
     ctx.progress(0, 1, "finding 2:4 Linears")
-    groups, not_24 = find_24_linears(model)
-    shapes = {k: (*map(int, k.split("x")), names) for k, names in groups.items()}
+    fp8_scales = _fp8_scales(model_dir)
+    groups, not_24 = find_24_linears(model, frozenset(fp8_scales))
+    shapes = {k: (*map(int, k.partition(":")[0].split("x")), names) for k, names in groups.items()}
     summary = {
         "sparse_24_linears": sum(len(v) for v in groups.values()),
         "dense_linears": len(not_24),
         "shapes": {k: len(v) for k, v in groups.items()},
+        "fp8_linears": len(fp8_scales),
         "dtype": spec.dtype,
         "tokens": list(spec.tokens),
     }
@@ -129,7 +140,7 @@ def run(spec: KernelTuneStage, ctx: StageContext) -> StageResult:
         metrics += [Metric("kernel_tuned_shapes", 0.0), Metric("kernel_cached_shapes", 0.0)]
     else:
         cache = load_kernel_cache(ctx.inputs["kernel_cache"]) if "kernel_cache" in ctx.inputs else KernelCache()
-        plan, reused = _tune(model, groups, spec, ctx, dtype, cache, notes)
+        plan, reused = _tune(model, groups, spec, ctx, dtype, cache, notes, fp8_scales)
         for key, shape in plan.shapes.items():
             for tokens, choice in shape.choices.items():
                 if choice.speedup is not None:
@@ -146,7 +157,18 @@ def run(spec: KernelTuneStage, ctx: StageContext) -> StageResult:
     return StageResult(outputs={"kernel_plan": path}, metrics=metrics, summary=summary, notes=notes)
 
 
-def _tune(model, groups, spec, ctx, dtype, cache: KernelCache, notes: list[str]) -> tuple[KernelPlan, int]:
+def _fp8_scales(model_dir: Path) -> dict[str, Fp8Scales]:
+    """Module name -> FP8 scales of every layer the quantize stage quantized ({} for other models)."""
+    from pipelines.quantize import is_fp8_model, read_fp8_layers
+
+    if not is_fp8_model(model_dir):
+        return {}
+    layers = read_fp8_layers(model_dir)
+    return {name: Fp8Scales(layer.weight_scale, layer.input_scale) for name, layer in layers.items()}
+
+
+def _tune(model, groups, spec, ctx, dtype, cache: KernelCache, notes: list[str],
+          fp8_scales: dict[str, Fp8Scales]) -> tuple[KernelPlan, int]:
     """(the plan, how many shapes came from `cache`)."""
     env = environment_of(ctx.device)
     tokens = list(spec.tokens)
@@ -158,7 +180,9 @@ def _tune(model, groups, spec, ctx, dtype, cache: KernelCache, notes: list[str])
     for key, names in groups.items():
         if key not in reused:
             weight = model.get_submodule(names[0]).weight.detach()
-            weights[key] = (weight, mask_from_zero_pattern(weight))
+            sparse = is_24(weight)
+            weights[key] = TuneTarget(weight, mask_from_zero_pattern(weight) if sparse else None,
+                                      fp8_scales.get(names[0]), sparse)
     del model
     settings = TuneSettings(tokens=tuple(tokens), dtype=dtype, repeats=spec.repeats)
     tuned = tune(weights, settings, ctx.device, progress=ctx.progress) if weights else {}
