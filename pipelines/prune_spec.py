@@ -92,6 +92,17 @@ class PruneStage(_StageBase):
     export: Literal["auto", "none", "sparse-bitmask", "sparse-24-bitmask"] = Field(
         "auto", description="Also write a compressed-tensors copy (auto: sparse-24-bitmask for 2:4)."
     )
+    streaming: bool | Literal["auto"] = Field(
+        "auto", description="Stream the model from its safetensors checkpoint one decoder layer at a time and "
+        "write the pruned copy shard by shard, never holding the whole model (pipelines/pruning/streaming.py). "
+        "auto: stream when the weights at `dtype` exceed `host_memory_gb`. Streaming writes no compressed copy "
+        "(`export` is then 'none').",
+    )
+    host_memory_gb: float | None = Field(
+        None, gt=0.0, le=1e6, description="For streaming 'auto': the host memory (GB, 1e9 bytes) the model's "
+        "weights may take in memory; above it the model is streamed. Default: half the memory available when "
+        "the stage starts.",
+    )
     needs_calibration_data: ClassVar[bool] = True
     """Whether the method itself runs the calibration tokens through the model."""
     _nm: tuple[int, int] | None = PrivateAttr(None)
@@ -136,6 +147,12 @@ class PruneStage(_StageBase):
             raise ValueError(
                 f"owl_lambda: sparsity {self.target_sparsity} +/- owl_lambda {self.owl_lambda} must stay within [0, 1)"
             )
+        if self.host_memory_gb is not None and self.streaming != "auto":
+            raise ValueError("host_memory_gb and streaming: host_memory_gb only decides streaming 'auto'; "
+                             f"streaming is {str(self.streaming).lower()}")
+        if self.streaming is True and self.export not in ("auto", "none"):
+            raise ValueError(f"export and streaming: a streamed model gets no compressed copy; set export 'none' "
+                             f"or 'auto' (got {self.export!r})")
         if self.export == "sparse-24-bitmask" and self._nm != (2, 4):
             raise ValueError(f"export: 'sparse-24-bitmask' needs pattern '2:4', got {self.pattern!r}")
         return self

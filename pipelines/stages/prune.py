@@ -16,6 +16,11 @@ Outputs: `model`, `masks`, `compressed_model` (unless `export: none`) and `repor
 
 Everything that can be checked is checked before the first forward pass: target patterns that
 match nothing, N:M groups that do not divide a Linear's input, empty calibration data.
+
+Streaming (`streaming: true`, or `auto` when the weights at `dtype` exceed `host_memory_gb`): the
+model is never loaded whole; `pipelines.pruning.streaming` reads each decoder layer from the
+safetensors checkpoint and writes it back pruned, one shard per layer, with the same masks and
+weights as in memory. No compressed copy is written then (it is built from the whole model).
 """
 
 from __future__ import annotations
@@ -23,21 +28,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors import safe_open
 
 from pipelines.export import choose_format, export_compressed
 from pipelines.masks import save_masks
 from pipelines.modeling import decoder_layers
-from pipelines.modelio import load_model, save_model
+from pipelines.modelio import declared_dtype, load_model, save_model
 from pipelines.pruning.engine import LinearOutcome, MethodConfig, prune_layer, prune_layer_without_data
 from pipelines.pruning.owl import outlier_ratio, owl_sparsities
 from pipelines.pruning.sequential import CalibrationError, LayerWork, run_sequential
+from pipelines.pruning.streaming import StreamedModel, copy_rest, run_streaming, stream_without_data
 from pipelines.pruning.targets import check_pattern_fits, resolve_targets
 from pipelines.recipe import PruneStage, SparseGPTPrune
-from pipelines.stage import Metric, StageContext, StageResult
+from pipelines.stage import Metric, StageContext, StageError, StageResult
+from pipelines.streamio import CheckpointError, CheckpointReader
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +71,24 @@ def read_calibration_ids(path: Path, vocab_size: int) -> torch.Tensor:
     return ids.long()
 
 
-def _layer_sparsities(model, ids, targets, spec: PruneStage, ctx: StageContext, total: int) -> tuple[dict, int]:
+def decide_streaming(spec: PruneStage, model_dir: Path, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether to stream the model (see `PruneStage.streaming`), and why, in words for the report."""
+    if spec.streaming != "auto":
+        return bool(spec.streaming), f"streaming {str(spec.streaming).lower()} in the recipe"
+    try:
+        weights = CheckpointReader(model_dir).weight_bytes(dtype)
+    except CheckpointError:
+        return False, "streaming auto: no safetensors checkpoint to stream from, loaded whole"
+    if spec.host_memory_gb is not None:
+        allowed, source = spec.host_memory_gb * 1e9, "host_memory_gb"
+    else:
+        allowed, source = psutil.virtual_memory().available / 2, "half the available host memory"
+    stream = weights > allowed
+    return stream, (f"streaming auto: weights {weights / 1e9:.3g} GB at {str(dtype).removeprefix('torch.')} "
+                    f"{'>' if stream else '<='} {allowed / 1e9:.3g} GB ({source})")
+
+
+def _layer_sparsities(sequential, ids, targets, spec: PruneStage, ctx: StageContext, total: int) -> tuple[dict, int]:
     """Per decoder layer sparsity: uniform, or OWL from one dense pass (Wanda scores per layer)."""
     base = spec.target_sparsity
     if spec.profile == "uniform":
@@ -76,8 +102,8 @@ def _layer_sparsities(model, ids, targets, spec: PruneStage, ctx: StageContext, 
         norms = [work.stats[leader[n]].col_sq_norms for n in names]
         ratios[work.index] = float(outlier_ratio(weights, norms, spec.owl_threshold))
 
-    peak = run_sequential(
-        model, ids, targets, observe, device=ctx.device, batch_size=spec.batch_size, full_stats=False,
+    peak = sequential(
+        ids, targets, observe, device=ctx.device, batch_size=spec.batch_size, full_stats=False,
         propagate="dense", progress=lambda d, t, m: ctx.progress(d, total, f"OWL outliers: {m}"),
     )
     order = sorted(ratios)
@@ -97,7 +123,14 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
     """Prune the model of `ctx.inputs['model']` as `spec` says; see the module docstring."""
     start = time.perf_counter()
     model_dir = ctx.require("model")
-    model = load_model(model_dir, "cpu", _DTYPES[spec.dtype])
+    dtype = _DTYPES[spec.dtype]
+    stream, reason = decide_streaming(spec, Path(model_dir), dtype)
+    logger.info("prune: %s", reason)
+    if stream and spec.export not in ("auto", "none"):
+        raise StageError(f"export and streaming: {reason}, and a streamed model gets no compressed copy; "
+                         f"set export 'none' or streaming false (export is {spec.export!r})")
+    streamed = StreamedModel.open(model_dir, dtype) if stream else None
+    model = streamed.model if streamed is not None else load_model(model_dir, "cpu", dtype)
     targets = resolve_targets(model, spec.targets, spec.ignore)
     linears = {name: lin for found in targets.values() for name, lin in found.items()}
     check_pattern_fits(linears, spec.nm)
@@ -109,35 +142,60 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
 
     n_layers = len(decoder_layers(model)[1])
     total = n_layers * (2 if spec.profile == "owl" else 1)
-    sparsities, peak = _layer_sparsities(model, ids, targets, spec, ctx, total)
+    writer = None
+    if streamed is not None:
+        writer = streamed.writer(Path(ctx.workdir) / "model", declared_dtype(model_dir) or dtype)
+        copy_rest(streamed, writer)
+        sequential = partial(run_streaming, streamed)
+    else:
+        sequential = partial(run_sequential, model)
+    sparsities, peak = _layer_sparsities(sequential, ids, targets, spec, ctx, total)
     offset = total - n_layers
     outcomes: list[LinearOutcome] = []
+    if streamed is not None:
+        sequential = partial(run_streaming, streamed, writer=writer)
     if config.needs_data:
-        peak = max(peak, run_sequential(
-            model, ids, targets, lambda work: outcomes.extend(prune_layer(work, config, sparsities[work.index])),
+        peak = max(peak, sequential(
+            ids, targets, lambda work: outcomes.extend(prune_layer(work, config, sparsities[work.index])),
             device=ctx.device, batch_size=spec.batch_size, full_stats=config.needs_hessian,
             propagate="pruned" if spec.sequential else "dense", within_layer=spec.calibrate_within_layer,
             progress=lambda d, t, m: ctx.progress(offset + d, total, f"pruning: {m}"),
         ))
+    elif streamed is not None:
+        peak = stream_without_data(
+            streamed, targets, lambda index, found: outcomes.extend(
+                prune_layer_without_data(found, config, sparsities[index])),
+            device=ctx.device, writer=writer,
+            progress=lambda d, t, m: ctx.progress(offset + d, total, f"pruning by magnitude: {m}"),
+        )
     else:
         for done, (index, found) in enumerate(sorted(targets.items()), 1):
             outcomes.extend(prune_layer_without_data(found, config, sparsities[index]))
             ctx.progress(offset + done * n_layers // len(targets), total, f"pruning layer {index} by magnitude")
     prune_time = time.perf_counter() - start
-    return _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time, peak)
+    if writer is not None:
+        return _write_outputs(spec, ctx, None, writer.finish(), outcomes, sparsities, prune_time, peak, reason)
+    return _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time, peak, reason)
 
 
-def _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time, peak) -> StageResult:
+def _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time, peak, streaming) -> StageResult:
+    """Masks, report and metrics; the model (unless `model` is None: streamed, already written to `model_dir`)
+    and its compressed copy."""
     workdir = Path(ctx.workdir)
-    outputs = {"model": save_model(model, model_dir, workdir / "model")}
+    notes = []
+    if model is None:
+        outputs = {"model": model_dir}
+        if spec.export == "auto":
+            notes.append(f"export: no compressed copy ({streaming})")
+    else:
+        outputs = {"model": save_model(model, model_dir, workdir / "model")}
     outputs["masks"] = save_masks(
         {o.name: o.packed_mask for o in outcomes},
         {o.name: o.shape for o in outcomes},
         workdir / "masks.safetensors",
         meta={"method": spec.method, "pattern": spec.pattern, "sparsity": str(spec.target_sparsity)},
     )
-    notes = []
-    if spec.export != "none":
+    if model is not None and spec.export != "none":
         fmt = choose_format(spec.nm) if spec.export == "auto" else spec.export
         structure = "2:4" if fmt == "sparse-24-bitmask" else spec.pattern
         outputs["compressed_model"] = export_compressed(
@@ -170,6 +228,8 @@ def _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time
         "prune_time_s": prune_time,
         "peak_gpu_mem_bytes": peak,
         "device": str(ctx.device),
+        "streaming": model is None,
+        "streaming_reason": streaming,
         "linears": {
             o.name: {"shape": list(o.shape), "target_sparsity": o.target_sparsity, "sparsity": o.sparsity,
                      "recon_error": o.recon_error, "time_s": o.time_s, "damping": o.damping}
