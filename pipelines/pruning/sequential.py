@@ -22,7 +22,7 @@ activations of all samples stay in (pinned) CPU memory. The only host syncs are 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -225,13 +225,15 @@ def run_sequential(
     targets: dict[int, dict[str, nn.Linear]],
     on_layer: Callable[[LayerWork], None],
     *,
-    device: torch.device,
+    device: torch.device | None = None,
+    devices: Sequence[torch.device] | None = None,
     batch_size: int = 4,
     full_stats: bool = True,
     propagate: Literal["pruned", "dense"] = "pruned",
     within_layer: bool = False,
     replay: bool | None = None,
     progress: ProgressFn | None = None,
+    activations: Literal["host", "device"] = "host",
 ) -> int:
     """Run the calibration tokens through the decoder layer by layer, calling `on_layer` on each
     layer that has targeted Linears. Returns the peak device memory allocated (0 on the CPU).
@@ -240,10 +242,26 @@ def run_sequential(
     `within_layer=True` calls `on_layer` once per shared-input group (see the module doc).
     `replay` reuses the outputs of a layer's finished children in its later passes (`replay.py`);
     None: on the CPU only, where memory for the records is plentiful.
+    `devices` (instead of `device`): with more than one, `multi_device.run_multi_device` splits the
+    samples and spreads the solves over them (`on_layer` is then called per solve, see its doc), with
+    `activations` on the host or the devices; one device is this function's own path.
     """
     if input_ids.ndim != 2 or input_ids.numel() == 0:
         raise CalibrationError(f"calibration: input_ids must be a non-empty [samples, seq_len] tensor, got "
                                f"shape {tuple(input_ids.shape)}")
+    if devices is not None:
+        devices = [torch.device(d) for d in devices]
+        if not devices or (device is not None and torch.device(device) != devices[0]):
+            raise ValueError(f"devices: need a non-empty list starting with device {device}, got {devices}")
+        if len(devices) > 1:
+            from pipelines.pruning.multi_device import run_multi_device  # it builds on this module
+
+            return run_multi_device(model, input_ids, targets, on_layer, devices=devices, batch_size=batch_size,
+                                    full_stats=full_stats, propagate=propagate, within_layer=within_layer,
+                                    replay=replay, progress=progress, activations=activations)
+        device = devices[0]
+    if device is None:
+        raise ValueError("device: run_sequential needs device or devices")
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     if on_cuda:

@@ -1,0 +1,390 @@
+"""The layer-sequential driver on several devices of one process: samples split, solves spread.
+
+`run_sequential(..., devices=[d0, d1, ...])` comes here when there is more than one device. It does
+what the one-device driver does (`sequential.py`), with three changes:
+
+- Samples: the calibration samples are split into one contiguous shard per device (`shard_bounds`).
+  Each device captures its shard's layer-0 inputs with the model's own embedding code and keeps the
+  shard for the whole run: a layer's outputs on a device are the next layer's inputs on the same
+  device, so activations never move between devices. `activations="host"` keeps each shard in
+  pinned host memory, copied batch by batch over that device's own link, as the one-device driver
+  does (the memory per GPU stays that of one GPU); `"device"` keeps it on the device (no host copies,
+  2 x shard bytes more per device).
+- Statistics: every device holds a copy of the current layer (made from the first device's copy,
+  a peer copy) and runs its shard through it with the statistics hooks. A group's sums (x xᵀ or
+  column sums of squares, and token counts) are then added up in device order on the device that
+  solves the group, and copied to the others that solve part of it.
+- Solves: the independent solves of a step (all shared-input groups of the layer, or one group at a
+  time under `within_layer`) are spread by `plan_solves`: longest first onto the least loaded
+  device, by an estimate of their cost, and a group is split between devices at Linear boundaries
+  (q | k,v; gate | up) when that shortens the step. Every method prunes row by row, so a split group
+  gives the same masks as the whole. Each device runs its solves in its own thread (torch releases
+  the GIL inside kernels); the pruned weights are then copied into every other device's copy before
+  the next pass. On the CPU (a list like [cpu, cpu], for tests) the same plan runs in one thread.
+
+Contract for `on_layer`: it is called once per planned solve, with a `LayerWork` whose `layer` and
+`linears` are one device's copy and whose `groups` are `[[names]]`, possibly only some of a group's
+Linears; calls for different CUDA devices run concurrently in different threads, each with its
+device current. So a callback that needs a whole layer at once (the OWL outlier pass) runs on one
+device. Results equal one device's up to floating-point order: the sums are added in another order
+and the batches of a GEMM have other shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from pipelines.modeling import decoder_layers
+from pipelines.pruning.replay import SubmoduleReplay
+from pipelines.pruning.sequential import (
+    CalibrationError,
+    LayerWork,
+    _batches,
+    _Call,
+    _capture,
+    _Collector,
+    _forward_all,
+)
+from pipelines.pruning.stats import InputStats
+from pipelines.stage import ProgressFn
+
+logger = logging.getLogger(__name__)
+
+Activations = Literal["host", "device"]
+
+
+def shard_bounds(samples: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) sample ranges, one per device, sizes differing by at most one."""
+    if parts < 1:
+        raise ValueError(f"devices: need at least one device, got {parts}")
+    base, extra = divmod(samples, parts)
+    bounds, start = [], 0
+    for part in range(parts):
+        end = start + base + (1 if part < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def stage_devices(num_gpus: float, device: torch.device) -> list[torch.device]:
+    """The devices a prune stage uses: `device` first, then the other visible GPUs, up to the
+    `resources.num_gpus` it asked for (under Ray the visible GPUs are the ones it was given).
+    One device unless `device` is a GPU and more than one was asked for."""
+    device = torch.device(device)
+    if device.type != "cuda" or num_gpus <= 1:
+        return [device]
+    first = device.index if device.index is not None else torch.cuda.current_device()
+    others = [torch.device("cuda", i) for i in range(torch.cuda.device_count()) if i != first]
+    return [torch.device("cuda", first), *others][: max(1, int(num_gpus))]
+
+
+def solve_cost(rows: int, columns: int) -> float:
+    """Rough cost of one solve of `rows` output rows sharing an input of `columns`: the factorization
+    of the columns x columns Hessian (paid once per device that solves part of the group) plus the
+    column updates, which grow with the rows."""
+    return float(columns) ** 3 + float(rows) * float(columns) ** 2
+
+
+@dataclass(frozen=True)
+class Solve:
+    """One call of `on_layer`: the Linears `names` (one shared-input group or a consecutive part of
+    it, statistics under `leader`) pruned on device number `device`."""
+
+    device: int
+    leader: str
+    names: tuple[str, ...]
+
+
+def _lpt(units: list[tuple[str, tuple[str, ...], float]], parts: int) -> tuple[list[tuple[Solve, float]], list[float]]:
+    """Longest first onto the least loaded device (ties: lowest index); the solves with their costs, and
+    the load of each device."""
+    load = [0.0] * parts
+    solves = []
+    for leader, names, cost in sorted(units, key=lambda u: (-u[2], u[1])):
+        device = min(range(parts), key=lambda d: (load[d], d))
+        load[device] += cost
+        solves.append((Solve(device, leader, names), cost))
+    return solves, load
+
+
+def plan_solves(groups: list[list[str]], rows: dict[str, int], columns: dict[str, int], parts: int) -> list[Solve]:
+    """Spread a step's independent solves over `parts` devices (see the module doc).
+
+    `groups` are the shared-input groups of the step (statistics under `group[0]`), `rows[name]` the
+    output rows of each Linear and `columns[leader]` the group's input width. Starts from whole
+    groups; then, while the most loaded device holds a group of several Linears, tries splitting the
+    largest such group in two at the Linear boundary that balances its rows best, and keeps the split
+    if the step gets shorter. Deterministic: the same inputs give the same plan.
+    """
+    def unit(leader: str, names: tuple[str, ...]) -> tuple[str, tuple[str, ...], float]:
+        return leader, names, solve_cost(sum(rows[n] for n in names), columns[leader])
+
+    units = [unit(group[0], tuple(group)) for group in groups]
+    solves, load = _lpt(units, parts)
+    while parts > 1:
+        busiest = max(range(parts), key=lambda d: (load[d], -d))
+        splittable = [(s, c) for s, c in solves if s.device == busiest and len(s.names) > 1]
+        if not splittable:
+            break
+        solve = max(splittable, key=lambda sc: sc[1])[0]
+        names, total = solve.names, sum(rows[n] for n in solve.names)
+        cut = min(range(1, len(names)), key=lambda k: (abs(2 * sum(rows[n] for n in names[:k]) - total), k))
+        trial = [u for u in units if u[1] != names] + [unit(solve.leader, names[:cut]), unit(solve.leader, names[cut:])]
+        trial_solves, trial_load = _lpt(trial, parts)
+        if max(trial_load) >= max(load):
+            break
+        units, solves, load = trial, trial_solves, trial_load
+    order = {name: i for i, name in enumerate(name for group in groups for name in group)}
+    return sorted((s for s, _ in solves), key=lambda s: (s.device, order[s.names[0]]))
+
+
+def replicate(layer: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of `layer` with its parameters and buffers on `device`, copied straight from where they
+    are (a GPU-to-GPU copy when `layer` is on another GPU, no host round trip)."""
+    memo: dict[int, object] = {}
+    for param in layer.parameters():
+        memo[id(param)] = nn.Parameter(param.detach().to(device, copy=True), requires_grad=param.requires_grad)
+    for buffer in layer.buffers():
+        memo[id(buffer)] = buffer.to(device, copy=True)
+    return copy.deepcopy(layer, memo)
+
+
+def reduce_stats(parts: Sequence[InputStats], device: torch.device) -> InputStats:
+    """Sum of per-device statistics on `device`, added in list order (a peer copy per part)."""
+    first = parts[0]
+    xtx = first.xtx.to(device, copy=True) if first.xtx is not None else None
+    sq_sum = first.sq_sum.to(device, copy=True)
+    tokens = first.tokens
+    for part in parts[1:]:
+        if xtx is not None:
+            xtx.add_(part.xtx.to(device))
+        sq_sum.add_(part.sq_sum.to(device))
+        tokens += part.tokens
+    return InputStats(sq_sum=sq_sum, xtx=xtx, tokens=tokens)
+
+
+def copy_stats(stats: InputStats, device: torch.device) -> InputStats:
+    """The same statistics on another device (bit for bit)."""
+    if stats.sq_sum.device == device:
+        return stats
+    xtx = stats.xtx.to(device) if stats.xtx is not None else None
+    return InputStats(sq_sum=stats.sq_sum.to(device), xtx=xtx, tokens=stats.tokens)
+
+
+def device_context(device: torch.device):
+    """Make `device` current in this thread (CUDA); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
+def run_parallel(devices: Sequence[torch.device], work: Callable[[int], object]) -> list[object]:
+    """`work(i)` for every device index, one thread per CUDA device with that device current; on the
+    CPU in order in this thread (CPU ops already use every core, and one thread keeps tests exact)."""
+    def call(i: int) -> object:
+        with device_context(devices[i]):
+            return work(i)
+
+    if len(devices) == 1 or any(d.type != "cuda" for d in devices):
+        return [call(i) for i in range(len(devices))]
+    with ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="sparseflow-device") as pool:
+        return list(pool.map(call, range(len(devices))))
+
+
+def make_replayers(copies: Sequence[nn.Module], layer_prefix: str, linears: Sequence[dict[str, nn.Linear]],
+                   enabled: bool) -> list[SubmoduleReplay]:
+    """One `SubmoduleReplay` per device copy of the layer."""
+    return [SubmoduleReplay(c, layer_prefix, found, enabled=enabled) for c, found in zip(copies, linears, strict=True)]
+
+
+def same_names(layer: nn.Module, copy_: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
+    """The Linears of `copy_` that correspond to `linears` of `layer`, under the same full names."""
+    relative = {id(module): name for name, module in layer.named_modules()}
+    out = {}
+    for full, linear in linears.items():
+        found = copy_.get_submodule(relative[id(linear)])
+        if not isinstance(found, nn.Linear):
+            raise TypeError(f"{full}: the copy of the layer has no Linear there")
+        out[full] = found
+    return out
+
+
+def broadcast_weights(solves: Sequence[Solve], linears: Sequence[dict[str, nn.Linear]]) -> None:
+    """Copy each solved Linear's weight (and bias) from its solver's copy into every other copy."""
+    for solve in solves:
+        for name in solve.names:
+            source = linears[solve.device][name]
+            for d, found in enumerate(linears):
+                if d != solve.device:
+                    found[name].weight.copy_(source.weight)
+                    if source.bias is not None:
+                        found[name].bias.copy_(source.bias)
+
+
+def empty_shards(bounds: list[tuple[int, int]], tail: tuple[int, int], dtype: torch.dtype,
+                 devices: Sequence[torch.device], where: Activations) -> list[Tensor]:
+    """One activation buffer per device for its samples: on the device, or pinned on the host."""
+    if where not in ("host", "device"):
+        raise ValueError(f"activations: expected 'host' or 'device', got {where!r}")
+    out = []
+    for (start, end), device in zip(bounds, devices, strict=True):
+        shape = (end - start, *tail)
+        if where == "device":
+            out.append(torch.empty(shape, dtype=dtype, device=device))
+        else:
+            out.append(torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda"))
+    return out
+
+
+@dataclass
+class _LayerRun:
+    """One decoder layer's copies (one per device) and what each device runs through its copy."""
+
+    index: int
+    copies: list[nn.Module]
+    calls: list[list[_Call]]
+    batches: list[list[slice]]
+    devices: list[torch.device]
+
+    def measure(self, collectors: list[_Collector], inputs: list[Tensor], keep: list[Tensor] | None,
+                replayers: list[SubmoduleReplay] | None = None) -> None:
+        """Every device's shard through its copy with its collector's hooks (outputs kept if `keep`)."""
+        def one(i: int) -> None:
+            with collectors[i]:
+                _forward_all(self.copies[i], self.calls[i], inputs[i], keep[i] if keep is not None else None,
+                             self.batches[i], self.devices[i], collectors[i],
+                             replay=replayers[i] if replayers is not None else None)
+            collectors[i].check_complete(self.index)
+
+        run_parallel(self.devices, one)
+
+    def forward(self, inputs: list[Tensor], outputs: list[Tensor], replayers: list[SubmoduleReplay] | None) -> None:
+        """Every device's shard through its copy into its output buffer."""
+        run_parallel(self.devices, lambda i: _forward_all(
+            self.copies[i], self.calls[i], inputs[i], outputs[i], self.batches[i], self.devices[i],
+            replay=replayers[i] if replayers is not None else None))
+
+
+def _solve_step(index: int, groups: list[list[str]], parts: dict[str, list[InputStats]],
+                linears: list[dict[str, nn.Linear]], copies: list[nn.Module], devices: list[torch.device],
+                on_layer: Callable[[LayerWork], None]) -> None:
+    """Plan, reduce the statistics onto the solvers, solve concurrently, copy the results everywhere."""
+    rows = {name: linears[0][name].weight.shape[0] for group in groups for name in group}
+    columns = {group[0]: linears[0][group[0]].in_features for group in groups}
+    solves = plan_solves(groups, rows, columns, len(devices))
+    reduced: dict[tuple[str, int], InputStats] = {}
+    for leader, per_device in parts.items():
+        solvers = sorted({s.device for s in solves if s.leader == leader})
+        total = reduce_stats(per_device, devices[solvers[0]])
+        per_device.clear()  # the per-device sums are no longer needed
+        for d in solvers:
+            reduced[(leader, d)] = copy_stats(total, devices[d])
+        del total
+
+    def work(i: int) -> None:
+        for solve in (s for s in solves if s.device == i):
+            members = {name: linears[i][name] for name in solve.names}
+            stats = {solve.names[0]: reduced[(solve.leader, i)]}
+            on_layer(LayerWork(index, copies[i], members, [list(solve.names)], stats))
+
+    run_parallel(devices, work)
+    reduced.clear()
+    broadcast_weights(solves, linears)
+
+
+def run_multi_device(
+    model: nn.Module,
+    input_ids: Tensor,
+    targets: dict[int, dict[str, nn.Linear]],
+    on_layer: Callable[[LayerWork], None],
+    *,
+    devices: Sequence[torch.device],
+    batch_size: int = 4,
+    full_stats: bool = True,
+    propagate: Literal["pruned", "dense"] = "pruned",
+    within_layer: bool = False,
+    replay: bool | None = None,
+    progress: ProgressFn | None = None,
+    activations: Activations = "host",
+) -> int:
+    """`run_sequential` over several devices (see the module doc); the arguments mean the same.
+    Returns the largest peak memory allocated on any of the CUDA devices (0 on the CPU)."""
+    devices = [torch.device(d) for d in devices]
+    if len(devices) > input_ids.shape[0]:
+        logger.warning("devices: %d calibration samples for %d devices; using the first %d",
+                       input_ids.shape[0], len(devices), input_ids.shape[0])
+        devices = devices[: input_ids.shape[0]]
+    on_cuda = [d for d in devices if d.type == "cuda"]
+    for device in on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    prefix, layers = decoder_layers(model)
+    bounds = shard_bounds(input_ids.shape[0], len(devices))
+    batches = [_batches(end - start, batch_size) for start, end in bounds]
+    tail = (input_ids.shape[1], model.config.hidden_size)
+    dtype = next(layers[0].parameters()).dtype
+    inputs = empty_shards(bounds, tail, dtype, devices, activations)
+    outputs = empty_shards(bounds, tail, dtype, devices, activations)
+    every = range(len(devices))
+    logger.info("pruning on %d devices (%s), samples per device %s, activations on the %s",
+                len(devices), ", ".join(map(str, devices)), [e - s for s, e in bounds], activations)
+
+    with torch.no_grad():
+        captures = [_capture(model, prefix, layers, input_ids[s:e], batches[i], devices[i], inputs[i])
+                    for i, (s, e) in enumerate(bounds)]
+        for index, layer in enumerate(layers):
+            home = next(layer.parameters()).device
+            layer.to(devices[0])
+            run = _LayerRun(index, [layer] + [replicate(layer, d) for d in devices[1:]],
+                            [capture.calls[index] for capture in captures], batches, devices)
+            found = targets.get(index, {})
+            last = index == len(layers) - 1
+            if found:
+                linears = [found] + [same_names(layer, c, found) for c in run.copies[1:]]
+                keep = outputs if propagate == "dense" and not last else None
+                first = [_Collector(linears[i], full_stats, devices[i], first_group_only=within_layer,
+                                    stop_early=keep is None) for i in every]
+                run.measure(first, inputs, keep)
+                groups = first[0].groups
+                if any(c.groups != groups for c in first[1:]):
+                    raise CalibrationError(f"calibration: decoder layer {index} grouped its Linears differently "
+                                           "on different devices")
+                replaying = within_layer and (not on_cuda if replay is None else replay)
+                replayers = make_replayers(run.copies, f"{prefix}.{index}", linears, replaying)
+                if within_layer:
+                    for r in replayers:
+                        r.set_groups(groups)
+                    for g, group in enumerate(groups):
+                        collectors = first if g == 0 else [
+                            _Collector({n: linears[i][n] for n in group}, full_stats, devices[i],
+                                       stop_after=group[-1], stop_early=True) for i in every]
+                        if g > 0:
+                            run.measure(collectors, inputs, None, replayers)
+                        parts = [c.stats.pop(group[0]) for c in collectors]
+                        _solve_step(index, [group], {group[0]: parts}, linears, run.copies, devices, on_layer)
+                        for r in replayers:
+                            r.mark_pruned(group)
+                else:
+                    parts = {group[0]: [c.stats.pop(group[0]) for c in first] for group in groups}
+                    _solve_step(index, groups, parts, linears, run.copies, devices, on_layer)
+                del first
+                if propagate == "pruned" and not last:
+                    run.forward(inputs, outputs, replayers)
+                for r in replayers:
+                    r.clear()
+            elif not last:
+                run.forward(inputs, outputs, None)
+            del run
+            layer.to(home)
+            for device in on_cuda:
+                torch.cuda.synchronize(device)
+            inputs, outputs = outputs, inputs
+            if progress is not None:
+                progress(index + 1, len(layers), f"decoder layer {index + 1}/{len(layers)}")
+    return max((int(torch.cuda.max_memory_allocated(d)) for d in on_cuda), default=0)
