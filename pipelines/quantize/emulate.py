@@ -25,13 +25,14 @@ class Fp8EmulatedLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.activations = layer.activations
-        scale = layer.weight_scale.float().reshape(-1)
+        device = linear.weight.device
+        scale = layer.weight_scale.float().reshape(-1).to(device)
         if scale.numel() != self.out_features:
             raise ValueError(f"weight_scale has {scale.numel()} entries for {self.out_features} output channels")
         # codes upcast once: every E4M3 value is exact in fp32, and the fp32 matmul needs them upcast anyway
         self.register_buffer("weight_codes", fp8_codes(linear.weight.detach(), scale).float(), persistent=False)
         self.register_buffer("weight_scale", scale.clone(), persistent=False)
-        input_scale = None if layer.input_scale is None else layer.input_scale.float().reshape(())
+        input_scale = None if layer.input_scale is None else layer.input_scale.float().reshape(()).to(device)
         self.register_buffer("input_scale", input_scale, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:

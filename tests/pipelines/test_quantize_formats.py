@@ -164,3 +164,27 @@ def test_sidecar_round_trip_and_errors(tmp_path: Path) -> None:
         read_fp8_layers(tmp_path)
     with pytest.raises(Fp8SidecarError, match="not an FP8 model folder"):
         read_fp8_layers(tmp_path / "missing")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_emulation_on_cuda_matches_cpu_and_a_real_fp8_gemm() -> None:
+    """The emulation is device-independent, and equals torch._scaled_mm (per-token x per-channel) on FP8 GPUs."""
+    linear = nn.Linear(256, 128, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(_pruned_24(128, 256, seed=4))
+    layers, _ = quantize_linears({"l": linear}, torch.bfloat16)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(6))
+    cpu = Fp8EmulatedLinear(linear, layers["l"])(x)
+    gpu_linear = nn.Linear(256, 128, bias=False).cuda()
+    with torch.no_grad():
+        gpu_linear.weight.copy_(linear.weight)
+    emulated = Fp8EmulatedLinear(gpu_linear, layers["l"])
+    gpu = emulated(x.cuda())
+    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 tensor cores: the real-GEMM comparison needs sm89 or newer")
+    x_codes, x_scale = quantize_activation(x.cuda())
+    w_codes = emulated.weight_codes.to(FP8_DTYPE)
+    real = torch._scaled_mm(x_codes, w_codes.t(), scale_a=x_scale.reshape(-1, 1).float(),
+                            scale_b=emulated.weight_scale.reshape(1, -1).float(), out_dtype=torch.bfloat16)
+    assert torch.allclose(real.float(), gpu.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
