@@ -43,9 +43,9 @@ def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(tmp_path: Path, model_dir: Path, calibration: Path, name: str, **fields):
+def _run(tmp_path: Path, model_dir: Path, calibration: Path, name: str, device: str = "cpu", **fields):
     ctx = StageContext(workdir=tmp_path / name, inputs={"model": model_dir, "calibration": calibration},
-                       data=DataSpec(), seed=0)
+                       data=DataSpec(), seed=0, device=torch.device(device))
     return run(prune_stage(**fields), ctx)
 
 
@@ -89,6 +89,18 @@ def test_streaming_equals_in_memory(tmp_path: Path, tiny_model_dir: Path, calibr
     assert any(note.startswith("export: no compressed copy") for note in streamed.notes)
     report = json.loads(streamed.outputs["report"].read_text())
     assert report["streaming"] is True and report["streaming_reason"] == "streaming true in the recipe"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("method", "pattern"), [("sparsegpt", "2:4"), ("sparsegpt", "unstructured"),
+                                                 ("wanda", "unstructured")])
+def test_streaming_equals_in_memory_on_the_gpu(tmp_path: Path, tiny_model_dir: Path, calibration: Path, method: str,
+                                               pattern: str) -> None:
+    fields = {"method": method, "pattern": pattern, "dtype": "bfloat16"}
+    in_memory = _run(tmp_path, tiny_model_dir, calibration, "memory", "cuda", streaming=False, **fields)
+    streamed = _run(tmp_path, tiny_model_dir, calibration, "stream", "cuda", streaming=True, **fields)
+    _assert_same(streamed, in_memory, tied=True)
+    assert {m.name: m.value for m in streamed.metrics}["peak_gpu_mem_bytes"] > 0
 
 
 def test_streaming_untied_bf16_owl_sharded_source(tmp_path: Path, tiny_model_dir: Path, calibration: Path) -> None:
