@@ -20,7 +20,8 @@ the device and checks the sparsity of the pruned Linears and, for 2:4, that ever
     python bench/pruning_70b_slice.py --tiny --device cpu --out-dir /tmp/x   # logic check, tiny sizes
 
 Results go to `<out-dir>/pruning_70b_slice.json` (and a table to stdout), one row per run, written
-after every run so a run cut short still reports what finished.
+after every run so a run cut short still reports what finished, with the projection to a whole
+70B and 405B model of `bench/scaling_projection.py` (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaling_projection import table as projection_table  # noqa: E402  (a sibling script, not a package)
+
 LLAMA3_70B = {"hidden": 8192, "mlp": 28672, "heads": 64, "kv_heads": 8, "layers": 4, "vocab": 32000,
               "samples": 128, "seq_len": 2048}
 TINY = {"hidden": 64, "mlp": 128, "heads": 4, "kv_heads": 2, "layers": 3, "vocab": 512, "samples": 8, "seq_len": 64}
@@ -188,8 +192,12 @@ def worker(args) -> dict:
     peak_rss = _status_bytes("VmHWM")
     layer_s = [b - a for a, b in zip([start, *marks[:-1]], marks, strict=True)]
     metrics = {m.name: m.value for m in result.metrics}
+    solve_s = [0.0] * len(layer_s)
+    for name, value in metrics.items():
+        if name.startswith("time_s."):
+            solve_s[int(name.split(".layers.")[1].split(".")[0])] += value
     row = {
-        "wall_s": wall, "layer_s": layer_s, "steady_layer_s": _steady(layer_s),
+        "wall_s": wall, "layer_s": layer_s, "steady_layer_s": _steady(layer_s), "solve_layer_s": solve_s,
         "capture_s": sum(capture.seconds), "read_layer_s": reads.seconds, "write_rest_s": writes.seconds[0],
         "write_layer_s": writes.seconds[1:],
         "peak_gpu_mem_bytes": int(metrics["peak_gpu_mem_bytes"]), "peak_host_rss_bytes": peak_rss,
@@ -301,10 +309,12 @@ def main() -> None:
         if "error" in row:
             print(row["error"], flush=True)
         report["table"] = _table(rows).splitlines()
+        report["projection"] = projection_table(report).splitlines()
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "pruning_70b_slice.json").write_text(json.dumps(report, indent=2))
     print(f"device: {device_name}; build {build_s:.1f} s; checkpoint {weight_bytes / 1e9:.2f} GB")
     print(_table(rows))
+    print(projection_table(report))
 
 
 if __name__ == "__main__":
