@@ -40,6 +40,7 @@ from pipelines.masks import save_masks
 from pipelines.modeling import decoder_layers
 from pipelines.modelio import declared_dtype, load_model, save_model
 from pipelines.pruning.engine import LinearOutcome, MethodConfig, prune_layer, prune_layer_without_data
+from pipelines.pruning.multi_device import stage_devices
 from pipelines.pruning.owl import outlier_ratio, owl_sparsities
 from pipelines.pruning.sequential import CalibrationError, LayerWork, run_sequential
 from pipelines.pruning.streaming import StreamedModel, copy_rest, run_streaming, stream_without_data
@@ -155,9 +156,11 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
     if streamed is not None:
         sequential = partial(run_streaming, streamed, writer=writer)
     if config.needs_data:
+        # several GPUs (resources.num_gpus > 1): samples and solves spread over them (multi_device.py)
+        devices = {} if streamed is not None else {"devices": stage_devices(spec.resources.num_gpus, ctx.device)}
         peak = max(peak, sequential(
             ids, targets, lambda work: outcomes.extend(prune_layer(work, config, sparsities[work.index])),
-            device=ctx.device, batch_size=spec.batch_size, full_stats=config.needs_hessian,
+            device=ctx.device, **devices, batch_size=spec.batch_size, full_stats=config.needs_hessian,
             propagate="pruned" if spec.sequential else "dense", within_layer=spec.calibrate_within_layer,
             progress=lambda d, t, m: ctx.progress(offset + d, total, f"pruning: {m}"),
         ))
