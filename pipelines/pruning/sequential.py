@@ -251,8 +251,8 @@ def run_sequential(
                                f"shape {tuple(input_ids.shape)}")
     if devices is not None:
         devices = [torch.device(d) for d in devices]
-        if not devices or (device is not None and torch.device(device) != devices[0]):
-            raise ValueError(f"devices: need a non-empty list starting with device {device}, got {devices}")
+        if not devices or (device is not None and torch.device(device).type != devices[0].type):
+            raise ValueError(f"devices: need a non-empty list starting with a {device} device, got {devices}")
         if len(devices) > 1:
             from pipelines.pruning.multi_device import run_multi_device  # it builds on this module
 
