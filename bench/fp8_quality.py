@@ -55,7 +55,7 @@ def _make(kind: str, source: Path, args, calibration: Path, work: Path) -> tuple
         result = prune.run(spec, ctx)
     else:
         activations = "static" if kind == "quantize_static" else "dynamic"
-        result = quantize.run(QuantizeStage(activations=activations, batch_size=args.batch_size, export=False), ctx)
+        result = quantize.run(QuantizeStage(activations=activations, batch_size=args.batch_size, export="none"), ctx)
     return result.outputs["model"], result.summary
 
 

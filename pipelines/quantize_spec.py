@@ -45,9 +45,11 @@ class QuantizeStage(_StageBase):
     batch_size: int = Field(
         4, ge=1, le=MAX_BATCH, description="Calibration sequences per forward pass (activations: static)."
     )
-    export: bool = Field(
-        True, description="Also write the compressed-tensors copy (FP8 codes, scales, quantization and sparsity "
-        "configs) as a `compressed_model` artifact.",
+    export: Literal["float-quantized", "sparse-24-bitmask", "none"] = Field(
+        "float-quantized", description="The compressed-tensors copy (`compressed_model`): float-quantized (FP8 "
+        "codes in place, the 2:4 structure recorded in the sparsity config; stock transformers and "
+        "compressed-tensors load it), sparse-24-bitmask (codes packed 2:4, 0.625 bytes a weight; only "
+        "sparseflow's loader reads it), or none.",
     )
 
     @property

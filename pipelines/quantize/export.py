@@ -14,6 +14,11 @@ not packed: `sparsity_config` is a `DenseSparsityConfig` (`format: dense`) namin
 `sparsity_structure: "2:4"` and the global sparsity. The zeros are kept exactly (code 0). This folder
 loads with compressed-tensors' own lifecycle, with stock `AutoModelForCausalLM.from_pretrained`, and with
 `load_fp8_compressed` (our loader: the dequantized weights plus, by default, the FP8 emulation).
+
+On request (`export: sparse-24-bitmask` in the recipe) the codes are packed instead: every quantized
+Linear in the 2:4 bitmask layout with E4M3 values (`pipelines.quantize.pack24`), a `Sparse24BitMaskConfig`
+beside the same quantization config, and the `[0]` weight guard of `pipelines.export`. It is 0.625
+bytes per weight instead of 1, but only `load_fp8_compressed` reads it; stock loaders refuse it (tested).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import compressed_tensors
 import torch
-from compressed_tensors.config import CompressionFormat, DenseSparsityConfig
+from compressed_tensors.config import CompressionFormat, DenseSparsityConfig, Sparse24BitMaskConfig
 from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationConfig,
@@ -42,10 +47,14 @@ from pipelines.filemodes import normalize_modes
 from pipelines.modelio import SOURCE_DTYPE_ATTR, cast_state_dict, declared_dtype, finish_config, load_tokenizer
 from pipelines.quantize.emulate import attach_emulation
 from pipelines.quantize.fp8 import FP8_DTYPE, fp8_codes
+from pipelines.quantize.pack24 import PARAMS as PACKED_PARAMS
+from pipelines.quantize.pack24 import pack_fp8_24, unpack_fp8_24
 from pipelines.quantize.sidecar import Fp8Layer
 
 WEIGHTS_NAME = "model.safetensors"
 FLOAT_QUANTIZED = CompressionFormat.float_quantized.value
+SPARSE_24_BITMASK = CompressionFormat.sparse_24_bitmask.value
+EXPORT_FORMATS = (FLOAT_QUANTIZED, SPARSE_24_BITMASK)
 
 
 def fp8_scheme(targets: list[str], activations: str) -> QuantizationScheme:
@@ -76,11 +85,17 @@ def _unique(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def export_fp8_compressed(
     model: PreTrainedModel, out_dir: str | Path, layers: dict[str, Fp8Layer], dtype: torch.dtype, *,
-    tokenizer_source: str | Path | None = None,
+    tokenizer_source: str | Path | None = None, fmt: str = FLOAT_QUANTIZED,
 ) -> Path:
-    """Write `model` (its target weights already on the FP8 grid) with `layers` as compressed-tensors FP8."""
+    """Write `model` (its target weights already on the FP8 grid) with `layers` as compressed-tensors FP8.
+
+    `fmt`: `float-quantized` (dense codes, loads with stock tools) or `sparse-24-bitmask` (the codes of
+    every quantized Linear packed 2:4, `pipelines.quantize.pack24`; only `load_fp8_compressed` reads it).
+    """
     if not layers:
         raise ExportError("export: no quantized Linears")
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"export: unknown format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sparse = infer_export(model)  # computed before the weights are replaced by codes below
@@ -90,7 +105,12 @@ def export_fp8_compressed(
         weight = state.pop(f"{name}.weight", None)
         if weight is None:
             raise ExportError(f"export: {name}.weight is not in the model's state dict")
-        state[f"{name}.weight"] = fp8_codes(weight, layer.weight_scale).contiguous()
+        codes = fp8_codes(weight, layer.weight_scale).contiguous()
+        if fmt == SPARSE_24_BITMASK:
+            state.update({f"{name}.{key}": value for key, value in pack_fp8_24(codes, name).items()})
+            state[f"{name}.weight"] = torch.empty(0, dtype=FP8_DTYPE)  # the guard of pipelines.export
+        else:
+            state[f"{name}.weight"] = codes
         state[f"{name}.weight_scale"] = layer.weight_scale.to(dtype).reshape(-1, 1).contiguous()
         if layer.input_scale is not None:
             state[f"{name}.input_scale"] = layer.input_scale.to(dtype).reshape(1).contiguous()
@@ -102,13 +122,16 @@ def export_fp8_compressed(
         quantization_status=QuantizationStatus.COMPRESSED, ignore=[],
     )
     sparsity = {}
+    if fmt == SPARSE_24_BITMASK:
+        sparse = (fmt, sorted(layers), "2:4")
     if sparse is not None:
         _, pruned, structure = sparse
         numel = sum(model.get_submodule(n).weight.numel() for n in pruned)
         zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in pruned)
-        sparsity = DenseSparsityConfig(format=CompressionFormat.dense.value, targets=pruned, ignore=[],
-                                       global_sparsity=zeros / max(numel, 1),
-                                       sparsity_structure=structure).model_dump()
+        config_cls = Sparse24BitMaskConfig if fmt == SPARSE_24_BITMASK else DenseSparsityConfig
+        sparsity = config_cls(format=fmt if fmt == SPARSE_24_BITMASK else CompressionFormat.dense.value,
+                              targets=pruned, ignore=[], global_sparsity=zeros / max(numel, 1),
+                              sparsity_structure=structure).model_dump()
     model.config.save_pretrained(out_dir)
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())
@@ -151,6 +174,8 @@ def _read_export(path: Path) -> tuple[dict[str, Tensor], dict[str, Fp8Layer]]:
     layers: dict[str, Fp8Layer] = {}
     for key in [k for k in tensors if k.endswith(".weight_scale")]:
         name = key.removesuffix(".weight_scale")
+        if f"{name}.compressed" in tensors:  # sparse-24-bitmask
+            tensors[f"{name}.weight"] = unpack_fp8_24({p: tensors.pop(f"{name}.{p}") for p in PACKED_PARAMS})
         codes = tensors[f"{name}.weight"]
         if codes.dtype != FP8_DTYPE:
             raise ExportError(f"{path}: {name}.weight is {codes.dtype}, expected {FP8_DTYPE}")

@@ -8,8 +8,9 @@ on the model as given, before its weights are rounded). Outputs:
   scale, in the input's stored dtype) plus `fp8_scales.safetensors`, the sidecar with every scale and
   the scheme (`pipelines.quantize.sidecar`); later stages load it as any model, and
   `pipelines.quantize.read_fp8_layers` / `fp8_codes` give back the exact codes and scales.
-- `compressed_model` (unless `export: false`): compressed-tensors' `float-quantized` layout with the
-  quantization config (FP8_DYNAMIC) and the sparsity config (`pipelines.quantize.export`).
+- `compressed_model` (unless `export: none`): compressed-tensors' `float-quantized` layout with the
+  quantization config (FP8_DYNAMIC) and the sparsity config, or with `export: sparse-24-bitmask` the
+  codes packed 2:4 (`pipelines.quantize.export`).
 - `report`: `quantize_report.json`, per Linear: zeros before/after, relative weight error, scales.
 
 Checked before anything is written: every weight that was exactly zero is still zero (the 2:4 pattern
@@ -32,6 +33,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from pipelines.export import ExportError
 from pipelines.modelio import declared_dtype, load_model, save_model
 from pipelines.pruning.targets import resolve_targets
 from pipelines.quantize.apply import observe_input_amax, quantize_linears
@@ -79,10 +81,14 @@ def run(spec: QuantizeStage, ctx: StageContext) -> StageResult:
     out = save_model(model, model_dir, Path(ctx.workdir) / MODEL_DIR)
     write_fp8_layers(out, layers, spec.scheme)
     outputs = {"model": out}
-    if spec.export:
-        outputs["compressed_model"] = export_fp8_compressed(
-            model, Path(ctx.workdir) / COMPRESSED_DIR, layers, storage, tokenizer_source=model_dir,
-        )
+    if spec.export != "none":
+        try:
+            outputs["compressed_model"] = export_fp8_compressed(
+                model, Path(ctx.workdir) / COMPRESSED_DIR, layers, storage, tokenizer_source=model_dir,
+                fmt=spec.export,
+            )
+        except ExportError as error:
+            raise StageError(f"quantize: export {spec.export!r}: {error}") from error
     seconds = time.perf_counter() - start
     return _result(spec, ctx, outputs, layers, outcomes, amax, storage, seconds)
 

@@ -205,3 +205,28 @@ def test_recipe_accepts_prune_finetune_quantize_evaluate() -> None:
                                       {"stage": "quantize", "activations": "static"}, {"stage": "evaluate"}]})
     assert isinstance(recipe.stages[3], QuantizeStage) and recipe.stages[3].scheme == "fp8_dynamic"
 
+
+
+def test_packed_24_export_loads_with_our_loader_and_is_refused_by_stock(tmp_path: Path, pruned_dir: Path,
+                                                                        quantized, tiny_text_file: Path) -> None:
+    from pipelines.export import load_compressed_model
+
+    result = _quantize(tmp_path, pruned_dir, tiny_text_file, export="sparse-24-bitmask")
+    folder = result.outputs["compressed_model"]
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["sparsity_config"]["format"] == "sparse-24-bitmask" and config["format"] == "float-quantized"
+    tensors = load_file(str(folder / "model.safetensors"))
+    packed = tensors["model.layers.0.mlp.down_proj.compressed"]
+    assert packed.dtype == torch.float8_e4m3fn and packed.shape == (64, 64)
+    assert tensors["model.layers.0.mlp.down_proj.weight"].numel() == 0  # the guard
+    bitmask = tensors["model.layers.0.mlp.down_proj.bitmask"]
+    assert packed.numel() + bitmask.numel() == 0.625 * 64 * 128  # bytes per weight: 1/2 values + 1/8 mask
+    reference = _logits(_emulated(quantized.outputs["model"]))
+    assert torch.equal(_logits(load_compressed_model(folder, dtype=torch.float32)), reference)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # the [0] guard: refused, never random
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_packed_24_export_refuses_a_dense_model(tmp_path: Path, tiny_model_dir: Path, tiny_text_file: Path) -> None:
+    with pytest.raises(StageError, match="export 'sparse-24-bitmask'.*not 2:4"):
+        _quantize(tmp_path, tiny_model_dir, tiny_text_file, export="sparse-24-bitmask")
