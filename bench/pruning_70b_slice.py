@@ -1,7 +1,8 @@
 """SparseGPT through the streaming prune on a Llama-3-70B-shaped slice: time per layer, peak GPU and host memory.
 
 The model is a Llama stack with the dimensions of Llama-3-70B (hidden 8192, MLP 28672, 64 heads,
-8 KV heads; 4 decoder layers by default, vocab 32000, tied embeddings), random bf16 weights (normal,
+8 KV heads; 3 decoder layers by default: the first, which also holds the setup, one middle layer
+and the last, which propagates nothing; vocab 32000, tied embeddings), random bf16 weights (normal,
 std 0.02; norms 1) written straight to safetensors shards, one per layer, without ever building the
 model in memory. The calibration set is 128 x 2048 random token ids. Each pattern (unstructured 50%,
 2:4) runs in a fresh process that calls the prune stage itself (`pipelines.stages.prune.run` with
@@ -37,10 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling_projection import table as projection_table  # noqa: E402  (a sibling script, not a package)
-
-LLAMA3_70B = {"hidden": 8192, "mlp": 28672, "heads": 64, "kv_heads": 8, "layers": 4, "vocab": 32000,
+LLAMA3_70B = {"hidden": 8192, "mlp": 28672, "heads": 64, "kv_heads": 8, "layers": 3, "vocab": 32000,
               "samples": 128, "seq_len": 2048}
 TINY = {"hidden": 64, "mlp": 128, "heads": 4, "kv_heads": 2, "layers": 3, "vocab": 512, "samples": 8, "seq_len": 64}
 
@@ -239,6 +237,14 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def projection_table(report: dict) -> str:
+    """The whole-model projection of `bench/scaling_projection.py` (a sibling script, not a package)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scaling_projection import table
+
+    return table(report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true")
@@ -248,7 +254,7 @@ def main() -> None:
     parser.add_argument("--patterns", default="unstructured,2:4", help="comma list of the runs")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--layers", type=int, help="decoder layers (default 4; tiny 3)")
+    parser.add_argument("--layers", type=int, help="decoder layers (default 3, as tiny)")
     parser.add_argument("--samples", type=int, help="calibration sequences (default 128)")
     parser.add_argument("--seq-len", type=int, help="calibration sequence length (default 2048)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, to check the logic")
