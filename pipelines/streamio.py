@@ -15,6 +15,9 @@ The streaming prune (`pipelines.pruning.streaming`) never holds the whole model.
   tensors outside the decoder stack, one per decoder layer, `model.safetensors.index.json`, the
   config (declaring the stored dtype, `pipelines.modelio.finish_config`) and every other file of the
   source folder (tokenizer, generation config) copied as is. `from_pretrained` loads it.
+- `MaskSpill`: the packed masks of each finished layer go to a part file on disk, and at the end
+  the masks artifact (`pipelines.masks` layout, one file) is written tensor by tensor
+  (`write_safetensors_stream`), so the host never holds every layer's masks (8.6 GB for a 70B model).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pipelines.filemodes import normalize_modes
+from pipelines.masks import MASK_FORMAT
 from pipelines.modeling import decoder_layers
 from pipelines.modelio import finish_config
 from pipelines.stage import StageError
@@ -39,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_SAFETENSORS_DTYPES = {
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
@@ -109,7 +114,10 @@ class CheckpointReader:
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         out: dict[str, Tensor] = {}
-        where = str(torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        where = str(device)
         for path, group in by_file.items():
             with safe_open(str(path), framework="pt", device=where) as handle:
                 for name in group:
@@ -204,3 +212,70 @@ class ShardWriter:
         finish_config(self.out_dir / "config.json", self.dtype)
         normalize_modes(self.out_dir)
         return self.out_dir
+
+
+def write_safetensors_stream(path: str | Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                             metadata: dict[str, str], tensors: Iterable[tuple[str, Tensor]]) -> None:
+    """One safetensors file written a tensor at a time: every name, dtype and shape is known up front
+    (`layout`), so the header goes first; then `tensors` must yield exactly `layout`, in its order."""
+    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in layout:
+        size = int(torch.Size(shape).numel()) * dtype.itemsize
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    expected = iter(layout)
+    with Path(path).open("wb") as out:
+        out.write(len(blob).to_bytes(8, "little") + blob)
+        for name, tensor in tensors:
+            want = next(expected, None)
+            if (name, tensor.dtype, tuple(tensor.shape)) != want:
+                raise ValueError(f"safetensors stream: got {name} {tensor.dtype} {tuple(tensor.shape)}, "
+                                 f"expected {want}")
+            out.write(memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+    missing = next(expected, None)
+    if missing is not None:
+        raise ValueError(f"safetensors stream: {missing[0]} was never written")
+
+
+class MaskSpill:
+    """Packed masks parked on disk as layers finish, then written as one masks artifact (see the module doc)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.parts: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
+
+    def add(self, outcomes: list) -> None:
+        """Move the packed masks of `outcomes` (engine `LinearOutcome`s) to a part file; they keep an empty one."""
+        if not outcomes:
+            return
+        path = self.folder / f"part-{len(set(self.parts.values())):05d}.safetensors"
+        save_file({o.name: o.packed_mask.contiguous() for o in outcomes}, str(path))
+        for o in outcomes:
+            self.parts[o.name], self.shapes[o.name] = path, tuple(o.shape)
+            o.packed_mask = torch.empty(0, dtype=torch.uint8)
+
+    def write(self, path: str | Path, meta: dict[str, str]) -> Path:
+        """The masks artifact, as `pipelines.masks.save_masks` lays it out; the part files are removed."""
+        names = sorted(self.parts)
+        layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        for name in names:
+            rows, cols = self.shapes[name]
+            layout += [(f"{name}.bitmask", torch.uint8, (rows, -(-cols // 8))), (f"{name}.shape", torch.int64, (2,))]
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors_stream(path, layout, {"format": MASK_FORMAT, **meta, "linears": json.dumps(names)},
+                                 self._tensors(names))
+        shutil.rmtree(self.folder)
+        return path
+
+    def _tensors(self, names: list[str]) -> Iterator[tuple[str, Tensor]]:
+        for name in names:
+            with safe_open(str(self.parts[name]), framework="pt") as handle:
+                yield f"{name}.bitmask", handle.get_tensor(name)
+            yield f"{name}.shape", torch.tensor(self.shapes[name], dtype=torch.int64)

@@ -47,7 +47,7 @@ from pipelines.pruning.streaming import StreamedModel, copy_rest, run_streaming,
 from pipelines.pruning.targets import check_pattern_fits, resolve_targets
 from pipelines.recipe import PruneStage, SparseGPTPrune
 from pipelines.stage import Metric, StageContext, StageError, StageResult
-from pipelines.streamio import CheckpointError, CheckpointReader
+from pipelines.streamio import CheckpointError, CheckpointReader, MaskSpill
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,16 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
 
     n_layers = len(decoder_layers(model)[1])
     total = n_layers * (2 if spec.profile == "owl" else 1)
-    writer = None
+    writer = spill = None
+    outcomes: list[LinearOutcome] = []
+
+    def keep(found: list[LinearOutcome]) -> None:
+        outcomes.extend(found)
+        if spill is not None:
+            spill.add(found)  # the packed masks go to disk layer by layer
+
     if streamed is not None:
+        spill = MaskSpill(Path(ctx.workdir) / "masks-parts")
         writer = streamed.writer(Path(ctx.workdir) / "model", declared_dtype(model_dir) or dtype)
         copy_rest(streamed, writer)
         sequential = partial(run_streaming, streamed)
@@ -152,22 +160,20 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
         sequential = partial(run_sequential, model)
     sparsities, peak = _layer_sparsities(sequential, ids, targets, spec, ctx, total)
     offset = total - n_layers
-    outcomes: list[LinearOutcome] = []
     if streamed is not None:
         sequential = partial(run_streaming, streamed, writer=writer)
     if config.needs_data:
         # several GPUs (resources.num_gpus > 1): samples and solves spread over them (multi_device.py)
         devices = {} if streamed is not None else {"devices": stage_devices(spec.resources.num_gpus, ctx.device)}
         peak = max(peak, sequential(
-            ids, targets, lambda work: outcomes.extend(prune_layer(work, config, sparsities[work.index])),
+            ids, targets, lambda work: keep(prune_layer(work, config, sparsities[work.index])),
             device=ctx.device, **devices, batch_size=spec.batch_size, full_stats=config.needs_hessian,
             propagate="pruned" if spec.sequential else "dense", within_layer=spec.calibrate_within_layer,
             progress=lambda d, t, m: ctx.progress(offset + d, total, f"pruning: {m}"),
         ))
     elif streamed is not None:
         peak = stream_without_data(
-            streamed, targets, lambda index, found: outcomes.extend(
-                prune_layer_without_data(found, config, sparsities[index])),
+            streamed, targets, lambda index, found: keep(prune_layer_without_data(found, config, sparsities[index])),
             device=ctx.device, writer=writer,
             progress=lambda d, t, m: ctx.progress(offset + d, total, f"pruning by magnitude: {m}"),
         )
@@ -177,14 +183,16 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
             ctx.progress(offset + done * n_layers // len(targets), total, f"pruning layer {index} by magnitude")
     prune_time = time.perf_counter() - start
     if writer is not None:
-        return _write_outputs(spec, ctx, None, writer.finish(), outcomes, sparsities, prune_time, peak, reason)
+        return _write_outputs(spec, ctx, None, writer.finish(), outcomes, sparsities, prune_time, peak, reason, spill)
     return _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time, peak, reason)
 
 
-def _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time, peak, streaming) -> StageResult:
-    """Masks, report and metrics; the model (unless `model` is None: streamed, already written to `model_dir`)
-    and its compressed copy."""
+def _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time, peak, streaming,
+                   spill: MaskSpill | None = None) -> StageResult:
+    """Masks, report and metrics; the model (unless `model` is None: streamed, already written to `model_dir`,
+    its masks in `spill`) and its compressed copy."""
     workdir = Path(ctx.workdir)
+    masks_meta = {"method": spec.method, "pattern": spec.pattern, "sparsity": str(spec.target_sparsity)}
     notes = []
     if model is None:
         outputs = {"model": model_dir}
@@ -192,12 +200,11 @@ def _write_outputs(spec, ctx, model, model_dir, outcomes, sparsities, prune_time
             notes.append(f"export: no compressed copy ({streaming})")
     else:
         outputs = {"model": save_model(model, model_dir, workdir / "model")}
-    outputs["masks"] = save_masks(
-        {o.name: o.packed_mask for o in outcomes},
-        {o.name: o.shape for o in outcomes},
-        workdir / "masks.safetensors",
-        meta={"method": spec.method, "pattern": spec.pattern, "sparsity": str(spec.target_sparsity)},
-    )
+    if spill is not None:
+        outputs["masks"] = spill.write(workdir / "masks.safetensors", masks_meta)
+    else:
+        outputs["masks"] = save_masks({o.name: o.packed_mask for o in outcomes}, {o.name: o.shape for o in outcomes},
+                                      workdir / "masks.safetensors", meta=masks_meta)
     if model is not None and spec.export != "none":
         fmt = choose_format(spec.nm) if spec.export == "auto" else spec.export
         structure = "2:4" if fmt == "sparse-24-bitmask" else spec.pattern

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pipelines.masks import load_masks
+from pipelines.masks import load_masks, read_mask_metadata
 from pipelines.recipe import DataSpec, prune_stage
 from pipelines.stage import StageContext, StageError
 from pipelines.stages.prune import decide_streaming, run
-from pipelines.streamio import INDEX_FILE, CheckpointError, CheckpointReader
+from pipelines.streamio import INDEX_FILE, CheckpointError, CheckpointReader, write_safetensors_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,6 +55,8 @@ def _assert_same(streamed, in_memory, tied: bool) -> None:
     assert masks_s.keys() == masks_m.keys() and masks_s
     for name in masks_m:
         assert torch.equal(masks_s[name], masks_m[name]), name
+    assert read_mask_metadata(streamed.outputs["masks"]) == read_mask_metadata(in_memory.outputs["masks"])
+    assert not (streamed.outputs["masks"].parent / "masks-parts").exists()  # spilled masks, removed once written
     a = AutoModelForCausalLM.from_pretrained(streamed.outputs["model"])  # plain transformers, sharded folder
     b = AutoModelForCausalLM.from_pretrained(in_memory.outputs["model"])
     state_a, state_b = a.state_dict(), b.state_dict()
@@ -138,6 +141,22 @@ def test_streaming_errors_name_the_fields(tmp_path: Path, tiny_model_dir: Path, 
              host_memory_gb=1e-9)
     with pytest.raises(CheckpointError, match="streaming"):
         CheckpointReader(tmp_path)
+
+
+def test_safetensors_stream_round_trips_and_checks_the_layout(tmp_path: Path) -> None:
+    tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7),
+               "c": torch.ones(2, 3, dtype=torch.uint8)}
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    path = tmp_path / "x.safetensors"
+    write_safetensors_stream(path, layout, {"k": "v"}, iter(tensors.items()))
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {"k": "v"}
+        for name, tensor in tensors.items():
+            assert torch.equal(handle.get_tensor(name), tensor)
+    with pytest.raises(ValueError, match="expected"):
+        write_safetensors_stream(path, layout, {}, iter([("b", tensors["b"])]))
+    with pytest.raises(ValueError, match="never written"):
+        write_safetensors_stream(path, layout, {}, iter(list(tensors.items())[:2]))
 
 
 _CHILD = textwrap.dedent("""
