@@ -36,7 +36,12 @@ ROWS = [
     ("sparsegpt_24", "dense", "prune"),
     ("sparsegpt_24_fp8", "sparsegpt_24", "quantize"),
     ("sparsegpt_24_fp8_static", "sparsegpt_24", "quantize_static"),
+    # where dense FP8's loss comes from: its FP8 weights with unquantized inputs, and the dense weights
+    # with inputs quantized per token (the same windows, `pipelines.data.perplexity`)
+    ("dense_fp8_weights_only", "dense_fp8", "weights_only"),
+    ("dense_fp8_inputs_only", "dense_fp8", "inputs_only"),
 ]
+DIAGNOSTICS = ("weights_only", "inputs_only")
 GOALS = {"dense_fp8": ("dense", 1.01), "sparsegpt_24_fp8": ("sparsegpt_24", 1.03)}
 
 
@@ -73,6 +78,31 @@ def _evaluate(model_dir: Path, args, work: Path) -> dict:
     report = json.loads(evaluate.run(spec, ctx).outputs["report"].read_text())
     return {"perplexity": report["perplexity"], "sparsity": report["sparsity"]["total"]["sparsity"],
             "quantization": report["quantization"], "eval": report["eval"]}
+
+
+def _diagnose(kind: str, fp8_dir: Path, dense_dir: Path, args) -> dict:
+    """Perplexity of half of FP8: its weights alone (plain model), or its per-token inputs alone."""
+    import torch
+
+    from pipelines.data import eval_windows, perplexity
+    from pipelines.modelio import load_model, load_tokenizer
+    from pipelines.quantize import Fp8Layer, read_fp8_layers
+    from pipelines.quantize.emulate import attach_emulation
+    from pipelines.sources import load_text
+    from pipelines.stages.evaluate import sparsity_report
+
+    windows = eval_windows(load_tokenizer(dense_dir), load_text("builtin:enwiki", "evaluation", args.cache),
+                           args.eval_seq_len, args.eval_windows)
+    model = load_model(fp8_dir if kind == "weights_only" else dense_dir)
+    sparsity = sparsity_report(model)["total"]["sparsity"]
+    if kind == "inputs_only":  # scale 1 and the fp32 weight as its own "codes": only the inputs become E4M3
+        attach_emulation(model, {name: Fp8Layer(torch.ones_like(layer.weight_scale), None, "dynamic")
+                                 for name, layer in read_fp8_layers(fp8_dir).items()})
+        for module in model.modules():
+            if hasattr(module, "weight_codes"):
+                module.weight_codes = module.weight.detach().float().clone()
+    return {"perplexity": perplexity(model, windows, 2), "sparsity": sparsity, "quantization": kind,
+            "eval": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}}
 
 
 def _goals(rows: dict) -> dict:
@@ -163,7 +193,9 @@ def main() -> None:
     models: dict[str, Path] = {"dense": model_dir}
     for key, source, kind in ROWS:
         work = args.work / key
-        if kind is not None:
+        if kind in DIAGNOSTICS:
+            models[key] = models[source]
+        elif kind is not None:
             models[key] = work / "model"
         if key in rows and (args.only is None or key not in args.only) and models[key].is_dir():
             continue
@@ -171,11 +203,14 @@ def main() -> None:
             continue
         logger.info("row %s", key)
         start, summary = time.perf_counter(), None
-        if kind is not None:
+        if kind is not None and kind not in DIAGNOSTICS:
             models[key], summary = _make(kind, models[source], args, calibration, work)
         make_s = time.perf_counter() - start if kind is not None else None
         start = time.perf_counter()
-        row = _evaluate(models[key], args, work)
+        if kind in DIAGNOSTICS:
+            row = _diagnose(kind, models[source], model_dir, args)
+        else:
+            row = _evaluate(models[key], args, work)
         row.update(eval_s=time.perf_counter() - start, make_s=make_s, made_by=kind, source=source,
                    stage_summary=summary, load_after=os.getloadavg()[0])
         rows[key] = row

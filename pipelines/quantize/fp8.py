@@ -54,15 +54,20 @@ def weight_scales(weight: Tensor, scale_dtype: torch.dtype = torch.float32) -> T
 _NEGATIVE_ZERO = 0x80
 
 
-def to_codes(values: Tensor, scale: Tensor) -> Tensor:
+def to_codes(values: Tensor, scale: Tensor, canonical_zero: bool = True) -> Tensor:
     """`values / scale`, clamped to +-448 and rounded to E4M3 (scale broadcasts against `values`).
 
-    Zero is always the code 0x00: a -0.0 (a negative weight masked by multiplication, or a tiny negative
-    value rounded away) would otherwise give 0x80, equal as a number but not as a byte, and byte-level
-    consumers (a 2:4 compressor testing codes != 0) must see the same zeros as the arithmetic does.
+    With `canonical_zero`, zero is always the code 0x00: a -0.0 (a negative weight masked by
+    multiplication, or a tiny negative value rounded away) would otherwise give 0x80, equal as a number
+    but not as a byte, and byte-level consumers (a 2:4 compressor testing codes != 0) must see the same
+    zeros as the arithmetic does. Activations skip it (it costs a pass; arithmetic does not care).
     """
-    codes = (values.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(torch.uint8)
-    return codes.masked_fill(codes == _NEGATIVE_ZERO, 0).view(FP8_DTYPE)
+    scaled = values.float() / scale
+    codes = scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    if not canonical_zero:
+        return codes
+    raw = codes.view(torch.uint8)
+    return raw.masked_fill(raw == _NEGATIVE_ZERO, 0).view(FP8_DTYPE)
 
 
 def quantize_weight(weight: Tensor, scale: Tensor) -> Tensor:
@@ -88,7 +93,8 @@ def fp8_codes(weight: Tensor, weight_scale: Tensor) -> Tensor:
 
 def per_token_scales(x: Tensor) -> Tensor:
     """Dynamic activation scales, fp32 [..., 1]: max |x| over the last dimension / 448 (zero tokens: 1)."""
-    return _scale_from_amax(x.detach().abs().amax(dim=-1, keepdim=True), torch.float32)
+    amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
+    return _scale_from_amax(amax, torch.float32)
 
 
 def tensor_scale(amax: float | Tensor, scale_dtype: torch.dtype = torch.float32) -> Tensor:
@@ -102,7 +108,7 @@ def quantize_activation(x: Tensor, input_scale: Tensor | None = None) -> tuple[T
     A static scale saturates: values beyond 448 * scale become +-448 codes, as an FP8 kernel's cast does.
     """
     scale = per_token_scales(x) if input_scale is None else input_scale.float().reshape(())
-    return to_codes(x, scale), scale
+    return to_codes(x, scale, canonical_zero=False), scale
 
 
 def fake_quantize_activation(x: Tensor, input_scale: Tensor | None = None) -> Tensor:
@@ -120,10 +126,10 @@ def fp8_linear_reference(
     `weight_codes` may be E4M3 or already upcast to fp32 (the emulation caches them upcast).
     """
     x_codes, x_scale = quantize_activation(x, input_scale)
-    acc = torch.nn.functional.linear(x_codes.float(), weight_codes.float())
-    out = acc * x_scale * weight_scale.float()
+    out = torch.nn.functional.linear(x_codes.float(), weight_codes.float())
+    out.mul_(x_scale).mul_(weight_scale.float())  # in place: the emulation runs every Linear of a model
     if bias is not None:
-        out = out + bias.float()
+        out.add_(bias.float())
     return out.to(out_dtype or x.dtype)
 
 
