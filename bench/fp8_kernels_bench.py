@@ -8,10 +8,15 @@ stage does), each timed in back-to-back pairs with dense bf16 (`nn.Linear` on th
 - FP8 2:4: our CUTLASS sm90 FP8 2:4 kernel (scales in the epilogue, bf16 out), quantization included;
 - tuned: the `SparseLinear` a tuned FP8 model runs (eager routes, the wrapper's per-call cost included).
 
+Per-token quantization takes our CUDA kernel (`kernels/csrc/fp8_quant.cu`); `--quantizer triton` times the
+Triton kernel instead, whose launch cost tens of microseconds of host time per call on an H200.
+
 Every candidate is checked first: FP8 outputs against the dequantized FP8 reference, bf16 against dense.
 End to end: a 4-layer Llama-3-8B-shaped model (bf16, random weights, 2:4 by magnitude, every decoder
 Linear quantized), dense bf16 against the bf16 2:4 plan and the FP8 2:4 plan: prefill at 2048 and 8192
-tokens, decode per token eager and from a CUDA graph.
+tokens (with the logits of every position, as `model(ids)` does, and of the last one only, as a server's
+prefill does: the 128256 x 4096 output layer is neither sparse nor FP8), decode per token eager and from a
+CUDA graph.
 
     PYTHONUNBUFFERED=1 python bench/fp8_kernels_bench.py --out $OUT     # on an H200
 """
@@ -160,6 +165,8 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, ro
             for tokens in (2048, 8192):
                 ms, logits[f"{label}_{tokens}"] = run_prefill(models[label], cfg, dev, tokens, repeats)
                 samples.setdefault(f"{label}_prefill_{tokens}_ms", []).append(ms)
+                ms, _ = run_prefill(models[label], cfg, dev, tokens, repeats, last_logits=True)
+                samples.setdefault(f"{label}_prefill_last_logits_{tokens}_ms", []).append(ms)
             try:
                 samples.setdefault(f"{label}_decode_graph_ms", []).append(run_decode_graph(models[label], cfg, dev))
             except Exception as error:  # noqa: BLE001 - recorded; the eager rows still count
@@ -180,8 +187,9 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, ro
         for tokens in (2048, 8192):
             d, s = logits[f"dense_{tokens}"], logits[f"{label}_{tokens}"]
             result[f"{label}_logits_rel_err_{tokens}"] = _rel(s, d)
-            result[f"{label}_prefill_{tokens}_x"] = result[f"dense_prefill_{tokens}_ms"] / result[
-                f"{label}_prefill_{tokens}_ms"]
+            for kind in ("prefill", "prefill_last_logits"):
+                result[f"{label}_{kind}_{tokens}_x"] = (result[f"dense_{kind}_{tokens}_ms"]
+                                                        / result[f"{label}_{kind}_{tokens}_ms"])
         result[f"{label}_decode_pair_ratios"] = [round(v, 4) for v in pair_ratios[label]]
         result[f"{label}_decode_x"] = statistics.median(pair_ratios[label])
         if f"{label}_decode_graph_ms" in result and "dense_decode_graph_ms" in result:
@@ -225,7 +233,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="only the first N shapes")
+    ap.add_argument("--quantizer", choices=["cuda", "triton"], default="cuda")
     args = ap.parse_args()
+    if args.quantizer == "triton":
+        import kernels.fp8
+
+        kernels.fp8._cuda_quantizer = lambda: None
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     dev = torch.device("cuda")
@@ -234,6 +247,7 @@ def main() -> None:
     from kernels.cutlass24 import find_cutlass, library_key
 
     info["cutlass"], info["sparse24_sm90"] = find_cutlass()[1], library_key()[0]
+    info["quantizer"] = args.quantizer
     settings = TuneSettings(tokens=tuple(TOKENS), dtype=torch.bfloat16, repeats=args.repeats, search_configs=False,
                             backends=("dense", "cutlass-sm90", "dense-fp8", "cutlass-sm90-fp8"))
     gen = torch.Generator(dev).manual_seed(0)

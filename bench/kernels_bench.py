@@ -188,13 +188,16 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, ro
     return result
 
 
-def run_prefill(m, cfg, dev: torch.device, tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median ms of one prefill of `tokens` random ids, and the last 16 positions' logits."""
+def run_prefill(m, cfg, dev: torch.device, tokens: int, repeats: int, last_logits: bool = False
+                ) -> tuple[float, torch.Tensor]:
+    """Median ms of one prefill of `tokens` random ids, and the last 16 positions' logits. `last_logits`
+    computes the logits of the last position only, as a server's prefill does (`logits_to_keep=1`)."""
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=dev, generator=torch.Generator(dev).manual_seed(1))
+    keep = {"logits_to_keep": 1} if last_logits else {}
     with torch.no_grad():
-        t = time_calls(lambda _i: m(ids, use_cache=False), warmup=2, repeats=repeats, target_ms=0.0,
+        t = time_calls(lambda _i: m(ids, use_cache=False, **keep), warmup=2, repeats=repeats, target_ms=0.0,
                        max_inner=1)
-        logits = m(ids, use_cache=False).logits[0, -16:].float()
+        logits = m(ids, use_cache=False, **keep).logits[0, -16:].float()
     return t.median_ms, logits
 
 

@@ -5,18 +5,28 @@ largest finite value), so the row's largest magnitude uses the whole range; dequ
 Zeros stay zeros, which keeps a 2:4 pattern intact. A GEMM of two such operands is
 y[t, n] = s_x[t] * s_w[n] * sum_k qx[t, k] qw[n, k], with the sum accumulated in fp32.
 
-On a GPU the per-token quantization of the activations is one fused Triton kernel (a row's amax, its scale
-and the cast in one pass over the row, instead of the five PyTorch kernels that `quantize_rows_reference`
-launches); elsewhere, or without Triton, the reference runs. Everything here is pure functions of tensors.
+On a GPU the per-token quantization of the activations is one fused kernel (a row's amax, its scale and the
+cast in one pass over the row, instead of the five PyTorch kernels that `quantize_rows_reference` launches):
+our CUDA kernel (`csrc/fp8_quant.cu`, built with nvcc on first use in a few seconds, called through ctypes
+for a few microseconds of host time), or, without nvcc, the same kernel in Triton (whose launch costs tens of
+microseconds of host time, which bounds a layer at decode and mid-size token counts). Elsewhere the
+reference runs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
+import logging
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -73,6 +83,45 @@ def reference_linear(x2d: Tensor, w_codes: Tensor, w_scales: Tensor, input_scale
     return (xq.float() @ w_codes.float().t()) * xs.unsqueeze(1) * w_scales.float().unsqueeze(0)
 
 
+_QUANT_SOURCE = Path(__file__).with_name("csrc") / "fp8_quant.cu"
+_QUANT_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+@functools.cache
+def _cuda_quantizer():
+    """The ctypes entry point of `csrc/fp8_quant.cu`, built into the kernel cache once per source and nvcc
+    (None: no nvcc, or the build failed; the reason is logged)."""
+    from kernels.cutlass24 import Cutlass24Error, cache_dir, find_nvcc
+
+    try:
+        nvcc, release = find_nvcc()
+    except Cutlass24Error as error:
+        log.info("FP8 quantization kernel not built: %s", error)
+        return None
+    key = hashlib.sha256(_QUANT_SOURCE.read_bytes() + release.encode()).hexdigest()[:16]
+    target = cache_dir() / f"libsf_fp8_quant-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".tmp")
+        cmd = [nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_89,code=sm_89",
+               "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90", "-Xcompiler",
+               "-fPIC", "-shared", str(_QUANT_SOURCE), "-o", str(partial)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("FP8 quantization kernel failed to build: %s", done.stderr.strip()[-2000:])
+            return None
+        partial.replace(target)
+    function = ctypes.CDLL(str(target)).sf_fp8_quantize_rows
+    vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    function.argtypes = [i32, vp, vp, vp, vp, i32, i32, i64, i64, vp]
+    return function
+
+
+def _current_stream(device: torch.device) -> int:
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device.index) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
 @functools.cache
 def _triton_kernel():
     """The fused per-token quantization kernel, compiled on first use (None: Triton is not importable)."""
@@ -103,16 +152,28 @@ def _triton_kernel():
 def quantize_rows(x2d: Tensor, static_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(e4m3 codes [T, K], fp32 scales [T]) per row: one fused kernel on a GPU, the reference elsewhere.
 
-    `static_scale` (an fp32 scalar tensor on the same device): every row uses it instead of its own amax.
-    Rows wider than 32768 elements, and non-CUDA tensors, take the reference path."""
+    `static_scale` (a scalar tensor): every row uses it instead of its own amax. Non-CUDA tensors take the
+    reference path, and so do rows wider than 32768 elements where only the Triton kernel is at hand."""
     tokens, k = x2d.shape
-    kernel = _triton_kernel() if x2d.is_cuda and k <= 32768 else None
-    if kernel is None:
+    if not x2d.is_cuda:
         return quantize_rows_reference(x2d, static_scale)
+    if static_scale is not None and (static_scale.dtype != torch.float32 or static_scale.device != x2d.device):
+        static_scale = static_scale.to(device=x2d.device, dtype=torch.float32)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     codes = torch.empty(tokens, k, dtype=FP8, device=x2d.device)
     scales = torch.empty(tokens, dtype=torch.float32, device=x2d.device)
+    cuda = _cuda_quantizer() if x2d.dtype in _QUANT_DTYPES else None
+    if cuda is not None:
+        static = None if static_scale is None else static_scale.data_ptr()
+        status = cuda(_QUANT_DTYPES[x2d.dtype], x2d.data_ptr(), codes.data_ptr(), scales.data_ptr(), static, tokens,
+                      k, x2d.stride(0), codes.stride(0), _current_stream(x2d.device))
+        if status:
+            raise RuntimeError(f"FP8 quantization kernel failed with status {status} on {tokens}x{k}")
+        return codes, scales
+    kernel = _triton_kernel() if k <= 32768 else None
+    if kernel is None:
+        return quantize_rows_reference(x2d, static_scale)
     if tokens:
         block = 1 << (k - 1).bit_length()
         warps = 4 if block <= 4096 else 8 if block <= 16384 else 16

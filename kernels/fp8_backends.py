@@ -134,4 +134,27 @@ FP8_BACKENDS: dict[str, type[Backend]] = {
     CutlassSm90Fp8Backend.name: CutlassSm90Fp8Backend,
 }
 
-__all__ = ["FP8", "FP8_BACKENDS", "CutlassSm90Fp8Backend", "DenseFp8Backend", "Fp8Scales", "fp8_codes"]
+
+
+def use_fp8_gemms(model: torch.nn.Module, scales: dict[str, Tensor | Fp8Scales]) -> int:
+    """Run the named quantized Linears of `model` through real FP8 GEMMs (`dense-fp8`), in place.
+
+    For measuring a quantized model as it would be served (the evaluate stage on a GPU), without a kernel
+    plan; the model must be bf16 on an FP8-capable GPU. Returns how many Linears were swapped."""
+    from kernels.plan import KernelChoice, SparseLinear
+
+    backend = DenseFp8Backend()
+    choice = {1: KernelChoice(backend=backend.name, reason="FP8 execution of a quantized layer")}
+    swapped = 0
+    for name, scale in scales.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, torch.nn.Linear):
+            raise BackendError(f"{name} is a {type(linear).__name__}, not a Linear")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SparseLinear(linear, None, choice, {backend.name: backend}, scale))
+        swapped += 1
+    return swapped
+
+
+__all__ = ["FP8", "FP8_BACKENDS", "CutlassSm90Fp8Backend", "DenseFp8Backend", "Fp8Scales", "fp8_codes", "use_fp8_gemms"]

@@ -130,12 +130,25 @@ def test_fused_row_quantization_matches_the_reference(tokens, k):
         pytest.skip("needs a CUDA GPU")
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) * 3
     x[0, :5] = 0
+    from kernels.cutlass24 import Cutlass24Error, find_nvcc
+    from kernels.fp8 import _cuda_quantizer
+
+    try:
+        find_nvcc()
+    except Cutlass24Error:
+        pass
+    else:
+        assert _cuda_quantizer() is not None, "with nvcc at hand the CUDA kernel is built and used"
     codes, scales = quantize_rows(x)
     ref_codes, ref_scales = quantize_rows_reference(x)
     torch.testing.assert_close(scales, ref_scales, rtol=1e-6, atol=0)
     steps = (codes.float() - ref_codes.float()).abs() / ref_codes.float().abs().clamp(min=2**-9)
     assert (steps > 2**-3 + 1e-6).sum() == 0  # at most one e4m3 step apart, on a division rounding tie
     assert (codes.float() != ref_codes.float()).float().mean() < 1e-3
+    static = torch.tensor(2.0 / FP8_MAX, device="cuda")
+    codes, scales = quantize_rows(x, static)
+    ref_codes, ref_scales = quantize_rows_reference(x, static)
+    assert torch.equal(scales, ref_scales) and torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8))
 
 
 @pytest.mark.gpu
@@ -197,3 +210,20 @@ def test_tuned_fp8_layer_runs_an_fp8_kernel_where_it_wins():
     y = module(x)
     assert ((y.float() - ref).norm() / ref.norm()) < 1e-2
     assert F.linear(x, weight).shape == y.shape
+
+
+@pytest.mark.gpu
+def test_use_fp8_gemms_runs_quantized_layers_in_fp8():
+    from kernels.fp8_backends import use_fp8_gemms
+
+    _gpu(DenseFp8Backend)
+    weight, _, scale, codes = _layer(256, 512, 3, sparse=False)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 256, bias=False), torch.nn.Linear(256, 64, bias=False))
+    model = model.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    assert use_fp8_gemms(model, {"0": scale}) == 1
+    x = torch.randn(9, 512, device="cuda", dtype=torch.bfloat16)
+    ref = reference_linear(x, codes, scale)
+    assert ((model[0](x).float() - ref).norm() / ref.norm()) < 1e-2
+    assert isinstance(model[1], torch.nn.Linear)
