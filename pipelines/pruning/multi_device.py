@@ -159,10 +159,11 @@ def replicate(layer: nn.Module, device: torch.device) -> nn.Module:
 
 
 def reduce_stats(parts: Sequence[InputStats], device: torch.device) -> InputStats:
-    """Sum of per-device statistics on `device`, added in list order (a peer copy per part)."""
+    """Sum of per-device statistics on `device`, added in list order (a peer copy per part). The
+    parts are the caller's to give away: the first one is added into when it is on `device` already."""
     first = parts[0]
-    xtx = first.xtx.to(device, copy=True) if first.xtx is not None else None
-    sq_sum = first.sq_sum.to(device, copy=True)
+    xtx = first.xtx.to(device) if first.xtx is not None else None
+    sq_sum = first.sq_sum.to(device)
     tokens = first.tokens
     for part in parts[1:]:
         if xtx is not None:
@@ -185,14 +186,15 @@ def device_context(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
-def run_parallel(devices: Sequence[torch.device], work: Callable[[int], object]) -> list[object]:
+def run_parallel(devices: Sequence[torch.device], work: Callable[[int], object], serial: bool = False) -> list[object]:
     """`work(i)` for every device index, one thread per CUDA device with that device current; on the
-    CPU in order in this thread (CPU ops already use every core, and one thread keeps tests exact)."""
+    CPU (or with `serial`) in order in this thread (CPU ops already use every core, and one thread
+    keeps tests exact)."""
     def call(i: int) -> object:
         with device_context(devices[i]):
             return work(i)
 
-    if len(devices) == 1 or any(d.type != "cuda" for d in devices):
+    if serial or len(devices) == 1 or any(d.type != "cuda" for d in devices):
         return [call(i) for i in range(len(devices))]
     with ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="sparseflow-device") as pool:
         return list(pool.map(call, range(len(devices))))
@@ -274,8 +276,10 @@ class _LayerRun:
 
 def _solve_step(index: int, groups: list[list[str]], parts: dict[str, list[InputStats]],
                 linears: list[dict[str, nn.Linear]], copies: list[nn.Module], devices: list[torch.device],
-                on_layer: Callable[[LayerWork], None]) -> None:
-    """Plan, reduce the statistics onto the solvers, solve concurrently, copy the results everywhere."""
+                on_layer: Callable[[LayerWork], None], serial: bool) -> None:
+    """Plan, reduce the statistics onto the solvers, solve concurrently, copy the results everywhere.
+    `serial`: solve one device after the other (the first layer: Triton kernels compile on first use,
+    and compiling the same kernel in two threads at once is not safe)."""
     rows = {name: linears[0][name].weight.shape[0] for group in groups for name in group}
     columns = {group[0]: linears[0][group[0]].in_features for group in groups}
     solves = plan_solves(groups, rows, columns, len(devices))
@@ -294,7 +298,7 @@ def _solve_step(index: int, groups: list[list[str]], parts: dict[str, list[Input
             stats = {solve.names[0]: reduced[(solve.leader, i)]}
             on_layer(LayerWork(index, copies[i], members, [list(solve.names)], stats))
 
-    run_parallel(devices, work)
+    run_parallel(devices, work, serial=serial)
     reduced.clear()
     broadcast_weights(solves, linears)
 
@@ -332,6 +336,7 @@ def run_multi_device(
     inputs = empty_shards(bounds, tail, dtype, devices, activations)
     outputs = empty_shards(bounds, tail, dtype, devices, activations)
     every = range(len(devices))
+    first_solved = min(targets, default=-1)
     logger.info("pruning on %d devices (%s), samples per device %s, activations on the %s",
                 len(devices), ", ".join(map(str, devices)), [e - s for s, e in bounds], activations)
 
@@ -367,12 +372,14 @@ def run_multi_device(
                         if g > 0:
                             run.measure(collectors, inputs, None, replayers)
                         parts = [c.stats.pop(group[0]) for c in collectors]
-                        _solve_step(index, [group], {group[0]: parts}, linears, run.copies, devices, on_layer)
+                        _solve_step(index, [group], {group[0]: parts}, linears, run.copies, devices, on_layer,
+                                    serial=index == first_solved)
                         for r in replayers:
                             r.mark_pruned(group)
                 else:
                     parts = {group[0]: [c.stats.pop(group[0]) for c in first] for group in groups}
-                    _solve_step(index, groups, parts, linears, run.copies, devices, on_layer)
+                    _solve_step(index, groups, parts, linears, run.copies, devices, on_layer,
+                                serial=index == first_solved)
                 del first
                 if propagate == "pruned" and not last:
                     run.forward(inputs, outputs, replayers)
