@@ -185,18 +185,20 @@ class ShardWriter:
         return f"model-{shard + 1:05d}-of-{self.shards:05d}.safetensors"
 
     def put(self, shard: int, tensors: dict[str, Tensor]) -> None:
-        """Write `tensors` (floating ones cast to the stored dtype, moved to the CPU) as shard `shard`."""
+        """Write `tensors` as shard `shard`, floating ones in the stored dtype: each is cast where it lies and
+        copied to the CPU just before its bytes are written, so the host holds one tensor at a time."""
         if not 0 <= shard < self.shards:
             raise ValueError(f"shard {shard} outside [0, {self.shards})")
         name = self.shard_name(shard)
-        cpu = {}
+        layout = []
         for key, tensor in tensors.items():
-            if tensor.is_floating_point() and tensor.dtype != self.dtype:
-                tensor = tensor.to(self.dtype)
-            cpu[key] = tensor.detach().to("cpu").contiguous()
+            dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+            layout.append((key, dtype, tuple(tensor.shape)))
             self.weight_map[key] = name
-            self.total_size += cpu[key].numel() * cpu[key].element_size()
-        save_file(cpu, str(self.out_dir / name), metadata={"format": "pt"})
+            self.total_size += tensor.numel() * dtype.itemsize
+        stored = ((key, tensor.detach().to(dtype).to("cpu")) for (key, tensor), (_, dtype, _) in
+                  zip(tensors.items(), layout, strict=True))
+        write_safetensors_stream(self.out_dir / name, layout, {"format": "pt"}, stored)
 
     def finish(self) -> Path:
         """The index, the config (declaring the stored dtype) and the source folder's other files."""
