@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -50,6 +51,10 @@ def _run(tmp_path: Path, model_dir: Path, calibration: Path, name: str, device: 
     return run(prune_stage(**fields), ctx)
 
 
+def _digest(model_dir: Path) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(model_dir.glob("*.safetensors")))).hexdigest()
+
+
 def _assert_same(streamed, in_memory, tied: bool) -> None:
     masks_s, masks_m = load_masks(streamed.outputs["masks"]), load_masks(in_memory.outputs["masks"])
     assert masks_s.keys() == masks_m.keys() and masks_s
@@ -80,9 +85,11 @@ def _assert_same(streamed, in_memory, tied: bool) -> None:
 def test_streaming_equals_in_memory(tmp_path: Path, tiny_model_dir: Path, calibration: Path, method: str,
                                     pattern: str) -> None:
     fields = {"method": method, "pattern": pattern}
+    source = _digest(tiny_model_dir)
     in_memory = _run(tmp_path, tiny_model_dir, calibration, "memory", streaming=False, **fields)
     streamed = _run(tmp_path, tiny_model_dir, calibration, "stream", streaming=True, **fields)
     _assert_same(streamed, in_memory, tied=True)
+    assert _digest(tiny_model_dir) == source  # the memory-mapped checkpoint is read, never written through
 
     out = streamed.outputs["model"]
     index = json.loads((out / INDEX_FILE).read_text())
