@@ -54,7 +54,7 @@ def _make(kind: str, source: Path, args, calibration: Path, work: Path) -> tuple
     from pipelines.stages import prune, quantize
 
     ctx = StageContext(workdir=work, inputs={"model": source, "calibration": calibration}, data=DataSpec(),
-                       seed=args.seed, device=torch.device("cpu"))
+                       seed=args.seed, device=torch.device(args.device))
     if kind == "prune":
         spec = prune_stage(method="sparsegpt", pattern="2:4", batch_size=args.batch_size, export="none")
         result = prune.run(spec, ctx)
@@ -74,7 +74,7 @@ def _evaluate(model_dir: Path, args, work: Path) -> dict:
     spec = EvaluateStage(seq_len=args.eval_seq_len, max_windows=args.eval_windows, batch_size=2,
                          compare_dense=False)
     ctx = StageContext(workdir=work / "eval", inputs={"model": model_dir}, data=DataSpec(), seed=args.seed,
-                       device=torch.device("cpu"), cache_dir=args.cache)
+                       device=torch.device(args.device), cache_dir=args.cache)
     report = json.loads(evaluate.run(spec, ctx).outputs["report"].read_text())
     return {"perplexity": report["perplexity"], "sparsity": report["sparsity"]["total"]["sparsity"],
             "quantization": report["quantization"], "eval": report["eval"]}
@@ -93,7 +93,7 @@ def _diagnose(kind: str, fp8_dir: Path, dense_dir: Path, args) -> dict:
 
     windows = eval_windows(load_tokenizer(dense_dir), load_text("builtin:enwiki", "evaluation", args.cache),
                            args.eval_seq_len, args.eval_windows)
-    model = load_model(fp8_dir if kind == "weights_only" else dense_dir)
+    model = load_model(fp8_dir if kind == "weights_only" else dense_dir, device=args.device)
     sparsity = sparsity_report(model)["total"]["sparsity"]
     if kind == "inputs_only":  # scale 1 and the fp32 weight as its own "codes": only the inputs become E4M3
         attach_emulation(model, {name: Fp8Layer(torch.ones_like(layer.weight_scale), None, "dynamic")
@@ -134,8 +134,10 @@ def _write(rows: dict, args, torch, transformers) -> None:
     loads = [row["load_after"] for row in rows.values() if row.get("load_after") is not None]
     args.results.write_text(json.dumps({
         "benchmark": "fp8_quality",
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                  f"{torch.get_num_threads()} torch threads), FP8 emulated (pipelines.quantize.emulate)",
+        "device": (f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"{torch.get_num_threads()} torch threads)" if args.device == "cpu"
+                   else f"{args.device} ({torch.cuda.get_device_name(torch.device(args.device))})")
+                  + ", FP8 emulated (pipelines.quantize.emulate)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "load_avg_1min_after_each_row": {"min": min(loads), "max": max(loads)} if loads else None,
         "model": "builtin:smollm2-135m (SmolLM2-135M-Instruct, GGUF dequantized to fp32)",
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the stages run (cuda: the same emulation, faster)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sparseflow-bench-fp8"))
     parser.add_argument("--only", nargs="*", default=None, help="row keys to (re)run")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from pipelines.export import ExportError
 from pipelines.modelio import declared_dtype, load_model, save_model
-from pipelines.pruning.targets import resolve_targets
+from pipelines.pruning.targets import PruneConfigError, resolve_targets
 from pipelines.quantize.apply import observe_input_amax, quantize_linears
 from pipelines.quantize.export import export_fp8_compressed
 from pipelines.quantize.sidecar import Fp8Layer, is_fp8_model, write_fp8_layers
@@ -59,8 +59,11 @@ def run(spec: QuantizeStage, ctx: StageContext) -> StageResult:
     storage = declared_dtype(model_dir)
     model = load_model(model_dir, device=ctx.device)
     storage = storage or next(model.parameters()).dtype
-    linears = {name: lin for found in resolve_targets(model, spec.targets, spec.ignore).values()
-               for name, lin in found.items()}
+    try:
+        found = resolve_targets(model, spec.targets, spec.ignore)
+    except PruneConfigError as error:  # its messages name `targets` / `ignore`, as they should here
+        raise StageError(f"quantize: {error}") from error
+    linears = {name: lin for layer in found.values() for name, lin in layer.items()}
     amax = None
     if spec.activations == "static":
         ids = read_calibration(ctx.require("calibration")).input_ids

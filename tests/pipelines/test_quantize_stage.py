@@ -230,3 +230,9 @@ def test_packed_24_export_loads_with_our_loader_and_is_refused_by_stock(tmp_path
 def test_packed_24_export_refuses_a_dense_model(tmp_path: Path, tiny_model_dir: Path, tiny_text_file: Path) -> None:
     with pytest.raises(StageError, match="export 'sparse-24-bitmask'.*not 2:4"):
         _quantize(tmp_path, tiny_model_dir, tiny_text_file, export="sparse-24-bitmask")
+
+
+def test_targets_that_match_nothing_are_refused_naming_the_field(tmp_path: Path, pruned_dir: Path,
+                                                                   tiny_text_file: Path) -> None:
+    with pytest.raises(StageError, match="quantize: targets.0: pattern 'nothing_proj' matches no Linear"):
+        _quantize(tmp_path, pruned_dir, tiny_text_file, targets=["nothing_proj"])
