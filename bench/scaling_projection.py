@@ -9,9 +9,10 @@ each group's prune), the shard read and write (`read_layer_s`, `write_layer_s`),
   last one, which propagates nothing, is counted as a full one);
 - on N GPUs the solves and forwards of a layer are divided by N x efficiency (the split is not built
   yet: this is the target it would have to reach), the read and write are not (one host, one disk);
-- 405B: each part is scaled by how its work grows with the shapes: solves by sum(rows x cols²) over
-  the Linears (the column loop's block updates dominate; the Cholesky's cols³ is added), forwards by
-  the weight count plus sum(cols²) of the x xᵀ accumulations, I/O by the layer's bytes.
+- 405B: each part is scaled by how its work grows with the shapes: forwards by the weight count
+  plus sum(cols²) of the x xᵀ accumulations, I/O by the layer's bytes, and solves by a range: from
+  the column count (the column loop bound by its per-column kernel launches) to sum(rows x cols² +
+  cols³/3) (bound by arithmetic: the block updates and the Cholesky). 405B cells show "low-high".
 
     python bench/scaling_projection.py bench/results/pruning_70b_slice.json   # a markdown table
 """
@@ -43,6 +44,7 @@ def work(shape: dict) -> dict[str, float]:
     solves = linears(shape)
     return {
         "solve": sum(rows * cols**2 + cols**3 / 3 for rows, cols in solves),
+        "columns": sum(cols for _, cols in solves),
         "forward": sum(rows * cols for rows, cols in solves) + sum(cols**2 for _, cols in solves),
         "io": sum(rows * cols for rows, cols in solves),
     }
@@ -68,17 +70,24 @@ def measured_shape(dims: dict) -> dict:
     return {"hidden": dims["hidden"], "mlp": dims["mlp"], "kv": dims["kv_heads"] * head_dim, "layers": dims["layers"]}
 
 
-def project(row: dict, dims: dict) -> dict[str, dict[int, float]]:
-    """Projected seconds for each model and GPU count from one measured pattern row (same calibration tokens)."""
+def project(row: dict, dims: dict) -> dict[str, dict[int, tuple[float, float]]]:
+    """Projected (low, high) seconds for each model and GPU count from one measured pattern row (same
+    calibration tokens); low scales the solves by their columns, high by their arithmetic."""
     parts = layer_parts(row)
     base = work(measured_shape(dims))
-    out: dict[str, dict[int, float]] = {}
+    out: dict[str, dict[int, tuple[float, float]]] = {}
     for name, shape in SHAPES.items():
         scale = {key: work(shape)[key] / base[key] for key in base}
-        solve, forward, io = (parts[key] * scale[key] for key in ("solve", "forward", "io"))
-        out[name] = {n: parts["setup"] + shape["layers"] * (io + (solve + forward) / (n * EFFICIENCY[n]))
-                     for n in GPUS}
+        forward, io = parts["forward"] * scale["forward"], parts["io"] * scale["io"]
+        bounds = [parts["solve"] * scale["columns"], parts["solve"] * scale["solve"]]
+        out[name] = {n: tuple(parts["setup"] + shape["layers"] * (io + (solve + forward) / (n * EFFICIENCY[n]))
+                              for solve in sorted(bounds)) for n in GPUS}
     return out
+
+
+def _hours(bounds: tuple[float, float]) -> str:
+    low, high = (x / 3600 for x in bounds)
+    return f"{low:.2f} h" if abs(high - low) < 0.005 else f"{low:.2f}-{high:.2f} h"
 
 
 def table(report: dict) -> str:
@@ -93,7 +102,7 @@ def table(report: dict) -> str:
             lines.append(f"| {row['pattern']} | {row.get('status')} |" + " |" * (len(SHAPES) * len(GPUS)))
             continue
         parts, projected = layer_parts(row), project(row, report["dims"])
-        cells = [f"{projected[m][n] / 3600:.2f} h" for m in SHAPES for n in GPUS]
+        cells = [_hours(projected[m][n]) for m in SHAPES for n in GPUS]
         lines.append(f"| {row['pattern']} | {parts['layer']:.1f} ({parts['solve']:.1f} / {parts['forward']:.1f} / "
                      f"{parts['io']:.1f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
