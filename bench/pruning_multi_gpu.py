@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -82,6 +83,12 @@ def worker(args) -> dict:
             masks[outcome.name] = outcome.packed_mask
             damping.append(outcome.damping)
 
+    log: list[str] = []  # the driver's own lines: devices, shards, seconds by phase
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: log.append(record.getMessage())
+    driver_log = logging.getLogger("pipelines.pruning.multi_device")
+    driver_log.addHandler(handler)
+    driver_log.setLevel(logging.INFO)
     _warm_up(devices)
     start = time.perf_counter()
     targets = resolve_targets(model, [TARGETS], ["lm_head"])
@@ -91,7 +98,7 @@ def worker(args) -> dict:
     peaks = [int(torch.cuda.max_memory_allocated(d)) if d.type == "cuda" else 0 for d in devices]
     torch.save(masks, args.masks_out)
     return {"wall_s": wall, "peak_gpu_mem_bytes": peaks, "max_damping": max(damping),
-            "within_layer": spec.calibrate_within_layer, **_check(model, args.pattern)}
+            "within_layer": spec.calibrate_within_layer, "driver_log": log, **_check(model, args.pattern)}
 
 
 def mask_agreement(a_path: Path, b_path: Path) -> float:
@@ -141,7 +148,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, to check the logic")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sparseflow-bench-multi-gpu"))
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per worker")
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds per worker")
+    parser.add_argument("--deadline", type=float, default=330.0,
+                        help="seconds for the whole bench, model building included: later runs are skipped")
     args = parser.parse_args()
 
     if args.worker:
@@ -182,15 +191,20 @@ def main() -> None:
                 cmd.append("--within-layer" if args.within_layer else "--no-within-layer")
             row: dict = {"pattern": pattern, "gpus": count}
             began = time.perf_counter()
+            timeout = min(args.timeout, args.deadline - (began - start))
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
+                if timeout < 20:
+                    raise TimeoutError
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if proc.returncode == 0 and line:
                     row.update(json.loads(line.removeprefix("RESULT ")), status="ok")
                 else:
                     row.update(status=f"failed rc={proc.returncode}", error=proc.stderr[-2000:])
             except subprocess.TimeoutExpired:
-                row.update(status=f"timeout after {args.timeout:.0f} s")
+                row.update(status=f"timeout after {timeout:.0f} s")
+            except TimeoutError:
+                row.update(status="skipped: --deadline reached")
             row["process_s"] = time.perf_counter() - began
             if row["status"] == "ok":
                 if base is None:

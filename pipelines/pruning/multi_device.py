@@ -3,7 +3,8 @@
 `run_sequential(..., devices=[d0, d1, ...])` comes here when there is more than one device. It does
 what the one-device driver does (`sequential.py`), with three changes:
 
-- Samples: the calibration samples are split into one contiguous shard per device (`shard_bounds`).
+- Samples: the calibration samples are split into one contiguous shard per device
+  (`device_plan.shard_bounds`).
   Each device captures its shard's layer-0 inputs with the model's own embedding code and keeps the
   shard for the whole run: a layer's outputs on a device are the next layer's inputs on the same
   device, so activations never move between devices. `activations="host"` keeps each shard in
@@ -34,9 +35,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.modeling import decoder_layers
+from pipelines.pruning.device_plan import Solve, plan_solves, shard_bounds
 from pipelines.pruning.replay import SubmoduleReplay
 from pipelines.pruning.sequential import (
     CalibrationError,
@@ -60,91 +63,6 @@ from pipelines.stage import ProgressFn
 logger = logging.getLogger(__name__)
 
 Activations = Literal["host", "device"]
-
-
-def shard_bounds(samples: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) sample ranges, one per device, sizes differing by at most one."""
-    if parts < 1:
-        raise ValueError(f"devices: need at least one device, got {parts}")
-    base, extra = divmod(samples, parts)
-    bounds, start = [], 0
-    for part in range(parts):
-        end = start + base + (1 if part < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def stage_devices(num_gpus: float, device: torch.device) -> list[torch.device]:
-    """The devices a prune stage uses: `device` first, then the other visible GPUs, up to the
-    `resources.num_gpus` it asked for (under Ray the visible GPUs are the ones it was given).
-    One device unless `device` is a GPU and more than one was asked for."""
-    device = torch.device(device)
-    if device.type != "cuda" or num_gpus <= 1:
-        return [device]
-    first = device.index if device.index is not None else torch.cuda.current_device()
-    others = [torch.device("cuda", i) for i in range(torch.cuda.device_count()) if i != first]
-    return [torch.device("cuda", first), *others][: max(1, int(num_gpus))]
-
-
-def solve_cost(rows: int, columns: int) -> float:
-    """Rough cost of one solve of `rows` output rows sharing an input of `columns`: the factorization
-    of the columns x columns Hessian (paid once per device that solves part of the group) plus the
-    column updates, which grow with the rows."""
-    return float(columns) ** 3 + float(rows) * float(columns) ** 2
-
-
-@dataclass(frozen=True)
-class Solve:
-    """One call of `on_layer`: the Linears `names` (one shared-input group or a consecutive part of
-    it, statistics under `leader`) pruned on device number `device`."""
-
-    device: int
-    leader: str
-    names: tuple[str, ...]
-
-
-def _lpt(units: list[tuple[str, tuple[str, ...], float]], parts: int) -> tuple[list[tuple[Solve, float]], list[float]]:
-    """Longest first onto the least loaded device (ties: lowest index); the solves with their costs, and
-    the load of each device."""
-    load = [0.0] * parts
-    solves = []
-    for leader, names, cost in sorted(units, key=lambda u: (-u[2], u[1])):
-        device = min(range(parts), key=lambda d: (load[d], d))
-        load[device] += cost
-        solves.append((Solve(device, leader, names), cost))
-    return solves, load
-
-
-def plan_solves(groups: list[list[str]], rows: dict[str, int], columns: dict[str, int], parts: int) -> list[Solve]:
-    """Spread a step's independent solves over `parts` devices (see the module doc).
-
-    `groups` are the shared-input groups of the step (statistics under `group[0]`), `rows[name]` the
-    output rows of each Linear and `columns[leader]` the group's input width. Starts from whole
-    groups; then, while the most loaded device holds a group of several Linears, tries splitting the
-    largest such group in two at the Linear boundary that balances its rows best, and keeps the split
-    if the step gets shorter. Deterministic: the same inputs give the same plan.
-    """
-    def unit(leader: str, names: tuple[str, ...]) -> tuple[str, tuple[str, ...], float]:
-        return leader, names, solve_cost(sum(rows[n] for n in names), columns[leader])
-
-    units = [unit(group[0], tuple(group)) for group in groups]
-    solves, load = _lpt(units, parts)
-    while parts > 1:
-        busiest = max(range(parts), key=lambda d: (load[d], -d))
-        splittable = [(s, c) for s, c in solves if s.device == busiest and len(s.names) > 1]
-        if not splittable:
-            break
-        solve = max(splittable, key=lambda sc: sc[1])[0]
-        names, total = solve.names, sum(rows[n] for n in solve.names)
-        cut = min(range(1, len(names)), key=lambda k: (abs(2 * sum(rows[n] for n in names[:k]) - total), k))
-        trial = [u for u in units if u[1] != names] + [unit(solve.leader, names[:cut]), unit(solve.leader, names[cut:])]
-        trial_solves, trial_load = _lpt(trial, parts)
-        if max(trial_load) >= max(load):
-            break
-        units, solves, load = trial, trial_solves, trial_load
-    order = {name: i for i, name in enumerate(name for group in groups for name in group)}
-    return sorted((s for s, _ in solves), key=lambda s: (s.device, order[s.names[0]]))
 
 
 def replicate(layer: nn.Module, device: torch.device) -> nn.Module:
@@ -245,6 +163,23 @@ def empty_shards(bounds: list[tuple[int, int]], tail: tuple[int, int], dtype: to
     return out
 
 
+class _Phases:
+    """Wall seconds per phase of a run (logged at the end), each phase ended by a sync of every GPU
+    so that its time is the GPUs' and not only the time to queue the work."""
+
+    def __init__(self, devices: Sequence[torch.device]):
+        self.cuda = [d for d in devices if d.type == "cuda"]
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        for device in self.cuda:
+            torch.cuda.synchronize(device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 @dataclass
 class _LayerRun:
     """One decoder layer's copies (one per device) and what each device runs through its copy."""
@@ -340,14 +275,18 @@ def run_multi_device(
     logger.info("pruning on %d devices (%s), samples per device %s, activations on the %s",
                 len(devices), ", ".join(map(str, devices)), [e - s for s, e in bounds], activations)
 
+    phase = _Phases(devices)
     with torch.no_grad():
-        captures = [_capture(model, prefix, layers, input_ids[s:e], batches[i], devices[i], inputs[i])
-                    for i, (s, e) in enumerate(bounds)]
+        with phase("capture"):
+            captures = [_capture(model, prefix, layers, input_ids[s:e], batches[i], devices[i], inputs[i])
+                        for i, (s, e) in enumerate(bounds)]
         for index, layer in enumerate(layers):
             home = next(layer.parameters()).device
-            layer.to(devices[0])
-            run = _LayerRun(index, [layer] + [replicate(layer, d) for d in devices[1:]],
-                            [capture.calls[index] for capture in captures], batches, devices)
+            with phase("layer to devices"):
+                layer.to(devices[0])
+                copies = [layer] + [replicate(layer, d) for d in devices[1:]]
+            run = _LayerRun(index, copies, [capture.calls[index] for capture in captures], batches, devices)
+            del copies
             found = targets.get(index, {})
             last = index == len(layers) - 1
             if found:
@@ -355,7 +294,8 @@ def run_multi_device(
                 keep = outputs if propagate == "dense" and not last else None
                 first = [_Collector(linears[i], full_stats, devices[i], first_group_only=within_layer,
                                     stop_early=keep is None) for i in every]
-                run.measure(first, inputs, keep)
+                with phase("forward"):
+                    run.measure(first, inputs, keep)
                 groups = first[0].groups
                 if any(c.groups != groups for c in first[1:]):
                     raise CalibrationError(f"calibration: decoder layer {index} grouped its Linears differently "
@@ -370,28 +310,33 @@ def run_multi_device(
                             _Collector({n: linears[i][n] for n in group}, full_stats, devices[i],
                                        stop_after=group[-1], stop_early=True) for i in every]
                         if g > 0:
-                            run.measure(collectors, inputs, None, replayers)
+                            with phase("forward"):
+                                run.measure(collectors, inputs, None, replayers)
                         parts = [c.stats.pop(group[0]) for c in collectors]
-                        _solve_step(index, [group], {group[0]: parts}, linears, run.copies, devices, on_layer,
-                                    serial=index == first_solved)
+                        with phase("solve"):
+                            _solve_step(index, [group], {group[0]: parts}, linears, run.copies, devices, on_layer,
+                                        serial=index == first_solved)
                         for r in replayers:
                             r.mark_pruned(group)
                 else:
                     parts = {group[0]: [c.stats.pop(group[0]) for c in first] for group in groups}
-                    _solve_step(index, groups, parts, linears, run.copies, devices, on_layer,
-                                serial=index == first_solved)
+                    with phase("solve"):
+                        _solve_step(index, groups, parts, linears, run.copies, devices, on_layer,
+                                    serial=index == first_solved)
                 del first
                 if propagate == "pruned" and not last:
-                    run.forward(inputs, outputs, replayers)
+                    with phase("forward"):
+                        run.forward(inputs, outputs, replayers)
                 for r in replayers:
                     r.clear()
             elif not last:
-                run.forward(inputs, outputs, None)
+                with phase("forward"):
+                    run.forward(inputs, outputs, None)
             del run
-            layer.to(home)
-            for device in on_cuda:
-                torch.cuda.synchronize(device)
+            with phase("layer home"):
+                layer.to(home)
             inputs, outputs = outputs, inputs
             if progress is not None:
                 progress(index + 1, len(layers), f"decoder layer {index + 1}/{len(layers)}")
+    logger.info("multi-device seconds by phase: %s", {k: round(v, 3) for k, v in phase.seconds.items()})
     return max((int(torch.cuda.max_memory_allocated(d)) for d in on_cuda), default=0)

@@ -39,8 +39,8 @@ from pipelines.export import choose_format, export_compressed
 from pipelines.masks import save_masks
 from pipelines.modeling import decoder_layers
 from pipelines.modelio import declared_dtype, load_model, save_model
+from pipelines.pruning.device_plan import stage_devices
 from pipelines.pruning.engine import LinearOutcome, MethodConfig, prune_layer, prune_layer_without_data
-from pipelines.pruning.multi_device import stage_devices
 from pipelines.pruning.owl import outlier_ratio, owl_sparsities
 from pipelines.pruning.sequential import CalibrationError, LayerWork, run_sequential
 from pipelines.pruning.streaming import StreamedModel, copy_rest, run_streaming, stream_without_data

@@ -12,8 +12,8 @@ import torch
 from tiny_models import build_tiny_model
 from torch import nn
 
+from pipelines.pruning.device_plan import Solve, plan_solves, shard_bounds, solve_cost, stage_devices
 from pipelines.pruning.engine import MethodConfig, prune_layer
-from pipelines.pruning.multi_device import Solve, plan_solves, shard_bounds, solve_cost, stage_devices
 from pipelines.pruning.sequential import run_sequential
 from pipelines.pruning.targets import resolve_targets
 
