@@ -181,8 +181,12 @@ def worker(args) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     ctx = StageContext(workdir=out, inputs={"model": Path(args.model), "calibration": Path(args.calibration)},
                        data=DataSpec(), device=device, progress=lambda d, t, m: marks.append(time.perf_counter()))
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # VmHWM := VmRSS, so the peak below is the stage's
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # VmHWM := VmRSS, so the peak below is the stage's
+        hwm_reset = True
+    except OSError:  # not allowed here: the peak also covers the imports and the warm-up
+        hwm_reset = False
     rss_before = _status_bytes("VmRSS")
     start = time.perf_counter()
     result = run(spec, ctx)
@@ -199,7 +203,7 @@ def worker(args) -> dict:
         "capture_s": sum(capture.seconds), "read_layer_s": reads.seconds, "write_rest_s": writes.seconds[0],
         "write_layer_s": writes.seconds[1:],
         "peak_gpu_mem_bytes": int(metrics["peak_gpu_mem_bytes"]), "peak_host_rss_bytes": peak_rss,
-        "host_rss_before_bytes": rss_before, "host_rss_growth_bytes": peak_rss - rss_before,
+        "host_rss_before_bytes": rss_before, "host_rss_growth_bytes": peak_rss - rss_before, "hwm_reset": hwm_reset,
         "max_damping": max((v for k, v in metrics.items() if k.startswith("damping.")), default=None),
         "streaming_reason": json.loads(result.outputs["report"].read_text())["streaming_reason"],
     }
