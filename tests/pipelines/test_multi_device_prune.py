@@ -7,15 +7,23 @@ everything but the peer copies and the threads is exercised.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
 from tiny_models import build_tiny_model
 from torch import nn
 
+from pipelines.masks import load_masks
 from pipelines.pruning.device_plan import Solve, plan_solves, shard_bounds, solve_cost, stage_devices
 from pipelines.pruning.engine import MethodConfig, prune_layer
 from pipelines.pruning.sequential import run_sequential
 from pipelines.pruning.targets import resolve_targets
+from pipelines.recipe import DataSpec, prune_stage
+from pipelines.stage import StageContext
+from pipelines.stages.prune import run as run_prune_stage
 
 TARGETS = [r"re:.*\.(self_attn|mlp)\.\w+_proj$"]
 CPU = torch.device("cpu")
@@ -167,3 +175,27 @@ def test_two_gpus_prune_like_one(config: MethodConfig, sparsity: float, within_l
         assert torch.allclose(weights[name], weight, rtol=1e-3, atol=1e-4), name
     assert stage_devices(2.0, gpus[0]) == gpus
     assert stage_devices(1.0, gpus[0]) == gpus[:1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_prune_stage_with_two_gpus_uses_both_and_matches_one(
+    tmp_path: Path, tiny_model_dir: Path, pattern: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """resources.num_gpus: 2 prunes on both GPUs (the driver says so) with the masks of num_gpus: 1."""
+    ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    calibration = tmp_path / "calibration.safetensors"
+    save_file({"input_ids": ids}, str(calibration))
+    masks = {}
+    for gpus in (1, 2):
+        spec = prune_stage(method="sparsegpt", pattern=pattern, resources={"num_gpus": gpus},
+                           **({"sparsity": 0.5} if pattern == "unstructured" else {}))
+        inputs = {"model": tiny_model_dir, "calibration": calibration}
+        ctx = StageContext(workdir=tmp_path / f"out{gpus}", inputs=inputs,
+                           data=DataSpec(), seed=0, device=torch.device("cuda", 0))
+        with caplog.at_level(logging.INFO, logger="pipelines.pruning.multi_device"):
+            result = run_prune_stage(spec, ctx)
+        masks[gpus] = load_masks(result.outputs["masks"])
+    assert "pruning on 2 devices (cuda:0, cuda:1)" in caplog.text
+    same = sum(int((masks[1][n] == masks[2][n]).sum()) for n in masks[1])
+    assert same / sum(m.numel() for m in masks[1].values()) >= 0.999
