@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 ROWS_PER_PROGRAM = 32  # rows of the weight per program: a [128, 32] fp32 tile is 32 registers a thread at 4 warps
+NUM_WARPS = 4
 MAX_BLOCK = 256  # widest column block kept in registers; wider blocks stay on the PyTorch loop
 
 
@@ -110,7 +111,7 @@ def _kernel():
 def obs_block(
     block: Tensor, u_block: Tensor, errors: Tensor, *, coef: Tensor | None = None, keep: Tensor | None = None,
     alive: Tensor | None = None, patterns: Tensor | None = None, group: int = 1,
-    rows_per_program: int = ROWS_PER_PROGRAM,
+    rows_per_program: int = ROWS_PER_PROGRAM, num_warps: int = NUM_WARPS,
 ) -> None:
     """Run one block's column loop in place: `block` [B, rows] is updated and masked, `errors` [B, rows] written.
 
@@ -125,6 +126,8 @@ def obs_block(
         raise ValueError(f"block: {width} columns exceed the fused kernel's limit of {MAX_BLOCK}")
     if nm and (keep is None or alive is None or width % group or patterns.shape[1] != group):
         raise ValueError(f"patterns: N:M needs keep, alive, patterns [P, {group}] and a width divisible by {group}")
+    if rows_per_program < 1 or rows_per_program & (rows_per_program - 1):
+        raise ValueError(f"rows_per_program: must be a power of two, got {rows_per_program}")
     if not nm and coef is None:
         raise ValueError("coef: the unstructured block needs its coefficients")
     for name, t in (("block", block), ("errors", errors), ("coef", coef), ("keep", keep), ("alive", alive)):
@@ -142,5 +145,5 @@ def obs_block(
         alive if alive is not None else dummy, patterns if patterns is not None else dummy,
         rows, width, u_block.stride(0), u_block.stride(1), patterns.shape[0] if nm else 0,
         M=group if nm else 1, MP=max(2, 1 << (group - 1).bit_length()), IS_NM=nm, BLOCK_B=block_b,
-        BLOCK_R=rows_per_program, num_warps=4,
+        BLOCK_R=rows_per_program, num_warps=num_warps,
     )
