@@ -8,6 +8,7 @@ a Literal so that other schemes can be added beside it. Sample::
     - stage: quantize
       scheme: fp8_dynamic
       activations: dynamic       # or static: per-tensor input scales from the calibration data
+      weight_rounding: nearest   # or gptq: error-compensated rounding on the calibration data
       targets: ["re:.*\\.(self_attn|mlp)\\.\\w+_proj$"]   # the default: every decoder Linear
       ignore: [lm_head]
 
@@ -42,8 +43,15 @@ class QuantizeStage(_StageBase):
     ignore: list[ModulePattern] = Field(
         default_factory=lambda: ["lm_head", r"re:.*embed_tokens$"], max_length=MAX_LIST
     )
+    weight_rounding: Literal["nearest", "gptq"] = Field(
+        "nearest", description="nearest: each weight to its nearest E4M3 value; gptq: column by column, each "
+        "rounding error spread over the columns not yet rounded through the inverse Hessian of the calibration "
+        "inputs (as SparseGPT prunes; the zeros stay zero). gptq needs a calibrate stage before this one.",
+    )
+    block_size: int = Field(128, ge=1, le=MAX_BATCH, description="gptq: columns per lazy update block.")
+    dampening: float = Field(0.01, gt=0.0, le=1e6, description="gptq: diagonal damping, fraction of mean diag.")
     batch_size: int = Field(
-        4, ge=1, le=MAX_BATCH, description="Calibration sequences per forward pass (activations: static)."
+        4, ge=1, le=MAX_BATCH, description="Calibration sequences per forward pass (static activations, gptq)."
     )
     export: Literal["float-quantized", "sparse-24-bitmask", "none"] = Field(
         "float-quantized", description="The compressed-tensors copy (`compressed_model`): float-quantized (FP8 "
@@ -54,8 +62,13 @@ class QuantizeStage(_StageBase):
 
     @property
     def needs_calibration(self) -> bool:
-        """Static input scales are observed on the calibration tokens."""
-        return self.activations == "static"
+        """Static input scales are observed on the calibration tokens; GPTQ measures its Hessians on them."""
+        return self.activations == "static" or self.weight_rounding == "gptq"
+
+    @property
+    def calibration_reason(self) -> str:
+        """What in this spec reads calibration tokens, as the recipe spells it (for error messages)."""
+        return "weight_rounding 'gptq'" if self.weight_rounding == "gptq" else "activations 'static'"
 
 
 def check_quantize_order(kinds: list[str]) -> None:

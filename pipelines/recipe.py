@@ -332,7 +332,7 @@ class Recipe(_Strict):
                 needs = f"method {stage.method!r}" if stage.needs_calibration_data else "profile 'owl'"
                 raise ValueError(f"stages.{i}: {needs} needs a 'calibrate' stage before it")
             if isinstance(stage, QuantizeStage) and stage.needs_calibration and not calibrated:
-                raise ValueError(f"stages.{i}: activations 'static' needs a 'calibrate' stage before it")
+                raise ValueError(f"stages.{i}: {stage.calibration_reason} needs a 'calibrate' stage before it")
         self._check_model_stages_first()
         return self
 

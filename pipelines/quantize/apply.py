@@ -21,6 +21,7 @@ from pipelines.quantize.fp8 import (
     tensor_scale,
     weight_scales,
 )
+from pipelines.quantize.gptq import gptq_fp8
 from pipelines.quantize.sidecar import Fp8Layer
 
 
@@ -42,11 +43,15 @@ class LinearQuantOutcome:
 
 def quantize_linears(
     linears: dict[str, nn.Linear], storage_dtype: torch.dtype, activations: str = "dynamic",
-    input_amax: dict[str, float] | None = None,
+    input_amax: dict[str, float] | None = None, *, scales: dict[str, Tensor] | None = None,
+    originals: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Fp8Layer], list[LinearQuantOutcome]]:
     """Quantize each Linear's weight in place to the FP8 grid; scales are rounded to `storage_dtype`.
 
     With activations 'static', `input_amax` holds each Linear's observed max |input| (see `observe_input_amax`).
+    `scales` (per Linear) are used instead of max|w| / 448: weights that GPTQ already put on a grid keep it.
+    `originals` are the weights before that, against which zeros and errors are checked (default: the
+    weights as they are).
     """
     if activations == "static" and (input_amax is None or set(linears) - set(input_amax)):
         missing = sorted(set(linears) - set(input_amax or {}))
@@ -54,9 +59,10 @@ def quantize_linears(
     layers: dict[str, Fp8Layer] = {}
     outcomes: list[LinearQuantOutcome] = []
     for name, linear in linears.items():
-        weight = linear.weight.detach()
-        scale = weight_scales(weight, storage_dtype)
-        codes = quantize_weight(weight, scale)
+        current = linear.weight.detach()
+        weight = current if originals is None else originals[name].to(current.device)
+        scale = weight_scales(weight, storage_dtype) if scales is None else scales[name].to(current.device)
+        codes = quantize_weight(current, scale)
         dequantized = dequantize_weight(codes, scale, torch.float32)
         stored = dequantized.to(storage_dtype)
         was_zero = weight == 0
@@ -99,3 +105,30 @@ def observe_input_amax(
         for handle in handles:
             handle.remove()
     return amax
+
+
+def gptq_quantize(
+    model: nn.Module, targets: dict[int, dict[str, nn.Linear]], input_ids: Tensor, storage_dtype: torch.dtype, *,
+    device: torch.device, batch_size: int, block_size: int, dampening: float, progress=None,
+) -> dict[str, Tensor]:
+    """Round every target weight to FP8 with `gptq_fp8`, layer by layer on the calibration tokens (each layer
+    sees the outputs of the layers already rounded, o_proj/down_proj those of the rounded q/k/v, gate/up).
+    Returns the per-row scales (CPU) to hand to `quantize_linears`."""
+    from pipelines.pruning.sequential import LayerWork, run_sequential  # noqa: PLC0415 (the driver is heavy)
+
+    scales: dict[str, Tensor] = {}
+
+    def on_layer(work: LayerWork) -> None:
+        for group in work.groups:
+            hessian = work.stats[group[0]].hessian()
+            for name in group:
+                linear = work.linears[name]
+                scale = weight_scales(linear.weight, storage_dtype)
+                rounded, _ = gptq_fp8(linear.weight, hessian, scale, block_size=block_size, dampening=dampening)
+                with torch.no_grad():
+                    linear.weight.copy_(rounded.to(linear.weight.dtype))
+                scales[name] = scale.cpu()
+
+    run_sequential(model, input_ids, targets, on_layer, device=device, batch_size=batch_size, full_stats=True,
+                   propagate="pruned", within_layer=True, progress=progress)
+    return scales

@@ -1,8 +1,9 @@
 """Quantize: FP8 E4M3 weights (per output channel) and activations (per token, or static per tensor).
 
-Inputs: `model` (a model folder, usually pruned and fine-tuned) and, with `activations: static`,
-`calibration` (its `input_ids`; each target Linear's max |input| over them fixes its input scale, observed
-on the model as given, before its weights are rounded). Outputs:
+Inputs: `model` (a model folder, usually pruned and fine-tuned) and, with `activations: static` or
+`weight_rounding: gptq`, `calibration` (its `input_ids`; each target Linear's max |input| over them fixes
+its static input scale, observed on the model as given, before its weights are rounded; GPTQ measures
+each layer's Hessian on them, layer by layer, `pipelines.quantize.gptq`). Outputs:
 
 - `model`: a plain `save_pretrained` folder whose target weights are the dequantized FP8 weights (code *
   scale, in the input's stored dtype) plus `fp8_scales.safetensors`, the sidecar with every scale and
@@ -36,7 +37,7 @@ from pathlib import Path
 from pipelines.export import ExportError
 from pipelines.modelio import declared_dtype, load_model, save_model
 from pipelines.pruning.targets import PruneConfigError, resolve_targets
-from pipelines.quantize.apply import observe_input_amax, quantize_linears
+from pipelines.quantize.apply import gptq_quantize, observe_input_amax, quantize_linears
 from pipelines.quantize.export import export_fp8_compressed
 from pipelines.quantize.sidecar import Fp8Layer, is_fp8_model, write_fp8_layers
 from pipelines.recipe import QuantizeStage
@@ -64,13 +65,18 @@ def run(spec: QuantizeStage, ctx: StageContext) -> StageResult:
     except PruneConfigError as error:  # its messages name `targets` / `ignore`, as they should here
         raise StageError(f"quantize: {error}") from error
     linears = {name: lin for layer in found.values() for name, lin in layer.items()}
-    amax = None
-    if spec.activations == "static":
+    amax, scales, originals = None, None, None
+    if spec.needs_calibration:
         ids = read_calibration(ctx.require("calibration")).input_ids
         if ids.numel() == 0:
             raise StageError("quantize: the calibration artifact holds no tokens")
+    if spec.activations == "static":
         amax = observe_input_amax(model, linears, ids, spec.batch_size, ctx.progress)
-    layers, outcomes = quantize_linears(linears, storage, spec.activations, amax)
+    if spec.weight_rounding == "gptq":
+        originals = {name: linear.weight.detach().cpu().clone() for name, linear in linears.items()}
+        scales = gptq_quantize(model, found, ids, storage, device=ctx.device, batch_size=spec.batch_size,
+                               block_size=spec.block_size, dampening=spec.dampening, progress=ctx.progress)
+    layers, outcomes = quantize_linears(linears, storage, spec.activations, amax, scales=scales, originals=originals)
     layers = {name: _cpu(layer) for name, layer in layers.items()}
     broken = [o.name for o in outcomes if not o.zeros_preserved]
     if broken:
@@ -118,7 +124,8 @@ def _result(spec, ctx, outputs, layers, outcomes, amax, storage, seconds) -> Sta
     ]
     metrics += [Metric(f"weight_rel_error.{o.name}", o.rel_error) for o in outcomes]
     summary = {
-        "scheme": spec.scheme, "activations": spec.activations, "quantized_linears": len(outcomes),
+        "scheme": spec.scheme, "activations": spec.activations, "weight_rounding": spec.weight_rounding,
+        "quantized_linears": len(outcomes),
         "zeros_preserved": True, "sparsity_before": before, "sparsity_after": after,
         "weight_rel_error": mean_error, "stored_dtype": str(storage).removeprefix("torch."),
         "quantize_time_s": seconds,
@@ -135,7 +142,8 @@ def _result(spec, ctx, outputs, layers, outcomes, amax, storage, seconds) -> Sta
     }
     path = Path(ctx.workdir) / REPORT_FILE
     path.write_text(json.dumps(report, indent=2))
-    notes = [f"quantize: {spec.scheme}, {spec.activations} activations, {len(outcomes)} Linears; "
+    notes = [f"quantize: {spec.scheme}, {spec.activations} activations, {spec.weight_rounding} weight rounding, "
+             f"{len(outcomes)} Linears; "
              f"pruned zeros preserved (sparsity {before:.4f} -> {after:.4f})"]
     logger.info("%s; weight rel. error %.4g", notes[0], mean_error)
     return StageResult(outputs={**outputs, "report": path}, metrics=metrics, summary=summary, notes=notes)

@@ -188,3 +188,21 @@ def test_emulation_on_cuda_matches_cpu_and_a_real_fp8_gemm() -> None:
     real = torch._scaled_mm(x_codes, w_codes.t(), scale_a=x_scale.reshape(-1, 1).float(),
                             scale_b=emulated.weight_scale.reshape(1, -1).float(), out_dtype=torch.bfloat16)
     assert torch.allclose(real.float(), gpu.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_gptq_rounding_keeps_zeros_stays_on_the_grid_and_beats_nearest_on_its_data() -> None:
+    from pipelines.quantize.gptq import gptq_fp8
+
+    gen = torch.Generator().manual_seed(7)
+    # anisotropic, correlated inputs (as LLM activations are): a few strong directions
+    x = torch.randn(2048, 64, generator=gen) @ (torch.randn(64, 64, generator=gen) * torch.logspace(0, -2, 64))
+    weight = _pruned_24(32, 64, seed=8)
+    scale = weight_scales(weight)
+    nearest = dequantize_weight(quantize_weight(weight, scale), scale)
+    rounded, damping = gptq_fp8(weight, x.T @ x, scale, block_size=16)
+    assert damping == 0.01
+    assert torch.all(rounded[weight == 0] == 0)
+    assert torch.equal(dequantize_weight(fp8_codes(rounded, scale), scale), rounded)  # on the E4M3 grid
+    err_nearest = (x @ (nearest - weight).T).norm()
+    err_gptq = (x @ (rounded - weight).T).norm()
+    assert err_gptq < 0.9 * err_nearest

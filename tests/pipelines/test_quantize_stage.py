@@ -236,3 +236,26 @@ def test_targets_that_match_nothing_are_refused_naming_the_field(tmp_path: Path,
                                                                    tiny_text_file: Path) -> None:
     with pytest.raises(StageError, match="quantize: targets.0: pattern 'nothing_proj' matches no Linear"):
         _quantize(tmp_path, pruned_dir, tiny_text_file, targets=["nothing_proj"])
+
+
+def test_gptq_rounding_stage(tmp_path: Path, pruned_dir: Path, calibration: Path, quantized,
+                             tiny_text_file: Path) -> None:
+    with pytest.raises(RecipeError, match="stages.0: weight_rounding 'gptq' needs a 'calibrate'"):
+        parse_recipe({"stages": [{"stage": "quantize", "weight_rounding": "gptq"}]})
+    result = _quantize(tmp_path, pruned_dir, tiny_text_file, calibration, weight_rounding="gptq", export="none")
+    out = result.outputs["model"]
+    layers, nearest = read_fp8_layers(out), read_fp8_layers(quantized.outputs["model"])
+    before, after = load_file(str(pruned_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    differs = 0
+    for name, layer in layers.items():
+        assert torch.equal(layer.weight_scale, nearest[name].weight_scale)  # scales from the original rows
+        weight = after[f"{name}.weight"]
+        assert torch.all(weight[before[f"{name}.weight"] == 0] == 0)
+        codes = fp8_codes(weight, layer.weight_scale)
+        assert torch.equal((codes.float() * layer.weight_scale[:, None]).to(torch.bfloat16), weight)
+        differs += int(not torch.equal(weight, load_file(str(quantized.outputs["model"] / "model.safetensors"))[
+            f"{name}.weight"]))
+    assert differs == LINEARS  # GPTQ moved codes in every Linear
+    metrics = {m.name: m.value for m in result.metrics}
+    assert metrics["zeros_preserved"] == 1.0 and 0 < metrics["weight_rel_error"] < 0.1
+    assert result.summary["weight_rounding"] == "gptq"
