@@ -141,10 +141,13 @@ def test_fused_row_quantization_matches_the_reference(tokens, k):
         assert _cuda_quantizer() is not None, "with nvcc at hand the CUDA kernel is built and used"
     codes, scales = quantize_rows(x)
     ref_codes, ref_scales = quantize_rows_reference(x)
+    # PyTorch divides a tensor by a number as a multiplication by its reciprocal, the kernel divides: the
+    # scales may differ in the last bit, and a code on a rounding boundary then by one step of the e4m3 grid
     torch.testing.assert_close(scales, ref_scales, rtol=1e-6, atol=0)
-    steps = (codes.float() - ref_codes.float()).abs() / ref_codes.float().abs().clamp(min=2**-9)
-    assert (steps > 2**-3 + 1e-6).sum() == 0  # at most one e4m3 step apart, on a division rounding tie
-    assert (codes.float() != ref_codes.float()).float().mean() < 1e-3
+    same_sign = (codes.float() * ref_codes.float() >= 0).all()
+    steps = (codes.view(torch.uint8).int() & 0x7F) - (ref_codes.view(torch.uint8).int() & 0x7F)
+    assert same_sign and steps.abs().max() <= 1
+    assert (steps != 0).float().mean() < 1e-3
     static = torch.tensor(2.0 / FP8_MAX, device="cuda")
     codes, scales = quantize_rows(x, static)
     ref_codes, ref_scales = quantize_rows_reference(x, static)
