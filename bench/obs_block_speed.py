@@ -94,7 +94,7 @@ def run_sweep(device: torch.device, rows: int) -> list[dict]:
     alive = torch.ones(128, device=device)
     for kind in ("unstructured", "2:4"):
         for rpp in (16, 32, 64):
-            for warps in (1, 2, 4, 8):
+            for warps in (2, 4, 8):
                 block, errors = base.clone(), torch.empty_like(base)
                 keep = torch.ones(128, rows, dtype=torch.bool, device=device)
 

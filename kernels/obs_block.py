@@ -27,7 +27,8 @@ import os
 import torch
 from torch import Tensor
 
-ROWS_PER_PROGRAM = 32  # rows of the weight per program: a [128, 32] fp32 tile is 32 registers a thread at 4 warps
+ROWS_PER_PROGRAM = 32  # rows per program for blocks up to 128 columns: a [128, 32] fp32 tile is 32 registers a
+# thread at 4 warps, and a 4096-row weight still gives 128 programs
 NUM_WARPS = 4
 MAX_BLOCK = 256  # widest column block kept in registers; wider blocks stay on the PyTorch loop
 
@@ -111,7 +112,7 @@ def _kernel():
 def obs_block(
     block: Tensor, u_block: Tensor, errors: Tensor, *, coef: Tensor | None = None, keep: Tensor | None = None,
     alive: Tensor | None = None, patterns: Tensor | None = None, group: int = 1,
-    rows_per_program: int = ROWS_PER_PROGRAM, num_warps: int = NUM_WARPS,
+    rows_per_program: int | None = None, num_warps: int = NUM_WARPS,
 ) -> None:
     """Run one block's column loop in place: `block` [B, rows] is updated and masked, `errors` [B, rows] written.
 
@@ -122,6 +123,9 @@ def obs_block(
     """
     width, rows = block.shape
     nm = patterns is not None
+    block_b = max(16, 1 << (width - 1).bit_length())
+    if rows_per_program is None:  # the same tile size for blocks wider than 128 columns
+        rows_per_program = max(8, ROWS_PER_PROGRAM * 128 // block_b) if block_b > 128 else ROWS_PER_PROGRAM
     if width > MAX_BLOCK:
         raise ValueError(f"block: {width} columns exceed the fused kernel's limit of {MAX_BLOCK}")
     if nm and (keep is None or alive is None or width % group or patterns.shape[1] != group):
@@ -136,8 +140,9 @@ def obs_block(
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("triton is not importable")
+    if rows == 0 or width == 0:
+        return
     dummy = block  # pointers the chosen branch never reads
-    block_b = max(16, 1 << (width - 1).bit_length())
     grid = (-(-rows // rows_per_program),)
     kernel[grid](
         block, errors, coef if coef is not None else dummy,
