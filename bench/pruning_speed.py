@@ -135,8 +135,10 @@ def worker_ours(args) -> dict:
         device=device, batch_size=args.batch_size, within_layer=spec.calibrate_within_layer,
     )
     wall = time.perf_counter() - start
+    from pipelines.pruning.sparsegpt import solve_path
+
     return {"wall_s": wall, "peak_gpu_mem_bytes": peak, "max_damping": max(damping), "gram": _gram_path(device),
-            **_check(model, args.pattern)}
+            "solve_path": solve_path(device, nm, 128), **_check(model, args.pattern)}
 
 
 def _gram_path(device) -> str:
