@@ -1,7 +1,8 @@
 """Held-out perplexity of SmolLM2-135M in FP8 (emulated on the CPU): dense, dense FP8, SparseGPT 2:4, 2:4 + FP8.
 
 Every row runs the real stages: `prune` (SparseGPT 2:4, its recipe defaults) and `quantize`
-(`fp8_dynamic`; the last row with `activations: static`, input scales from the same calibration tokens),
+(`fp8_dynamic`; `_static` rows with `activations: static`, input scales from the same calibration tokens;
+`_gptq` rows with `weight_rounding: gptq` on them),
 and is scored by the `evaluate` stage on the held-out split of builtin:enwiki (the same windows for
 every row; an FP8 model runs through `pipelines.quantize.emulate`, i.e. what an FP8 GEMM with fp32
 accumulation computes). The built-in model is fp32, so the 2:4 baseline is fp32 (its source dtype).
@@ -36,13 +37,19 @@ ROWS = [
     ("sparsegpt_24", "dense", "prune"),
     ("sparsegpt_24_fp8", "sparsegpt_24", "quantize"),
     ("sparsegpt_24_fp8_static", "sparsegpt_24", "quantize_static"),
+    ("dense_fp8_gptq", "dense", "quantize_gptq"),
+    ("sparsegpt_24_fp8_gptq", "sparsegpt_24", "quantize_gptq"),
     # where dense FP8's loss comes from: its FP8 weights with unquantized inputs, and the dense weights
     # with inputs quantized per token (the same windows, `pipelines.data.perplexity`)
     ("dense_fp8_weights_only", "dense_fp8", "weights_only"),
     ("dense_fp8_inputs_only", "dense_fp8", "inputs_only"),
+    ("sparsegpt_24_fp8_weights_only", "sparsegpt_24_fp8", "weights_only"),
+    ("sparsegpt_24_fp8_inputs_only", "sparsegpt_24_fp8", "inputs_only"),
 ]
+UNQUANTIZED = {"dense_fp8": "dense", "sparsegpt_24_fp8": "sparsegpt_24"}  # a diagnostic's inputs-only base
 DIAGNOSTICS = ("weights_only", "inputs_only")
-GOALS = {"dense_fp8": ("dense", 1.01), "sparsegpt_24_fp8": ("sparsegpt_24", 1.03)}
+GOALS = {"dense_fp8": ("dense", 1.01), "sparsegpt_24_fp8": ("sparsegpt_24", 1.03),
+         "dense_fp8_gptq": ("dense", 1.01), "sparsegpt_24_fp8_gptq": ("sparsegpt_24", 1.03)}
 
 
 def _make(kind: str, source: Path, args, calibration: Path, work: Path) -> tuple[Path, dict]:
@@ -60,7 +67,9 @@ def _make(kind: str, source: Path, args, calibration: Path, work: Path) -> tuple
         result = prune.run(spec, ctx)
     else:
         activations = "static" if kind == "quantize_static" else "dynamic"
-        result = quantize.run(QuantizeStage(activations=activations, batch_size=args.batch_size, export="none"), ctx)
+        rounding = "gptq" if kind == "quantize_gptq" else "nearest"
+        result = quantize.run(QuantizeStage(activations=activations, weight_rounding=rounding,
+                                            batch_size=args.batch_size, export="none"), ctx)
     return result.outputs["model"], result.summary
 
 
@@ -80,8 +89,9 @@ def _evaluate(model_dir: Path, args, work: Path) -> dict:
             "quantization": report["quantization"], "eval": report["eval"]}
 
 
-def _diagnose(kind: str, fp8_dir: Path, dense_dir: Path, args) -> dict:
-    """Perplexity of half of FP8: its weights alone (plain model), or its per-token inputs alone."""
+def _diagnose(kind: str, fp8_dir: Path, base_dir: Path, args) -> dict:
+    """Perplexity of half of FP8: its weights alone (plain model), or its per-token inputs alone (on the
+    unquantized model `base_dir`)."""
     import torch
 
     from pipelines.data import eval_windows, perplexity
@@ -91,9 +101,9 @@ def _diagnose(kind: str, fp8_dir: Path, dense_dir: Path, args) -> dict:
     from pipelines.sources import load_text
     from pipelines.stages.evaluate import sparsity_report
 
-    windows = eval_windows(load_tokenizer(dense_dir), load_text("builtin:enwiki", "evaluation", args.cache),
+    windows = eval_windows(load_tokenizer(base_dir), load_text("builtin:enwiki", "evaluation", args.cache),
                            args.eval_seq_len, args.eval_windows)
-    model = load_model(fp8_dir if kind == "weights_only" else dense_dir, device=args.device)
+    model = load_model(fp8_dir if kind == "weights_only" else base_dir, device=args.device)
     sparsity = sparsity_report(model)["total"]["sparsity"]
     if kind == "inputs_only":  # scale 1 and the fp32 weight as its own "codes": only the inputs become E4M3
         attach_emulation(model, {name: Fp8Layer(torch.ones_like(layer.weight_scale), None, "dynamic")
@@ -147,8 +157,9 @@ def _write(rows: dict, args, torch, transformers) -> None:
                        "seq_len": args.eval_seq_len},
         "settings": {"prune": "sparsegpt 2:4, recipe defaults (block 128, dampening 0.01, act_order and "
                               "within_layer on), fp32", "quantize": "fp8_dynamic: E4M3 weights per output "
-                              "channel, inputs per token (static row: per tensor from calibration); every "
-                              "decoder Linear, lm_head and embeddings not quantized"},
+                              "channel, inputs per token (static row: per tensor from calibration); weights "
+                              "rounded to nearest (gptq rows: GPTQ on the calibration tokens, block 128, "
+                              "dampening 0.01); every decoder Linear, lm_head and embeddings not quantized"},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "compressed_tensors": compressed_tensors.__version__, "python": platform.python_version()},
         "rows": rows,
@@ -211,7 +222,7 @@ def main() -> None:
         make_s = time.perf_counter() - start if kind is not None else None
         start = time.perf_counter()
         if kind in DIAGNOSTICS:
-            row = _diagnose(kind, models[source], model_dir, args)
+            row = _diagnose(kind, models[source], models[UNQUANTIZED[source]], args)
         else:
             row = _evaluate(models[key], args, work)
         row.update(eval_s=time.perf_counter() - start, make_s=make_s, made_by=kind, source=source,
