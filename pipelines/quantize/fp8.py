@@ -71,13 +71,13 @@ def to_codes(values: Tensor, scale: Tensor, canonical_zero: bool = True) -> Tens
 
 
 def quantize_weight(weight: Tensor, scale: Tensor) -> Tensor:
-    """E4M3 codes [out, in] of a weight with per-row scales `scale` [out]."""
-    return to_codes(weight.detach(), scale.reshape(-1, 1))
+    """E4M3 codes [out, in] of a weight with per-row scales `scale` [out] (moved to the weight's device)."""
+    return to_codes(weight.detach(), scale.to(weight.device).reshape(-1, 1))
 
 
 def dequantize_weight(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """codes * scale per row, computed in fp32, then cast to `dtype`."""
-    return (codes.float() * scale.float().reshape(-1, 1)).to(dtype)
+    return (codes.float() * scale.to(codes.device).float().reshape(-1, 1)).to(dtype)
 
 
 def fp8_codes(weight: Tensor, weight_scale: Tensor) -> Tensor:

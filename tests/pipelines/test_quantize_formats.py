@@ -181,6 +181,9 @@ def test_emulation_on_cuda_matches_cpu_and_a_real_fp8_gemm() -> None:
     emulated = Fp8EmulatedLinear(gpu_linear, layers["l"])
     gpu = emulated(x.cuda())
     assert torch.allclose(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+    stored = gpu_linear.weight.detach().to(torch.bfloat16)  # as a kernel tuner holds it: on the GPU, scales on the CPU
+    assert torch.equal(fp8_codes(stored, layers["l"].weight_scale).cpu().view(torch.uint8),
+                       quantize_weight(linear.weight, layers["l"].weight_scale).view(torch.uint8))
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no FP8 tensor cores: the real-GEMM comparison needs sm89 or newer")
     x_codes, x_scale = quantize_activation(x.cuda())
