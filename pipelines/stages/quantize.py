@@ -58,7 +58,8 @@ def run(spec: QuantizeStage, ctx: StageContext) -> StageResult:
     if is_fp8_model(model_dir):
         raise StageError("quantize: the input model is already FP8 (it has an fp8_scales.safetensors); quantize once")
     storage = declared_dtype(model_dir)
-    model = load_model(model_dir, device=ctx.device)
+    # gptq runs layer by layer through the prune stage's driver, which moves one layer at a time to the device
+    model = load_model(model_dir, device="cpu" if spec.weight_rounding == "gptq" else ctx.device)
     storage = storage or next(model.parameters()).dtype
     try:
         found = resolve_targets(model, spec.targets, spec.ignore)
