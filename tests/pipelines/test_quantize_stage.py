@@ -259,3 +259,25 @@ def test_gptq_rounding_stage(tmp_path: Path, pruned_dir: Path, calibration: Path
     metrics = {m.name: m.value for m in result.metrics}
     assert metrics["zeros_preserved"] == 1.0 and 0 < metrics["weight_rel_error"] < 0.1
     assert result.summary["weight_rounding"] == "gptq"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stage_and_evaluate_on_cuda_match_cpu(tmp_path: Path, pruned_dir: Path, calibration: Path, quantized,
+                                              tiny_text_file: Path) -> None:
+    def ctx(name: str, model_dir: Path):
+        context = stage_context(tmp_path / name, model_dir, pruned_dir, tiny_text_file)
+        context.device = torch.device("cuda")
+        context.inputs["calibration"] = calibration
+        return context
+
+    nearest = quantize.run(QuantizeStage(export="none"), ctx("n", pruned_dir))
+    cpu_file = load_file(str(quantized.outputs["model"] / "model.safetensors"))
+    for name, tensor in load_file(str(nearest.outputs["model"] / "model.safetensors")).items():
+        assert torch.equal(tensor, cpu_file[name]), name  # rounding to nearest is device-independent
+    gptq = quantize.run(QuantizeStage(weight_rounding="gptq", export="none"), ctx("g", pruned_dir))
+    assert {m.name: m.value for m in gptq.metrics}["zeros_preserved"] == 1.0
+    spec = EvaluateStage(seq_len=32, max_windows=4, compare_dense=False)
+    on_gpu = evaluate.run(spec, ctx("e", nearest.outputs["model"]))
+    on_cpu = evaluate.run(spec, stage_context(tmp_path / "c", quantized.outputs["model"], pruned_dir, tiny_text_file))
+    assert on_gpu.summary["fp8_execution"] == "emulated"
+    assert on_gpu.summary["perplexity"] == pytest.approx(on_cpu.summary["perplexity"], rel=1e-3)
