@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels.backends import Backend, BackendError, CutlassSm90Backend, Handle, nearest_bucket
+from kernels.backends import Backend, BackendError, CutlassSm90Backend, Handle
 from kernels.fp8 import FP8, Fp8Scales, quantize_rows, quantize_with_scales
 
 
@@ -81,35 +81,22 @@ class _CompressedFp8Weight:
     routes: dict[int, tuple[int, Any]] = field(default_factory=dict)
 
 
-class CutlassSm90Fp8Backend(Backend):
-    """Our sm90a FP8 2:4 GEMM; config keys and defaults as for `cutlass-sm90` (the same tile table)."""
+class CutlassSm90Fp8Backend(CutlassSm90Backend):
+    """Our sm90a FP8 2:4 GEMM: the 16-bit backend's availability, tile table, default configs, candidate
+    configs and per-token-count routes, on e4m3 codes compressed once."""
 
     name = "cutlass-sm90-fp8"
     fp8 = True
-    config_keys = CutlassSm90Backend.config_keys
-
-    def available(self, device: torch.device) -> tuple[bool, str]:
-        return CutlassSm90Backend().available(device)
 
     def prepare(self, weight: Tensor, mask: Tensor | None, configs: dict[int, dict[str, int]] | None = None,
                 scale: Tensor | Fp8Scales | None = None) -> Handle:
         if weight.device.type != "cuda":
             raise BackendError(f"{self.name} needs a CUDA weight")
         codes, w_scale = fp8_codes(self._masked(weight, mask), scale)
-        lib = CutlassSm90Backend._lib(weight.device)
+        lib = self._lib(weight.device)
         values, meta = lib.compress(codes.contiguous())
         data = _CompressedFp8Weight(values, meta, w_scale.contiguous(), _input_scale(scale, weight.device), lib)
         return self._handle(weight, data, configs)
-
-    def _route(self, handle: Handle, tokens: int) -> tuple[int, Any]:
-        from kernels.cutlass24 import Schedule
-
-        config = (handle.configs[nearest_bucket(tokens, list(handle.configs))] if handle.configs
-                  else CutlassSm90Backend.default_config(tokens))
-        route = (config.get("kernel", 0), Schedule.of(config))
-        if len(handle.data.routes) < 4096:
-            handle.data.routes[tokens] = route
-        return route
 
     def linear(self, x: Tensor, handle: Handle, config: dict[str, int] | None = None) -> Tensor:
         weight: _CompressedFp8Weight = handle.data
@@ -124,9 +111,6 @@ class CutlassSm90Fp8Backend(Backend):
         y = weight.lib.linear_fp8(xq, xs, weight.values, weight.meta, weight.scale, handle.out_features, kernel,
                                   schedule)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], handle.out_features)
-
-    def candidate_configs(self, tokens: int) -> list[dict[str, int]]:
-        return CutlassSm90Backend().candidate_configs(tokens)
 
 
 FP8_BACKENDS: dict[str, type[Backend]] = {
