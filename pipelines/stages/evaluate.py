@@ -9,11 +9,12 @@ Sparsity counts exact zeros: per decoder Linear, per decoder layer, in total ove
 (the `sparsity` metric), and separately for the input embeddings and the LM head. Output (kind
 `report`): `report.json`.
 
-An FP8 model (a quantize stage's output, `pipelines.quantize.is_fp8_model`) is evaluated as FP8: every
-quantized Linear runs through the emulation (`pipelines.quantize.emulate`: inputs rounded to E4M3 per
-token or with the static scale, codes multiplied in fp32, both scales applied), on whatever device the
-stage has. The report's `quantization` block, the summary and a note say so (`fp8_execution: emulated`),
-with the metric `fp8_linears`. Recipe sample::
+An FP8 model (a quantize stage's output, `pipelines.quantize.is_fp8_model`) is evaluated as FP8. On a
+GPU with FP8 tensor cores (sm89+) the model runs in bf16 and every quantized Linear through real FP8 GEMMs
+(`fp8_execution: gpu`); elsewhere through the emulation (`pipelines.quantize.emulate`: inputs rounded to
+E4M3 per token or with the static scale, codes multiplied in fp32, both scales applied;
+`fp8_execution: emulated`). The report's `quantization` block, the summary and a note say which, with the
+metric `fp8_linears`. Recipe sample::
 
     - stage: evaluate
       seq_len: 1024
@@ -115,15 +116,33 @@ def _offset(progress: ProgressFn, done_before: int, total: int, label: str) -> P
     return lambda done, _total, message: progress(done_before + done, total, f"{label}: {message}")
 
 
-def _emulate_fp8(model: nn.Module, model_dir: Path) -> dict[str, Any] | None:
-    """For an FP8 model folder, run its quantized Linears as emulated FP8 and describe it; else None."""
+def _fp8_gemms_available(device: torch.device) -> bool:
+    """Whether `device` runs real FP8 GEMMs (an sm89+ GPU with `torch._scaled_mm`)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
+
+
+def _run_as_fp8(model: nn.Module, model_dir: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any] | None]:
+    """For an FP8 model folder, run its quantized Linears as FP8 and describe how; else (model, None).
+
+    On an FP8-capable GPU the model runs in bf16 with real FP8 GEMMs (`kernels.fp8_backends.use_fp8_gemms`:
+    per-token quantization kernel, `torch._scaled_mm`), as it would be served; elsewhere the Linears are
+    emulated (`pipelines.quantize.emulate`: the same arithmetic in fp32)."""
     if not is_fp8_model(model_dir):
-        return None
+        return model, None
     meta = read_sidecar_metadata(model_dir)
     layers = read_fp8_layers(model_dir)
+    described = {"scheme": meta["scheme"], "activations": meta["activations"], "linears": len(layers)}
+    if _fp8_gemms_available(device):
+        from kernels.fp8 import Fp8Scales
+        from kernels.fp8_backends import use_fp8_gemms
+
+        model = model.to(torch.bfloat16)
+        use_fp8_gemms(model, {name: Fp8Scales(layer.weight_scale, layer.input_scale) for name, layer in layers.items()})
+        return model, {**described, "fp8_execution": "gpu"}
     attach_emulation(model, layers)
-    return {"scheme": meta["scheme"], "activations": meta["activations"], "linears": len(layers),
-            "fp8_execution": "emulated"}
+    return model, {**described, "fp8_execution": "emulated"}
 
 
 def run(spec: EvaluateStage, ctx: StageContext) -> StageResult:
@@ -148,11 +167,12 @@ def run(spec: EvaluateStage, ctx: StageContext) -> StageResult:
     sparsity = sparsity_report(model)
     params, nonzero = parameter_counts(model)
     size = dir_size(model_dir)
-    quantization = _emulate_fp8(model, model_dir)
+    model, quantization = _run_as_fp8(model, model_dir, ctx.device)
     if quantization is not None:
+        how = ("FP8 GEMMs on the GPU, the rest of the model in bf16" if quantization["fp8_execution"] == "gpu"
+               else f"emulated: FP8 W8A8 with fp32 accumulation, computed on {ctx.device.type}")
         notes.append(f"quantization: {quantization['scheme']} ({quantization['activations']} activations, "
-                     f"{quantization['linears']} Linears); fp8_execution: emulated (FP8 W8A8 with fp32 "
-                     f"accumulation, computed on {ctx.device.type})")
+                     f"{quantization['linears']} Linears); fp8_execution: {quantization['fp8_execution']} ({how})")
     ppl = perplexity(model, windows, spec.batch_size, _offset(ctx.progress, 0, total, "model"))
     del model
     if spec.compare_dense and dense_ppl is None:
