@@ -132,9 +132,11 @@ def print_job(console: Console, job: dict[str, Any], artifacts: list[dict[str, A
                     f"{job['status']}")
     results.add_column("measure")
     results.add_column("value", justify="right")
+    # after a quantize stage the evaluated model is the FP8 one (the evaluate stage's fp8_linears metric)
+    evaluated = "sparse FP8 perplexity" if metrics.get("fp8_linears") else "sparse perplexity"
     rows = [
         ("dense perplexity", _fmt(metrics.get("dense_perplexity"), ".2f")),
-        ("sparse perplexity", _fmt(metrics.get("perplexity"), ".2f")),
+        (evaluated, _fmt(metrics.get("perplexity"), ".2f")),
         ("achieved sparsity (decoder linears)", _fmt(metrics.get("sparsity"), ".2%")),
         ("parameters", _fmt(metrics.get("param_count"), ",.0f")),
         ("non-zero parameters", _fmt(metrics.get("nonzero_params"), ",.0f")),

@@ -165,6 +165,8 @@ def run(spec: PruneStage, ctx: StageContext) -> StageResult:
     if config.needs_data:
         # several GPUs (resources.num_gpus > 1): samples and solves spread over them (multi_device.py)
         devices = {} if streamed is not None else {"devices": stage_devices(spec.resources.num_gpus, ctx.device)}
+        if streamed is not None and spec.resources.num_gpus > 1:
+            logger.warning("streaming prune: one GPU (the multi-device split is not combined with streaming)")
         peak = max(peak, sequential(
             ids, targets, lambda work: keep(prune_layer(work, config, sparsities[work.index])),
             device=ctx.device, **devices, batch_size=spec.batch_size, full_stats=config.needs_hessian,
