@@ -160,7 +160,7 @@ SHAPE_CASES = [
     Case("recipe-missing", 422, "body.recipe", body=b'{"start": false}'),
     Case("start-not-bool", 422, "body.start", body=job_body(BASE, start=[1])),
     Case("unknown-top-level-key", 422, "body.priority", body=job_body(BASE, priority=9)),
-    recipe_case("unknown-stage-kind", ("stages", 3), {"stage": "quantize"}, "recipe.stages.3"),
+    recipe_case("unknown-stage-kind", ("stages", 3), {"stage": "distill"}, "recipe.stages.3"),
     recipe_case("huge-unknown-key", ("x" * 300_000,), 1, "recipe." + "x" * 100),
     recipe_case("list-where-str", ("model",), ["a", "b"], "recipe.model"),
 ]
