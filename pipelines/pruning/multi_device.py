@@ -104,18 +104,34 @@ def device_context(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
-def run_parallel(devices: Sequence[torch.device], work: Callable[[int], object], serial: bool = False) -> list[object]:
-    """`work(i)` for every device index, one thread per CUDA device with that device current; on the
-    CPU (or with `serial`) in order in this thread (CPU ops already use every core, and one thread
-    keeps tests exact)."""
+def run_in_threads(devices: Sequence[torch.device], work: Callable[[int], object]) -> list[object]:
+    """`work(i)` for every device index, one thread each with that device current and this thread's
+    grad mode. Grad mode is thread-local and a new thread starts with it on: without carrying the
+    caller's `no_grad` over, every layer forward in a worker thread records an autograd graph, and
+    the copy of its output into the activation buffer chains that graph (every saved activation of
+    the batch, on the GPU) onto the buffer, which the next layer reads: the graphs of every batch of
+    every layer stay alive until the GPU runs out of memory."""
+    grad = torch.is_grad_enabled()
+
     def call(i: int) -> object:
-        with device_context(devices[i]):
+        with torch.set_grad_enabled(grad), device_context(devices[i]):
             return work(i)
 
-    if serial or len(devices) == 1 or any(d.type != "cuda" for d in devices):
-        return [call(i) for i in range(len(devices))]
     with ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="sparseflow-device") as pool:
         return list(pool.map(call, range(len(devices))))
+
+
+def run_parallel(devices: Sequence[torch.device], work: Callable[[int], object], serial: bool = False) -> list[object]:
+    """`work(i)` for every device index, one thread per CUDA device (`run_in_threads`); on the
+    CPU (or with `serial`) in order in this thread (CPU ops already use every core, and one thread
+    keeps tests exact)."""
+    if serial or len(devices) == 1 or any(d.type != "cuda" for d in devices):
+        out = []
+        for i in range(len(devices)):
+            with device_context(devices[i]):
+                out.append(work(i))
+        return out
+    return run_in_threads(devices, work)
 
 
 def make_replayers(copies: Sequence[nn.Module], layer_prefix: str, linears: Sequence[dict[str, nn.Linear]],

@@ -198,12 +198,15 @@ def _capture(
     return capture
 
 
+@torch.no_grad()
 def _forward_all(
     layer: nn.Module, calls: list[_Call], inputs: Tensor, outputs: Tensor | None, batches: list[slice],
     device: torch.device, collector: _Collector | None = None, replay: SubmoduleReplay | None = None,
 ) -> None:
     """Every batch through one layer; outputs (if given) written into the CPU buffer. With `replay`,
-    finished children of the layer are recorded or replayed (`replay.py`)."""
+    finished children of the layer are recorded or replayed (`replay.py`). No grad here whatever the
+    calling thread's mode (the multi-device driver calls this from worker threads): a graph would be
+    chained onto the output buffer by the copy and keep every batch's activations alive."""
     with replay.active(len(batches)) if replay is not None else nullcontext():
         for b, rows in enumerate(batches):
             if replay is not None:

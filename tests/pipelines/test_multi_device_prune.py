@@ -7,6 +7,7 @@ everything but the peer copies and the threads is exercised.
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tiny_models import build_tiny_model
 from torch import nn
 
 from pipelines.masks import load_masks
+from pipelines.pruning import multi_device
 from pipelines.pruning.device_plan import Solve, plan_solves, shard_bounds, solve_cost, stage_devices
 from pipelines.pruning.engine import MethodConfig, prune_layer
 from pipelines.pruning.sequential import run_sequential
@@ -112,6 +114,43 @@ def test_each_solve_sees_every_shards_statistics_and_its_own_layer_copy() -> Non
     for name, module in layers.named_modules():
         if isinstance(module, nn.Linear):
             assert float((module.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01), name
+
+
+def test_worker_threads_keep_the_callers_grad_mode() -> None:
+    """Grad mode is thread-local and a new thread starts with it on; the per-device threads must run
+    under the driver's no_grad (on 2 H200s, the layer forwards in the threads recorded autograd
+    graphs that the activation buffers kept alive: GPU 0 out of memory after a few layers)."""
+    with torch.no_grad():
+        assert multi_device.run_in_threads([CPU, CPU], lambda i: torch.is_grad_enabled()) == [False, False]
+    assert multi_device.run_in_threads([CPU, CPU], lambda i: torch.is_grad_enabled()) == [True, True]
+
+
+def _graph_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+
+
+@pytest.mark.parametrize("within_layer", [True, False])
+def test_threaded_devices_keep_no_autograd_graph_across_layers(monkeypatch: pytest.MonkeyPatch,
+                                                               within_layer: bool) -> None:
+    """The driver with its per-device threads (as on CUDA; here on [cpu, cpu]) leaves no tensor with
+    an autograd graph alive after any layer, and prunes like one device."""
+    monkeypatch.setattr(multi_device, "run_parallel", lambda devices, work, serial=False: (
+        [work(i) for i in range(len(devices))] if serial else multi_device.run_in_threads(devices, work)))
+    config = MethodConfig("sparsegpt")
+    model = build_tiny_model(512)
+    masks: dict[str, torch.Tensor] = {}
+    graphs: list[int] = []
+
+    def on_layer(work) -> None:
+        for outcome in prune_layer(work, config, 0.5):
+            masks[outcome.name] = outcome.packed_mask
+
+    run_sequential(model, _ids(), resolve_targets(model, TARGETS, ["lm_head"]), on_layer, devices=[CPU, CPU],
+                   batch_size=2, within_layer=within_layer, progress=lambda *_: graphs.append(_graph_tensors()))
+    assert graphs == [0] * len(model.model.layers)
+    _, one = _prune([CPU], config, 0.5, within_layer)
+    assert _agreement(masks, one) == 1.0
 
 
 def test_shards_are_contiguous_and_balanced() -> None:
