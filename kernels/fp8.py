@@ -47,8 +47,14 @@ class Fp8Scales:
 
 
 def row_scales(x: Tensor) -> Tensor:
-    """fp32 scale per row of a 2-D tensor: amax(|row|) / 448 (at least `_MIN_SCALE`)."""
-    return x.detach().abs().amax(dim=-1).float().div_(FP8_MAX).clamp_(min=_MIN_SCALE)
+    """fp32 scale per row of a 2-D tensor: amax(|row|) / 448 (at least `_MIN_SCALE`).
+
+    A true division, as the CUDA kernel does: PyTorch divides a tensor by a Python number as a
+    multiplication by its reciprocal, which can differ in the last bit, and with bf16 inputs many
+    values x / scale sit exactly halfway between two e4m3 codes (an amax like 14 makes the scale an
+    exact 14 / 448 = 2^-5), so that last bit would decide a whole row's ties."""
+    amax = x.detach().abs().amax(dim=-1).float()
+    return torch.div(amax, torch.full_like(amax, FP8_MAX)).clamp_(min=_MIN_SCALE)
 
 
 def quantize_with_scales(x: Tensor, scales: Tensor) -> Tensor:
