@@ -64,10 +64,11 @@ class TuneTarget:
     sparse: bool = True
 
 
-def shape_key(out_features: int, in_features: int, fp8: bool = False) -> str:
+def shape_key(out_features: int, in_features: int, fp8: bool = False, sparse: bool = True) -> str:
     """Plan key of a Linear: its weight shape, out x in, with `:fp8` for a layer quantized to FP8 (whose
-    candidates include the FP8 kernels; a plain layer of the same shape keeps its own choices)."""
-    return f"{out_features}x{in_features}" + (":fp8" if fp8 else "")
+    candidates include the FP8 kernels; a plain layer of the same shape keeps its own choices), and
+    `:fp8-dense` for a quantized layer that is not 2:4 (dense bf16 or dense FP8 only)."""
+    return f"{out_features}x{in_features}" + ((":fp8" if sparse else ":fp8-dense") if fp8 else "")
 
 
 def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -276,7 +276,9 @@ def apply_plan(
     fp8_scales = fp8_scales or {}
     for name, linear in targets:
         scale = fp8_scales.get(name)
-        key = f"{linear.out_features}x{linear.in_features}" + (":fp8" if scale is not None else "")
+        key = f"{linear.out_features}x{linear.in_features}"
+        if scale is not None:
+            key += ":fp8" if masks is not None and name in masks or is_24(linear.weight) else ":fp8-dense"
         if key not in sparse:
             continue
         if masks is not None:

@@ -13,8 +13,9 @@ those choices without timing; the other shapes are tuned. The plan is complete e
 
 A model quantized to FP8 by the `quantize` stage (`pipelines.quantize`) is tuned with its layers' FP8
 weight scales: its quantized Linears get plan keys `<out>x<in>:fp8`, whose candidates also include the
-FP8 kernels (dense FP8 and our FP8 2:4), and quantized Linears that are not 2:4 are tuned too, between
-dense bf16 and dense FP8. FP8 kernels output bfloat16, so such a model is tuned in `dtype: bfloat16`.
+FP8 kernels (dense FP8 and our FP8 2:4), and quantized Linears that are not 2:4 are tuned too, under
+`<out>x<in>:fp8-dense`, between dense bf16 and dense FP8. FP8 kernels output bfloat16, so such a
+model is tuned in `dtype: bfloat16`.
 
 Without a CUDA device nothing is timed: the plan marks every shape dense with reason "no CUDA GPU"
 and the result's notes say that tuning was skipped. Sample recipe entry::
@@ -56,7 +57,8 @@ class KernelCacheEntry(BaseModel):
 
     environment: Environment
     dtype: Literal["float16", "bfloat16"]
-    shape: str = Field(pattern=r"^[0-9]+x[0-9]+(:fp8)?$", description='Weight shape "<out>x<in>[:fp8]".')
+    shape: str = Field(pattern=r"^[0-9]+x[0-9]+(:fp8|:fp8-dense)?$",
+                       description='Weight shape "<out>x<in>[:fp8|:fp8-dense]".')
     tokens: int = Field(ge=1)
     choice: KernelChoice
 
@@ -93,7 +95,8 @@ def find_24_linears(model: torch.nn.Module, fp8_layers: frozenset[str] = frozens
                     ) -> tuple[dict[str, list[str]], dict[str, str]]:
     """(shape key -> tunable Linear names, untuned Linear name -> shape key) inside the decoder layers.
 
-    Tunable: a 2:4 Linear, or any Linear named in `fp8_layers` (quantized; its key ends in `:fp8`)."""
+    Tunable: a 2:4 Linear, or any Linear named in `fp8_layers` (quantized; its key ends in `:fp8`, or in
+    `:fp8-dense` when it is not 2:4), so every Linear of one key has the same structure."""
     prefix, layers = decoder_layers(model)
     sparse: dict[str, list[str]] = defaultdict(list)
     dense: dict[str, str] = {}
@@ -102,8 +105,9 @@ def find_24_linears(model: torch.nn.Module, fp8_layers: frozenset[str] = frozens
             if not isinstance(module, torch.nn.Linear):
                 continue
             full = f"{prefix}.{i}.{name}"
-            key = shape_key(module.out_features, module.in_features, fp8=full in fp8_layers)
-            if is_24(module.weight) or full in fp8_layers:
+            sparse_24 = is_24(module.weight)
+            key = shape_key(module.out_features, module.in_features, fp8=full in fp8_layers, sparse=sparse_24)
+            if sparse_24 or full in fp8_layers:
                 sparse[key].append(full)
             else:
                 dense[full] = key

@@ -62,6 +62,7 @@ def test_reference_linear_is_the_dequantized_product():
 def test_shape_keys_of_quantized_layers_are_their_own():
     assert shape_key(4096, 14336) == "4096x14336"
     assert shape_key(4096, 14336, fp8=True) == "4096x14336:fp8"
+    assert shape_key(4096, 14336, fp8=True, sparse=False) == "4096x14336:fp8-dense"
 
 
 def test_fp8_choices_apply_only_to_quantized_layers():
@@ -70,7 +71,7 @@ def test_fp8_choices_apply_only_to_quantized_layers():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(64, 32, bias=False))
     choice = {1: KernelChoice(backend="dense-fp8", reason="test")}
     plan = KernelPlan(environment=environment_of(None), dtype="bfloat16", tokens=[1],
-                      shapes={"32x64:fp8": ShapePlan(out_features=32, in_features=64, choices=choice)})
+                      shapes={"32x64:fp8-dense": ShapePlan(out_features=32, in_features=64, choices=choice)})
     model = model.to(torch.bfloat16)
     scales = {"0": quantize_weight(model[0].weight.float())[1]}
 
@@ -80,7 +81,7 @@ def test_fp8_choices_apply_only_to_quantized_layers():
 
     report = apply_plan(model, plan, backends={"dense-fp8": CpuFp8(), "dense": make_backends(["dense"])["dense"]},
                         check_env=False, fp8_scales=scales)
-    assert report.replaced == {"0": "32x64:fp8"}
+    assert report.replaced == {"0": "32x64:fp8-dense"}  # quantized, not 2:4
     assert isinstance(model[1], torch.nn.Linear)
 
 

@@ -174,3 +174,51 @@ def test_invalid_kernel_cache_is_a_clear_error(pruned_model_dir, tmp_path, fake_
     ctx.inputs["kernel_cache"] = bad
     with pytest.raises(StageInputError, match="kernel_cache .*entries.0.environment"):
         run(KernelTuneStage(tokens=[1]), ctx)
+
+
+@pytest.fixture(scope="module")
+def fp8_model_dir(pruned_model_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The partly 2:4 tiny Llama with every decoder Linear quantized to FP8 by the quantize stage."""
+    import shutil
+
+    from pipelines.recipe import QuantizeStage
+    from pipelines.stages import quantize
+
+    work = tmp_path_factory.mktemp("fp8")
+    source = shutil.copytree(pruned_model_dir, work / "pruned")
+    for tokenizer_file in tiny_model_dir.glob("tokenizer*"):
+        shutil.copy(tokenizer_file, source / tokenizer_file.name)
+    return quantize.run(QuantizeStage(export="none"), _ctx(work / "q", source)).outputs["model"]
+
+
+def test_quantized_linears_are_tuned_under_their_own_fp8_keys(fp8_model_dir, tmp_path, monkeypatch):
+    """Every quantized Linear is a tuning target (2:4 or not) under `<out>x<in>:fp8`, with its FP8 scales;
+    the ones that are not 2:4 are marked dense-only, so no 2:4 kernel is tried on them."""
+    from kernels.fp8 import Fp8Scales
+
+    seen = {}
+
+    def fake_tune(weights, settings, device, progress=None):
+        seen.update(weights)
+        return {key: {t: {"backend": "dense", "times_ms": {"dense": 0.01}, "speedup": 1.0, "reason": "timed"}
+                      for t in settings.tokens} for key in weights}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernel_tune, "environment_of", lambda device: H100)
+    monkeypatch.setattr(kernel_tune, "tune", fake_tune)
+    result = run(KernelTuneStage(tokens=[1, 16], dtype="bfloat16"), _ctx(tmp_path, fp8_model_dir, "cuda"))
+    # pruned 2:4: q_proj (64x64) of layer 0, up_proj (128x64) of both layers, down_proj (64x128) of layer 1
+    assert set(seen) == {"64x64:fp8", "128x64:fp8", "64x128:fp8",
+                         "64x64:fp8-dense", "32x64:fp8-dense", "128x64:fp8-dense", "64x128:fp8-dense"}
+    assert all(isinstance(t.fp8_scale, Fp8Scales) and t.fp8_scale.input is None for t in seen.values())
+    assert all(t.sparse == (key.endswith(":fp8")) for key, t in seen.items())
+    assert all((t.mask is not None) == t.sparse for t in seen.values())
+    plan = load_plan(result.outputs["kernel_plan"])
+    assert set(plan.shapes) == set(seen) and result.summary["fp8_linears"] == 14
+
+
+def test_cpu_plan_of_an_fp8_model_is_dense_under_fp8_keys(fp8_model_dir, tmp_path):
+    result = run(KernelTuneStage(tokens=[1], dtype="bfloat16"), _ctx(tmp_path, fp8_model_dir))
+    plan = load_plan(result.outputs["kernel_plan"])
+    assert plan.shapes and all(":fp8" in key for key in plan.shapes)
+    assert all(c.backend == "dense" and c.reason == NO_GPU for s in plan.shapes.values() for c in s.choices.values())
