@@ -40,6 +40,7 @@ from bench.kernels_bench import _linear, run_decode, run_decode_graph, run_prefi
 from kernels.autotune import TuneSettings, TuneTarget, paired_ratios, shape_key, tune  # noqa: E402
 from kernels.backends import make_backends  # noqa: E402
 from kernels.fp8 import dequantize, quantize_weight, reference_linear  # noqa: E402
+from kernels.fp8_backends import fp8_codes  # noqa: E402
 from kernels.plan import KernelChoice, SparseLinear, apply_plan, environment_of, plan_from_tuning  # noqa: E402
 from kernels.sparse24 import mask_24  # noqa: E402
 from kernels.timing import copies_to_defeat_l2, device_info, time_calls  # noqa: E402
@@ -68,7 +69,7 @@ def retime(weight, mask, scale, tuned_shape: dict, repeats: int, rounds: int = 5
                                     | {c["backend"] for c in tuned_shape.values()}))
     copies = copies_to_defeat_l2(weight.numel(), dev)
     choices = {int(t): KernelChoice(**c) for t, c in tuned_shape.items()}
-    codes = (weight.float() / scale.unsqueeze(1)).to(torch.float8_e4m3fn)
+    codes, _ = fp8_codes(weight, scale)
     rows = []
     for tokens, choice in tuned_shape.items():
         xs = [torch.randn(tokens, in_f, device=dev, dtype=torch.bfloat16) for _ in range(copies)]

@@ -339,19 +339,22 @@ class CutlassSm90Backend(Backend):
             handle.data.routes[tokens] = route
         return route
 
+    def _kernel_schedule(self, handle: Handle, tokens: int, config: dict[str, int] | None) -> tuple[int, Any]:
+        """(kernel, schedule) for a call: `config` when given (the tuner's search), else the route kept on
+        the weight for this token count."""
+        if config is None:
+            return handle.data.routes.get(tokens) or self._route(handle, tokens)
+        from kernels.cutlass24 import Schedule
+
+        return config.get("kernel", 0), Schedule.of(config)
+
     def linear(self, x: Tensor, handle: Handle, config: dict[str, int] | None = None) -> Tensor:
         # host time is most of a decode-sized call: this path only looks things up
         weight: _CompressedWeight = handle.data
         x2d = x.reshape(-1, handle.in_features)
         if x2d.dtype != handle.dtype:
             raise BackendError(f"{self.name}: input {x2d.dtype} but weight {handle.dtype}")
-        if config is None:
-            tokens = x2d.shape[0]
-            kernel, schedule = weight.routes.get(tokens) or self._route(handle, tokens)
-        else:
-            from kernels.cutlass24 import Schedule
-
-            kernel, schedule = config.get("kernel", 0), Schedule.of(config)
+        kernel, schedule = self._kernel_schedule(handle, x2d.shape[0], config)
         y = weight.lib.linear(x2d.contiguous(), weight.values, weight.meta, handle.out_features, kernel, schedule)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], handle.out_features)
 

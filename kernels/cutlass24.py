@@ -204,6 +204,12 @@ class Schedule(NamedTuple):
         return cls(*(int(config.get(f, d)) for f, d in zip(cls._fields, cls._field_defaults.values(), strict=True)))
 
 
+def current_stream(device: torch.device) -> int:
+    """The current CUDA stream's handle; torch's raw getter skips building a Stream object per call."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device.index) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
 class Sparse24Sm90:
     """The loaded library for one device. Create it through `Sparse24Sm90.load(device)`."""
 
@@ -281,9 +287,16 @@ class Sparse24Sm90:
         return size.value
 
     def _stream(self) -> int:
-        """The current CUDA stream's handle; torch's raw getter skips building a Stream object per call."""
-        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        return raw(self.device.index) if raw is not None else torch.cuda.current_stream(self.device).cuda_stream
+        return current_stream(self.device)
+
+    def _launch_workspace(self, problem: tuple) -> tuple[int, int, torch.Tensor | None]:
+        """(workspace bytes, stream, workspace buffer) for one call; the size is asked once per problem,
+        which also checks that the kernel can run it."""
+        nbytes = self._workspace_sizes.get(problem)
+        if nbytes is None:
+            nbytes = self._workspace_sizes[problem] = self.workspace_bytes(*problem)
+        stream = self._stream()
+        return nbytes, stream, self._workspace(nbytes, stream)
 
     def _workspace(self, nbytes: int, stream: int) -> torch.Tensor | None:
         if nbytes == 0:
@@ -301,12 +314,7 @@ class Sparse24Sm90:
         dtype = x2d.dtype
         schedule = schedule or Schedule()
         out = torch.empty(tokens, out_features, dtype=dtype, device=x2d.device)
-        problem = (dtype, kernel, out_features, tokens, k, schedule)
-        nbytes = self._workspace_sizes.get(problem)
-        if nbytes is None:  # asked once per problem: it also checks that the kernel can run it
-            nbytes = self._workspace_sizes[problem] = self.workspace_bytes(*problem)
-        stream = self._stream()
-        workspace = self._workspace(nbytes, stream)
+        nbytes, stream, workspace = self._launch_workspace((dtype, kernel, out_features, tokens, k, schedule))
         status = self._kernels[(dtype, kernel)][1](
             out_features, tokens, k, values.data_ptr(), meta.data_ptr(), x2d.data_ptr(), out.data_ptr(),
             None if workspace is None else workspace.data_ptr(), nbytes, *schedule, self.device.index,
@@ -323,12 +331,7 @@ class Sparse24Sm90:
         tokens, k = xq.shape
         schedule = schedule or Schedule()
         out = torch.empty(tokens, out_features, dtype=torch.bfloat16, device=xq.device)
-        problem = (FP8, kernel, out_features, tokens, k, schedule)
-        nbytes = self._workspace_sizes.get(problem)
-        if nbytes is None:
-            nbytes = self._workspace_sizes[problem] = self.workspace_bytes(*problem)
-        stream = self._stream()
-        workspace = self._workspace(nbytes, stream)
+        nbytes, stream, workspace = self._launch_workspace((FP8, kernel, out_features, tokens, k, schedule))
         status = self._kernels[(FP8, kernel)][1](
             out_features, tokens, k, values.data_ptr(), meta.data_ptr(), xq.data_ptr(), out.data_ptr(),
             w_scale.data_ptr(), x_scale.data_ptr(), None if workspace is None else workspace.data_ptr(), nbytes,

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kernels.cutlass24 import current_stream
+
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -123,11 +125,6 @@ def _cuda_quantizer():
     return function
 
 
-def _current_stream(device: torch.device) -> int:
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return raw(device.index) if raw is not None else torch.cuda.current_stream(device).cuda_stream
-
-
 @functools.cache
 def _triton_kernel():
     """The fused per-token quantization kernel, compiled on first use (None: Triton is not importable)."""
@@ -173,7 +170,7 @@ def quantize_rows(x2d: Tensor, static_scale: Tensor | None = None) -> tuple[Tens
     if cuda is not None:
         static = None if static_scale is None else static_scale.data_ptr()
         status = cuda(_QUANT_DTYPES[x2d.dtype], x2d.data_ptr(), codes.data_ptr(), scales.data_ptr(), static, tokens,
-                      k, x2d.stride(0), codes.stride(0), _current_stream(x2d.device))
+                      k, x2d.stride(0), codes.stride(0), current_stream(x2d.device))
         if status:
             raise RuntimeError(f"FP8 quantization kernel failed with status {status} on {tokens}x{k}")
         return codes, scales

@@ -101,12 +101,7 @@ class CutlassSm90Fp8Backend(CutlassSm90Backend):
     def linear(self, x: Tensor, handle: Handle, config: dict[str, int] | None = None) -> Tensor:
         weight: _CompressedFp8Weight = handle.data
         x2d = x.reshape(-1, handle.in_features)
-        if config is None:
-            kernel, schedule = weight.routes.get(x2d.shape[0]) or self._route(handle, x2d.shape[0])
-        else:
-            from kernels.cutlass24 import Schedule
-
-            kernel, schedule = config.get("kernel", 0), Schedule.of(config)
+        kernel, schedule = self._kernel_schedule(handle, x2d.shape[0], config)
         xq, xs = quantize_rows(x2d, weight.input_scale)
         y = weight.lib.linear_fp8(xq, xs, weight.values, weight.meta, weight.scale, handle.out_features, kernel,
                                   schedule)
