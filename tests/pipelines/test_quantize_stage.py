@@ -223,8 +223,10 @@ def test_packed_24_export_loads_with_our_loader_and_is_refused_by_stock(tmp_path
     assert packed.numel() + bitmask.numel() == 0.625 * 64 * 128  # bytes per weight: 1/2 values + 1/8 mask
     reference = _logits(_emulated(quantized.outputs["model"]))
     assert torch.equal(_logits(load_compressed_model(folder, dtype=torch.float32)), reference)
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # the [0] guard: refused, never random
-        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    # The [0] guard: refused, never random. transformers 5.24 + compressed-tensors 0.20 refuse the load;
+    # 5.17 + 0.19 (the H200 image) load the empty weight as it is, and the first forward raises.
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes|shapes cannot be multiplied"):
+        _logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
 
 
 def test_packed_24_export_refuses_a_dense_model(tmp_path: Path, tiny_model_dir: Path, tiny_text_file: Path) -> None:
