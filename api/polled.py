@@ -4,7 +4,8 @@ Every client watching a job polls `GET /v1/jobs/{job_id}`. A sync handler with t
 costs seven thread-pool hops per request (each sync dependency, the session's enter and exit, the
 handler, and response validation); here the caller is resolved on the event loop (the same token check
 as `api.deps.get_current_user`, which does no I/O) and the four store reads plus serialization run in one
-hop. The body is the `JobDetail` model dumped once, not validated twice.
+hop. The body is the `JobDetail` model dumped once, not validated twice, and kept for a fraction of a
+second for the other pollers of the same job (`api.status_cache`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from api import deps
+from api.status_cache import StatusCache
 from api.views import job_status
 from orchestrator.service import Orchestrator
 
@@ -40,6 +42,9 @@ def _status_json(orchestrator: Orchestrator, job_id: str, owner: str) -> bytes:
 
 
 async def status_response(request: Request, job_id: str, owner: str) -> Response:
-    """The job's `JobDetail` as JSON; `NotFound` (unknown or another owner's job) propagates as 404."""
-    body = await run_in_threadpool(_status_json, await deps.get_orchestrator(request), job_id, owner)
+    """The job's `JobDetail` as JSON, at most `status_cache_s` old (`api.status_cache`); `NotFound` (unknown
+    or another owner's job) propagates as 404."""
+    orchestrator = await deps.get_orchestrator(request)
+    cache: StatusCache = request.app.state.status_cache
+    body = await cache.get((job_id, owner), lambda: run_in_threadpool(_status_json, orchestrator, job_id, owner))
     return Response(body, media_type="application/json")

@@ -15,6 +15,7 @@ Results go to bench/results/status_load.json (machine, versions, command) and a 
 
     .venv/bin/python bench/status_load.py                       # both stores, 1/8/32 clients, 10 s each
     .venv/bin/python bench/status_load.py --stores sqlite --duration 5 --workers 1 --download-mib 256
+    .venv/bin/python bench/status_load.py --status-cache-s 0    # every status request reads the store
 """
 
 from __future__ import annotations
@@ -312,10 +313,12 @@ def run_store(store: str, args: argparse.Namespace) -> dict[str, Any]:
         settings = Settings(home=home, database_url=url, artifact_root=None, ray_address=None)
         job_id, artifact_id = seed(settings, args.download_mib << 20)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSEFLOW_")}
-        env.update({"SPARSEFLOW_HOME": str(home), "PYTHONPATH": str(ROOT)})
+        env.update({"SPARSEFLOW_HOME": str(home), "PYTHONPATH": str(ROOT),
+                    "SPARSEFLOW_STATUS_CACHE_S": str(args.status_cache_s)})
         if url:
             env["SPARSEFLOW_DATABASE_URL"] = url
-        result: dict[str, Any] = {"store": store, "workers": args.workers, "status": {}}
+        result: dict[str, Any] = {"store": store, "workers": args.workers, "status_cache_s": args.status_cache_s,
+                                  "status": {}}
         with Server(env, args.workers) as server:
             result["server_command"] = " ".join(server.command[1:])
             status_url = f"{server.url}/v1/jobs/{job_id}"
@@ -378,6 +381,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds per load level.")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes.")
+    parser.add_argument("--status-cache-s", type=float, default=0.5,
+                        help="The server's status_cache_s (0: every status request reads the store).")
     parser.add_argument("--download-mib", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "status_load.json")
     args = parser.parse_args()

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     runner_lost_after_s: float = Field(30.0, gt=0)
     reconcile_every_s: float = Field(5.0, gt=0)
     verify_every_s: float = Field(60.0, gt=0, description="The API re-hashes a few stored artifacts this often.")
+    status_cache_s: float = Field(
+        0.5, ge=0, le=10, description="How old a polled job status may be (per API process; 0: always read "
+        "the store). The process's own writes to a job drop its kept status at once.",
+    )
 
     # tenancy and limits
     local_roots: list[str] | None = Field(

@@ -48,7 +48,7 @@ def list_jobs(
 
 
 @router.post("/{job_id}/start", response_model=JobDetail)
-def start_job(job: OwnedJob, session: SessionDep, orchestrator: OrchestratorDep) -> JobDetail:
+def start_job(job: OwnedJob, session: SessionDep, orchestrator: OrchestratorDep, request: Request) -> JobDetail:
     """Run a job recorded with `start: false` (409 unless it is queued and has never been handed to a runner)."""
     ran = [run.index for run in job.stage_runs if run.status != Status.queued or run.attempt or run.started_at]
     if ran or not queries.reserve_start(session, job.id, by=f"starting:{embedded_runner()}"):  # one of racing starts
@@ -60,6 +60,7 @@ def start_job(job: OwnedJob, session: SessionDep, orchestrator: OrchestratorDep)
     session.commit()  # the reservation is seen by every other request before the job is handed on
     orchestrator.start(job.id)
     session.refresh(job)
+    forget_status(request, job.id)
     return job_detail(session, job)
 
 
@@ -70,10 +71,11 @@ async def get_job(job_id: str, request: Request, user: PollingUser) -> Response:
 
 
 @router.post("/{job_id}/cancel", response_model=JobDetail)
-def cancel_job(job: OwnedJob, session: SessionDep, orchestrator: OrchestratorDep) -> JobDetail:
+def cancel_job(job: OwnedJob, session: SessionDep, orchestrator: OrchestratorDep, request: Request) -> JobDetail:
     """Cancel a queued or running job (409 if it already ended); a running stage stops within seconds."""
     orchestrator.cancel(session, job.id)
     session.commit()
+    forget_status(request, job.id)
     return job_detail(session, job)
 
 
@@ -82,6 +84,7 @@ def resume_job(
     job: OwnedJob,
     session: SessionDep,
     orchestrator: OrchestratorDep,
+    request: Request,
     force: Annotated[bool, Query(description="Also take over a job still recorded queued or running whose "
                                  "runner died (a live runner notices and stops).")] = False,
 ) -> JobDetail:
@@ -90,4 +93,10 @@ def resume_job(
     session.commit()
     orchestrator.start(job.id)
     session.refresh(job)
+    forget_status(request, job.id)
     return job_detail(session, job)
+
+
+def forget_status(request: Request, job_id: str) -> None:
+    """This process changed the job: its next status read goes to the store, not to `api.status_cache`."""
+    request.app.state.status_cache.forget(job_id)
