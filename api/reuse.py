@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from orchestrator.store.models import StageRun, Tag
 
 CACHED_FROM = "cached_from"
+_stage_runs, _tags = StageRun.__table__.c, Tag.__table__.c  # Core columns: no ORM compile state (reads.py)
 _MAX_HOPS = 64  # a chain of cache hits, each of an earlier run: far longer than any real one
 
 
@@ -24,16 +25,16 @@ def reused_from(session: Session | Connection, job_id: str) -> dict[str, str]:
     or to "" when none is.
     """
     hits = dict(session.execute(
-        select(Tag.stage_run_id, Tag.value).where(Tag.job_id == job_id, Tag.key == CACHED_FROM)).all())
+        select(_tags.stage_run_id, _tags.value).where(_tags.job_id == job_id, _tags.key == CACHED_FROM)).all())
     found: dict[str, str] = {}
     for stage_run_id, source in hits.items():
         origin_job = ""
         for _ in range(_MAX_HOPS):
-            row = session.execute(select(StageRun.job_id).where(StageRun.id == source)).first()
+            row = session.execute(select(_stage_runs.job_id).where(_stage_runs.id == source)).first()
             if row is None:
                 break
             origin_job = row.job_id
-            earlier = session.scalar(select(Tag.value).where(Tag.stage_run_id == source, Tag.key == CACHED_FROM))
+            earlier = session.scalar(select(_tags.value).where(_tags.stage_run_id == source, _tags.key == CACHED_FROM))
             if earlier is None:
                 break
             source = earlier
