@@ -26,9 +26,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     as their recipe allows, resumed) and re-hashes a few stored artifacts every `verify_every_s`.
     """
 
+    settings = settings or get_settings()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        orchestrator = app.state.orchestrator = Orchestrator(settings or get_settings())
+        orchestrator = app.state.orchestrator = Orchestrator(settings)
         orchestrator.start_reconciler()
         verifier = asyncio.create_task(verify_forever(orchestrator.sessions, orchestrator.settings.verify_every_s))
         freeze_startup_heap()
@@ -45,9 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.status_cache = StatusCache((settings or get_settings()).status_cache_s)
+    app.state.status_cache = StatusCache(settings.status_cache_s)
     install_error_handlers(app)
-    install_limits(app, settings or get_settings())
+    install_limits(app, settings)
     for router in (jobs.router, artifacts.router, lineage.router, datasets.router, metrics.router, zoo.router):
         app.include_router(router)
 

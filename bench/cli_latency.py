@@ -34,16 +34,14 @@ sys.path.insert(0, str(REPO))
 
 def seed(home: Path, jobs: int, artifact_mib: int) -> tuple[str, str]:
     """(a job id, an artifact id) in a store of `jobs` finished jobs under `home`."""
+    from orchestrator.runtime import JobRuntime
     from orchestrator.settings import Settings
     from orchestrator.states import Status
-    from orchestrator.store import db, queries
+    from orchestrator.store import queries
     from workers.storage import ArtifactStorage
 
     settings = Settings(home=home)
-    settings.ensure_dirs()
-    engine = db.make_engine(settings.database)
-    db.migrate(engine)
-    sessions = db.session_factory(engine)
+    sessions = JobRuntime.from_settings(settings).sessions  # folders made, store migrated
     kinds = ("calibrate", "prune", "finetune", "evaluate", "kernel_tune")
     job_id = ""
     with sessions.begin() as session:
