@@ -229,8 +229,8 @@ def download(
     token: TokenOpt = None,
 ) -> None:
     """Download an artifact, verify its sha256, then move it into place (an interrupted one resumes)."""
-    from api.client import ApiError
     from api.download import ChecksumMismatch, DownloadError
+    from api.http_error import ApiError
     from api.store_client import StoreRefused
 
     with _reader(url, token) as client:
@@ -354,6 +354,12 @@ def worker(
     poll_seconds: Annotated[float, typer.Option(min=0.5, help=(
         "How often the worker asks Prefect for new runs: a job waits up to this long for a free worker to "
         "see it (Prefect's own default is 10 s)."))] = 2.0,
+    health_port: Annotated[int | None, typer.Option(min=1, max=65535, help=(
+        "Serve Prefect's worker healthcheck on this port: GET /health answers 200 while the worker keeps "
+        "polling the pool and 503 once it has missed its polls, for a liveness probe."))] = None,
+    health_host: Annotated[str, typer.Option(help=(
+        "Address the healthcheck listens on (0.0.0.0 in a pod, where the kubelet probes the pod's IP)."))]
+        = "127.0.0.1",
 ) -> None:
     """Cluster mode: run jobs from the work pool (a Prefect process worker; each job runs as its own process)."""
     settings = _cluster_settings()
@@ -362,8 +368,11 @@ def worker(
     install_reaper()  # the worker's job processes end with it (the reaper watches this pid across exec)
     prefect = Path(sys.executable).parent / "prefect"
     command = [str(prefect), "worker", "start", "--pool", pool or settings.work_pool, "--type", "process",
-               "--limit", str(limit), *(["--name", name] if name else [])]
+               "--limit", str(limit), *(["--name", name] if name else []),
+               *(["--with-healthcheck"] if health_port else [])]
+    health = {"PREFECT_WORKER_WEBSERVER_HOST": health_host, "PREFECT_WORKER_WEBSERVER_PORT": str(health_port)}
     env = {
+        **(health if health_port else {}),
         **os.environ,
         "PREFECT_API_URL": settings.prefect_api_url,
         # flow-run heartbeats for Prefect's own zombie-run automations; ours beat in the store too

@@ -6,22 +6,15 @@ Given a URL it speaks HTTP; without one it mounts the app in-process (same handl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
+from api.http_error import ApiError
 
-class ApiError(RuntimeError):
-    """An HTTP error answer, carrying the status and the server's reason."""
-
-    def __init__(self, status: int, detail: Any) -> None:
-        text = detail if isinstance(detail, str) else json.dumps(detail)
-        super().__init__(f"HTTP {status}: {text}")
-        self.status = status
-        self.detail = detail
+__all__ = ["ApiClient", "ApiError"]
 
 
 class ApiClient:

@@ -18,9 +18,10 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 _CHUNK = 1 << 20
 
@@ -162,7 +163,7 @@ def _check_manifest(directory: Path, manifest: str, sha256: str) -> str | None:
 
 
 def _api_error(response: httpx.Response) -> Exception:
-    from api.client import ApiError
+    from api.http_error import ApiError
 
     try:
         detail = response.json().get("detail", response.text)

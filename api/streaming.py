@@ -20,11 +20,13 @@ import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import fsspec
-from starlette.responses import Response, StreamingResponse
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
 
 CHUNK = 1 << 20
 _BLOCK = tarfile.BLOCKSIZE
@@ -163,6 +165,8 @@ def _content_disposition(filename: str) -> str:
 
 def respond(method: str, request_headers: Mapping[str, str], body: Body, sha256: str | None) -> Response:
     """The answer to a HEAD or GET of `body` whose content has digest `sha256` (its strong ETag)."""
+    from starlette.responses import Response, StreamingResponse  # here: the CLI's local download needs no server
+
     etag = f'"{sha256}"' if sha256 else None
     headers = {
         "Accept-Ranges": "bytes",
