@@ -8,7 +8,8 @@ Parts, started in this order, each waited for (with a time bound) before the nex
     prefect   a Prefect server on that PostgreSQL.
     ray       a Ray head that listens on loopback only.
     deploy    `sparseflow deploy`: registers the work pool and the compression-job deployment.
-    worker-N  Prefect workers (`sparseflow worker`), one job at a time each.
+    worker-N  Prefect workers (`sparseflow worker`), one job at a time each, each with its healthcheck
+              (GET /health) on a port of its own.
     api       `sparseflow serve` in cluster mode (SPARSEFLOW_PREFECT_API_URL is set).
 
 Every process gets the same environment (`cluster_env`), runs in a process group of its own, logs to
@@ -323,11 +324,12 @@ def parts(config: ClusterConfig, ports: dict[str, int]) -> list[Part]:
     if config.deploy:
         found.append(Part("deploy", sparseflow + ["deploy"], ready=lambda _: True, oneshot=True))
     for n in range(1, config.workers + 1):
-        name = f"local-worker-{n}"
+        name, health = f"local-worker-{n}", ports[f"worker-{n}-health"]
         found.append(Part(
-            f"worker-{n}", sparseflow + ["worker", "--pool", config.work_pool, "--limit", "1", "--name", name],
+            f"worker-{n}", sparseflow + ["worker", "--pool", config.work_pool, "--limit", "1", "--name", name,
+                                         "--health-port", str(health)],
             ready=lambda _, name=name: _worker_registered(prefect_api, config.work_pool, name),
-            address=f"pool {config.work_pool}"))
+            address=f"pool {config.work_pool}, health http://127.0.0.1:{health}/health"))
     found.append(Part("api", sparseflow + ["serve", "--host", "127.0.0.1", "--port", str(ports["api"])],
                       ready=lambda _: _http_ok(f"{api}/healthz"), address=api))
     return found
@@ -383,6 +385,7 @@ def up(config: ClusterConfig, echo: Callable[[str], None] = print) -> ClusterSta
     echo(f"postgres  databases {config.store_db}, {config.prefect_db} ready")
     given = {"api": config.api_port, "prefect": config.prefect_port, "ray": config.ray_port, "s3": config.s3_port,
              "ray_dashboard": None}
+    given.update({f"worker-{n}-health": None for n in range(1, config.workers + 1)})
     ports = {name: port or free_port() for name, port in given.items()}
     if not config.ray_dashboard:
         del ports["ray_dashboard"]

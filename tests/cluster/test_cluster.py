@@ -156,6 +156,15 @@ def test_three_jobs_at_once_all_succeed_on_both_workers(cluster, api, store, tin
     assert len(workers) == 2, "two workers of one job at a time share three jobs"
 
 
+def test_each_worker_answers_its_healthcheck(cluster):
+    """`sparseflow worker --health-port`: Prefect's /health of each worker, polling its pool, answers 200."""
+    ports = [port for name, port in cluster.ports.items() if name.endswith("-health")]
+    assert len(ports) == 2
+    for port in ports:
+        answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+        assert answer.status_code == 200, answer.text
+
+
 def test_prefect_lists_the_flow_runs_named_after_their_jobs(cluster, api):
     prefect = Path(sys.executable).parent / "prefect"
     out = subprocess.run([str(prefect), "flow-run", "ls", "--limit", "50"], capture_output=True, text=True,

@@ -98,8 +98,11 @@ def test_workers_get_the_kuberay_head_gcs_address_and_join_as_resource_less_node
     # the raylet is started first (retried while the head starts), then the worker replaces the shell
     assert script.index("until ray start") < script.index("exec sparseflow worker")
     assert '[ "$tries" -lt 60 ] || exit 1' in script
-    # a worker pod whose raylet died is restarted, and rejoins
-    assert "'raylet'" in worker["livenessProbe"]["exec"]["command"][-1]
+    # a worker pod whose raylet died, or whose worker stopped polling, is restarted, and rejoins
+    probe = worker["livenessProbe"]["exec"]["command"][-1]
+    assert "'raylet'" in probe and "http://127.0.0.1:8080/health" in probe
+    assert "exec sparseflow worker" in script and "--health-port 8080 --health-host 0.0.0.0" in script
+    assert {"name": "health", "containerPort": 8080} in worker["ports"]
 
 
 def test_api_gets_no_ray_address_it_runs_no_stage(tmp_path):
@@ -220,7 +223,9 @@ def test_raycluster_can_be_replaced_by_a_ray_client_address(tmp_path):
     assert env_of(worker)["SPARSEFLOW_RAY_ADDRESS"]["value"] == "ray://ray:10001"
     # Ray Client needs no local raylet: the worker runs `sparseflow worker` directly
     assert worker["command"][:2] == ["sparseflow", "worker"] and "args" not in worker
-    assert "livenessProbe" not in worker
+    # no raylet to watch: the probe asks the worker's own healthcheck
+    assert worker["command"][-4:] == ["--health-port", "8080", "--health-host", "0.0.0.0"]
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/health", "port": "health"}
 
 
 def test_external_gcs_address_is_joined(tmp_path):
