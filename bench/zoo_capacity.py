@@ -20,6 +20,11 @@ Reported (bench/results/zoo_capacity.json, and a plot of the GPUs busy over time
 
     .venv/bin/python bench/zoo_capacity.py                  # 50 models, 4 GPUs, 10 s GPU + 1 s CPU each
     .venv/bin/python bench/zoo_capacity.py --models 8 --gpu-seconds 2 --out /tmp/zoo.json
+    .venv/bin/python bench/zoo_capacity.py --prefect up --out bench/results/zoo_capacity_prefect_up.json
+
+A night fired by a served schedule (`sparseflow nightly ZOO`) finds Prefect's server up: `--prefect up`
+measures that night. The default, `ephemeral`, also counts Prefect's first start on a new home (it creates
+its database) inside the first night.
 """
 
 from __future__ import annotations
@@ -168,8 +173,24 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=8, help="Jobs the embedded orchestrator runs at once.")
     parser.add_argument("--cpu-seconds", type=float, default=1.0)
     parser.add_argument("--gpu-seconds", type=float, default=10.0)
+    parser.add_argument("--prefect", choices=("ephemeral", "up"), default="ephemeral",
+                        help="ephemeral: Prefect starts its temporary server during the first night (a new "
+                        "PREFECT_HOME, so it also creates its database); up: a Prefect server is started and "
+                        "answering before the first night, as it is for a schedule served by `sparseflow "
+                        "nightly ZOO` (the local Ray node is started by the night in both)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="sparseflow-zoo-capacity-"))
+    os.environ.setdefault("PREFECT_HOME", str(scratch / "prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    server = None
+    if args.prefect == "up":  # before anything imports Prefect, which reads PREFECT_API_URL once
+        from api.prefect_server import PrefectServer
+
+        server = PrefectServer().start()
+        print(f"Prefect server up in {server.wait_ready(180):.1f} s", flush=True)
 
     from orchestrator.lifecycle import code_version, package_versions
     from orchestrator.nights import run_night
@@ -177,10 +198,6 @@ def main() -> None:
     from orchestrator.settings import Settings
     from orchestrator.zoo_file import load_zoo
 
-    scratch = Path(tempfile.mkdtemp(prefix="sparseflow-zoo-capacity-"))
-    os.environ.setdefault("PREFECT_HOME", str(scratch / "prefect"))
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     zoo = load_zoo(build_zoo(scratch, args.models, args.cpu_seconds, args.gpu_seconds))
     settings = Settings(home=scratch / "home", database_url=None, artifact_root=None, ray_address=None,
                         ray_num_cpus=args.cpus, ray_num_gpus=args.gpus, max_concurrent_jobs=args.concurrent)
@@ -200,6 +217,8 @@ def main() -> None:
             nights.append(entry)
     finally:
         orchestrator.close()
+        if server is not None:
+            server.stop()
     first, second = nights
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot = args.out.with_suffix(".png")
