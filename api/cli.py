@@ -370,9 +370,10 @@ def worker(
     command = [str(prefect), "worker", "start", "--pool", pool or settings.work_pool, "--type", "process",
                "--limit", str(limit), *(["--name", name] if name else []),
                *(["--with-healthcheck"] if health_port else [])]
-    health = {"PREFECT_WORKER_WEBSERVER_HOST": health_host, "PREFECT_WORKER_WEBSERVER_PORT": str(health_port)}
+    health = ({"PREFECT_WORKER_WEBSERVER_HOST": health_host, "PREFECT_WORKER_WEBSERVER_PORT": str(health_port)}
+              if health_port else {})
     env = {
-        **(health if health_port else {}),
+        **health,
         **os.environ,
         "PREFECT_API_URL": settings.prefect_api_url,
         # flow-run heartbeats for Prefect's own zombie-run automations; ours beat in the store too
