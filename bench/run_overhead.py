@@ -19,6 +19,8 @@ and where it went, from the store's timestamps and the process's own clock:
 
 `--running-prefect` gives the runs the address of a Prefect server started beforehand (untimed), which
 is what a user with a Prefect server already up gets: the run then starts none of its own.
+`--running-ray` does the same for Ray: a `ray start --head` node on loopback, started beforehand
+(untimed) and given to the runs as `SPARSEFLOW_RAY_ADDRESS`; the runs join it instead of starting one.
 
 Results go to bench/results/run_overhead.json (machine, load averages before and after, versions, the
 command, every run and the medians); a table is printed.
@@ -30,6 +32,7 @@ command, every run and the medians); a table is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -109,6 +112,41 @@ def run_once(home: Path, recipe: Path) -> dict[str, Any]:
             "output_lines": len(result.stdout.splitlines()), "stderr": result.stderr[-2000:]}
 
 
+def start_ray_head(scratch: Path, cpus: int) -> tuple[subprocess.Popen, str]:
+    """A Ray head on loopback in its own process group (`ray start --block`); its address once it is up."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (scratch / "ray-head.log").open("wb")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(port), "--num-cpus", str(cpus), "--include-dashboard=false", "--disable-usage-stats"],
+        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in (scratch / "ray-head.log").read_text(errors="replace"):
+        if head.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"ray start failed:\n{(scratch / 'ray-head.log').read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    return head, f"127.0.0.1:{port}"
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group (`ray start --block` stops its node on it), SIGKILL after 30 s."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", type=int, default=2)
@@ -120,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--running-prefect", action="store_true", help=(
         "Start one Prefect API server before the runs and give them its PREFECT_API_URL (what a user with a "
         "Prefect server already up gets); its start is not timed."))
+    parser.add_argument("--running-ray", action="store_true", help=(
+        "Start a Ray head (`ray start --head`, loopback) before the runs and give them its address as "
+        "SPARSEFLOW_RAY_ADDRESS; its start is not timed."))
+    parser.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 1, help="CPUs of that Ray head.")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     load_before = os.getloadavg()
@@ -134,10 +176,17 @@ def main(argv: list[str] | None = None) -> None:
             Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
             server = PrefectServer().start()
             server.wait_ready(300)
+        head = None
         try:
+            if args.running_ray:
+                # a head started by `ray start` asks its clients for the token it generated (~/.ray/auth_token)
+                os.environ["RAY_AUTH_MODE"] = "token"
+                head, os.environ["SPARSEFLOW_RAY_ADDRESS"] = start_ray_head(Path(scratch), args.ray_cpus)
             warmup = run_once(home, recipe)
             runs = [run_once(home, recipe) for _ in range(args.repeats)]
         finally:
+            if head is not None:
+                stop_group(head)
             if server is not None:
                 server.stop()
     record = {
@@ -149,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         "versions": _versions(),
         "command": f"sparseflow run <recipe: {args.stages} sleep stages of {args.stage_seconds:g} s, "
                    "reuse_cached false> (stdout piped)"
-                   + (", PREFECT_API_URL of a Prefect server already up" if args.running_prefect else ""),
+                   + (", PREFECT_API_URL of a Prefect server already up" if args.running_prefect else "")
+                   + (", SPARSEFLOW_RAY_ADDRESS of a Ray head already up" if args.running_ray else ""),
         "bench_command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "warmup": warmup,
         "runs": runs,
