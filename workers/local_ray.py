@@ -126,11 +126,37 @@ def _runs_from(process: psutil.Process, folder: str) -> bool:
         return False
 
 
+class RayAuthRefused(ConnectionError):
+    """The cluster uses token authentication and refused this process's token (or its lack of one)."""
+
+
 def connect_address(address: str) -> None:
-    """Join the Ray cluster at `address` (host:port); a loopback head keeps its loopback address."""
+    """Join the Ray cluster at `address` (host:port); a loopback head keeps its loopback address.
+
+    Ray's own error for a refused token is "Failed to connect to Ray cluster at ...", with the reason only
+    in its chained cause: that case raises `RayAuthRefused`, which says what to set.
+    """
     host = address.rsplit(":", 1)[0].strip("[]")
     with _single_machine(is_loopback(host)):
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as error:
+            if not _token_refused(error):
+                raise
+            raise RayAuthRefused(
+                f"the Ray cluster at {address} uses token authentication and refused this process: set "
+                "RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or in the file that "
+                "RAY_AUTH_TOKEN_PATH names (docs/deploy.md, Ray token authentication)") from error
+
+
+def _token_refused(error: BaseException) -> bool:
+    """Whether Ray's authentication refusal is in `error`'s chain of causes."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _allowed(bind_host: str) -> set[str]:
