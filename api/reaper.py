@@ -12,6 +12,12 @@ starts `python -m api.reaper` in a session of its own. That reaper waits for the
 then terminates every process carrying the marker: SIGTERM, a grace period, SIGKILL. The marker is
 internal, not a setting: nothing reads it from its own environment.
 
+A process can hide its marker: Ray's agents (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`) set their
+process title over the memory that /proc/<pid>/environ reads, and once their raylet is gone they are
+orphans that nothing links to the service. So while it waits, the reaper also notes the service's
+descendants every `_WATCH_S` seconds, and ends those still running (the same process: pid and start
+time) along with the marked ones.
+
 On SIGTERM the service exits through Python (atexit handlers run, so Ray and Prefect shut down
 cleanly) rather than being killed by the default action. Linux only (it reads /proc); elsewhere
 `install_reaper` logs that it does nothing.
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 MARKER = "SPARSEFLOW_SERVICE_INSTANCE"
 GRACE_S = 5.0
 _POLL_S = 0.5
+_WATCH_S = 1.0  # how often the reaper notes the service's descendants
 _installed: tuple[int, str] | None = None  # (pid, instance): install once per process
 
 
@@ -77,19 +84,41 @@ def terminate(processes: list[psutil.Process], grace_s: float = GRACE_S) -> list
     return stopped
 
 
-def sweep(instance: str, marker: str = MARKER, grace_s: float = GRACE_S, rounds: int = 5) -> list[str]:
-    """Terminate every marked process; repeats while stopping some (a dying raylet may start others)."""
+def sweep(instance: str, marker: str = MARKER, grace_s: float = GRACE_S, rounds: int = 5,
+          known: list[psutil.Process] | None = None) -> list[str]:
+    """Terminate every marked process and every one of `known` still running; repeats while stopping some
+    (a dying raylet may start others)."""
     stopped: list[str] = []
     for _ in range(rounds):
         found = marked_processes(instance, marker)
+        seen = {process.pid for process in found}
+        found += [p for p in known or [] if p.pid not in seen and _still_running(p)]
         if not found:
             break
         stopped += terminate(found, grace_s)
     return stopped
 
 
-def wait_for_exit(pid: int) -> None:
-    """Block until process `pid` (our parent when we started) has ended."""
+def _still_running(process: psutil.Process) -> bool:
+    """The very process (psutil compares its start time, so a reused pid is not it), and not a zombie."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _note_descendants(pid: int, known: dict[int, psutil.Process]) -> None:
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            if child.pid != os.getpid():
+                known.setdefault(child.pid, child)
+    except psutil.Error:
+        pass
+
+
+def wait_for_exit(pid: int, known: dict[int, psutil.Process] | None = None) -> None:
+    """Block until process `pid` (our parent when we started) has ended; meanwhile, with `known`, note its
+    descendants in it every `_WATCH_S` seconds."""
     if os.getppid() != pid:  # reparented already: the service ended before we looked
         return
     try:
@@ -98,10 +127,16 @@ def wait_for_exit(pid: int) -> None:
         return
     except OSError:  # kernel without pidfd (< 5.3): poll
         while os.getppid() == pid:
+            if known is not None:
+                _note_descendants(pid, known)
             time.sleep(_POLL_S)
         return
     try:
-        select.select([handle], [], [])  # a pidfd turns readable when its process ends
+        while True:
+            if known is not None:
+                _note_descendants(pid, known)
+            if select.select([handle], [], [], _WATCH_S)[0]:  # a pidfd turns readable when its process ends
+                return
     finally:
         os.close(handle)
 
@@ -168,8 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="sparseflow reaper: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    wait_for_exit(args.pid)
-    stopped = sweep(args.instance, grace_s=args.grace_s)
+    known: dict[int, psutil.Process] = {}
+    wait_for_exit(args.pid, known)
+    stopped = sweep(args.instance, grace_s=args.grace_s, known=list(known.values()))
     if stopped:
         log.info("service pid %d ended; stopped %d of its processes: %s", args.pid, len(stopped),
                  ", ".join(stopped))

@@ -40,7 +40,7 @@ TEST_MARK = "SFTEST_CRASH_RECONCILE"
 """Set in the services' environment only (no SPARSEFLOW_ prefix: not a setting); their descendants inherit it."""
 START_S = 300  # serve answering, and a job reaching its fine-tune (a local Ray and Prefect's server start first)
 RUN_S = 300  # resumed jobs running to the end
-FINETUNE_STEPS = 150  # a few seconds: long enough to catch it running
+FINETUNE_STEPS = 400  # a few seconds on a fast idle machine: long enough to catch it running
 
 
 def _free_port() -> int:
@@ -69,6 +69,8 @@ class Service:
         env.update(
             SPARSEFLOW_HOME=str(home), SPARSEFLOW_MAX_CONCURRENT_JOBS="1", SPARSEFLOW_RAY_NUM_CPUS="1",
             SPARSEFLOW_RAY_NUM_GPUS="0", SPARSEFLOW_HEARTBEAT_S="0.5", SPARSEFLOW_RECONCILE_EVERY_S="1",
+            # the tests watch a job's live state (the fine-tune caught mid-run): no kept status in between
+            SPARSEFLOW_STATUS_CACHE_S="0",
             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=str(START_S), PYTHONUNBUFFERED="1",
             **{TEST_MARK: mark},
         )
