@@ -32,7 +32,6 @@ command, every run and the medians); a table is printed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -112,41 +111,6 @@ def run_once(home: Path, recipe: Path) -> dict[str, Any]:
             "output_lines": len(result.stdout.splitlines()), "stderr": result.stderr[-2000:]}
 
 
-def start_ray_head(scratch: Path, cpus: int) -> tuple[subprocess.Popen, str]:
-    """A Ray head on loopback in its own process group (`ray start --block`); its address once it is up."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = (scratch / "ray-head.log").open("wb")
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(port), "--num-cpus", str(cpus), "--include-dashboard=false", "--disable-usage-stats"],
-        env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    deadline = time.monotonic() + 180
-    while "Ray runtime started" not in (scratch / "ray-head.log").read_text(errors="replace"):
-        if head.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"ray start failed:\n{(scratch / 'ray-head.log').read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-    return head, f"127.0.0.1:{port}"
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group (`ray start --block` stops its node on it), SIGKILL after 30 s."""
-    import signal
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", type=int, default=2)
@@ -163,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         "SPARSEFLOW_RAY_ADDRESS; its start is not timed."))
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 1, help="CPUs of that Ray head.")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]
+    import ray_head
+
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="run-overhead-") as scratch:
         home, recipe = Path(scratch) / "home", Path(scratch) / "recipe.yaml"
@@ -181,12 +147,12 @@ def main(argv: list[str] | None = None) -> None:
             if args.running_ray:
                 # a head started by `ray start` asks its clients for the token it generated (~/.ray/auth_token)
                 os.environ["RAY_AUTH_MODE"] = "token"
-                head, os.environ["SPARSEFLOW_RAY_ADDRESS"] = start_ray_head(Path(scratch), args.ray_cpus)
+                head, os.environ["SPARSEFLOW_RAY_ADDRESS"] = ray_head.start(Path(scratch), args.ray_cpus)
             warmup = run_once(home, recipe)
             runs = [run_once(home, recipe) for _ in range(args.repeats)]
         finally:
             if head is not None:
-                stop_group(head)
+                ray_head.stop(head, grace_s=30)
             if server is not None:
                 server.stop()
     record = {

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray_head
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,30 +37,11 @@ def token_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     folder = tmp_path_factory.mktemp("ray-auth")
     token = folder / "token"
     token.write_text(secrets.token_hex(32))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = folder / "head.log"
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
-    with log.open("wb") as out:
-        head = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
-             "127.0.0.1", "--port", str(port), "--num-cpus", "1", "--include-dashboard=false"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    head, address = ray_head.start(folder, 1, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
     try:
-        deadline = time.monotonic() + 180
-        while "Ray runtime started" not in log.read_text(errors="replace"):
-            assert head.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.2)
-        yield f"127.0.0.1:{port}", token
+        yield address, token
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        ray_head.stop(head)
 
 
 def _client(address: str, **env: str) -> subprocess.CompletedProcess[str]:
