@@ -159,7 +159,8 @@ def _write(rows: dict, args, torch, transformers) -> None:
                               "within_layer on), fp32", "quantize": "fp8_dynamic: E4M3 weights per output "
                               "channel, inputs per token (static row: per tensor from calibration); weights "
                               "rounded to nearest (gptq rows: GPTQ on the calibration tokens, block 128, "
-                              "dampening 0.01); every decoder Linear, lm_head and embeddings not quantized"},
+                              "dampening 0.01, act_order on); every decoder Linear, lm_head and embeddings not "
+                              "quantized"},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "compressed_tensors": compressed_tensors.__version__, "python": platform.python_version()},
         "rows": rows,

@@ -9,6 +9,7 @@ a Literal so that other schemes can be added beside it. Sample::
       scheme: fp8_dynamic
       activations: dynamic       # or static: per-tensor input scales from the calibration data
       weight_rounding: nearest   # or gptq: error-compensated rounding on the calibration data
+      act_order: true            # gptq: columns by decreasing Hessian diagonal
       targets: ["re:.*\\.(self_attn|mlp)\\.\\w+_proj$"]   # the default: every decoder Linear
       ignore: [lm_head]
 
@@ -50,6 +51,10 @@ class QuantizeStage(_StageBase):
     )
     block_size: int = Field(128, ge=1, le=MAX_BATCH, description="gptq: columns per lazy update block.")
     dampening: float = Field(0.01, gt=0.0, le=1e6, description="gptq: diagonal damping, fraction of mean diag.")
+    act_order: bool = Field(
+        True, description="gptq: round the columns by decreasing Hessian diagonal (GPTQ's act-order), so the "
+        "inputs that matter most are rounded while the rest can still absorb their errors.",
+    )
     batch_size: int = Field(
         4, ge=1, le=MAX_BATCH, description="Calibration sequences per forward pass (static activations, gptq)."
     )

@@ -108,7 +108,7 @@ def prune_sparsegpt(
     if nm is not None:
         check_nm(columns, nm)
     if act_order:
-        order = _act_order(hessian, nm)
+        order = act_order_permutation(hessian, nm)
         result = prune_sparsegpt(weight[:, order], hessian[order][:, order], sparsity, nm, block_size, dampening,
                                  retries, fused=fused)
         inverse = torch.argsort(order)
@@ -205,7 +205,7 @@ def _torch_block(
     block.mul_(block_keep)  # pruned entries are ~0 after their own update; make them exactly 0
 
 
-def _act_order(hessian: Tensor, nm: tuple[int, int] | None) -> Tensor:
+def act_order_permutation(hessian: Tensor, nm: tuple[int, int] | None) -> Tensor:
     """Column order by decreasing Hessian diagonal; for N:M, whole groups by their summed diagonal."""
     diag = hessian.diagonal().float()
     if nm is None:

@@ -109,7 +109,7 @@ def observe_input_amax(
 
 def gptq_quantize(
     model: nn.Module, targets: dict[int, dict[str, nn.Linear]], input_ids: Tensor, storage_dtype: torch.dtype, *,
-    device: torch.device, batch_size: int, block_size: int, dampening: float, progress=None,
+    device: torch.device, batch_size: int, block_size: int, dampening: float, act_order: bool = True, progress=None,
 ) -> dict[str, Tensor]:
     """Round every target weight to FP8 with `gptq_fp8`, layer by layer on the calibration tokens (each layer
     sees the outputs of the layers already rounded, o_proj/down_proj those of the rounded q/k/v, gate/up).
@@ -124,7 +124,8 @@ def gptq_quantize(
             for name in group:
                 linear = work.linears[name]
                 scale = weight_scales(linear.weight, storage_dtype)
-                rounded, _ = gptq_fp8(linear.weight, hessian, scale, block_size=block_size, dampening=dampening)
+                rounded, _ = gptq_fp8(linear.weight, hessian, scale, block_size=block_size, dampening=dampening,
+                                      act_order=act_order)
                 with torch.no_grad():
                     linear.weight.copy_(rounded.to(linear.weight.dtype))
                 scales[name] = scale.cpu()

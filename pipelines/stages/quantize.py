@@ -76,7 +76,8 @@ def run(spec: QuantizeStage, ctx: StageContext) -> StageResult:
     if spec.weight_rounding == "gptq":
         originals = {name: linear.weight.detach().cpu().clone() for name, linear in linears.items()}
         scales = gptq_quantize(model, found, ids, storage, device=ctx.device, batch_size=spec.batch_size,
-                               block_size=spec.block_size, dampening=spec.dampening, progress=ctx.progress)
+                               block_size=spec.block_size, dampening=spec.dampening, act_order=spec.act_order,
+                               progress=ctx.progress)
     layers, outcomes = quantize_linears(linears, storage, spec.activations, amax, scales=scales, originals=originals)
     layers = {name: _cpu(layer) for name, layer in layers.items()}
     broken = [o.name for o in outcomes if not o.zeros_preserved]

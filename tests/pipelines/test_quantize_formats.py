@@ -209,3 +209,27 @@ def test_gptq_rounding_keeps_zeros_stays_on_the_grid_and_beats_nearest_on_its_da
     err_nearest = (x @ (nearest - weight).T).norm()
     err_gptq = (x @ (rounded - weight).T).norm()
     assert err_gptq < 0.9 * err_nearest
+
+
+def test_gptq_act_order_rounds_strong_inputs_first_keeping_zeros_and_grid() -> None:
+    from pipelines.quantize.gptq import gptq_fp8
+
+    gen = torch.Generator().manual_seed(11)
+    # input energy spread unevenly and out of column order: act-order visits the strong columns first
+    energy = torch.logspace(1, -2, 64)[torch.randperm(64, generator=gen)]
+    x = (torch.randn(4096, 64, generator=gen) * energy) @ (torch.eye(64) + 0.3 * torch.randn(64, 64, generator=gen))
+    weight = _pruned_24(48, 64, seed=12)
+    scale = weight_scales(weight)
+    hessian = x.T @ x
+    plain, _ = gptq_fp8(weight, hessian, scale, block_size=16)
+    ordered, _ = gptq_fp8(weight, hessian, scale, block_size=16, act_order=True)
+    assert torch.all(ordered[weight == 0] == 0)
+    assert torch.equal(dequantize_weight(fp8_codes(ordered, scale), scale), ordered)
+    # the permutation is undone: act_order over an already sorted Hessian is plain GPTQ
+    order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+    sorted_plain, _ = gptq_fp8(weight[:, order], hessian[order][:, order], scale, block_size=16)
+    assert torch.equal(ordered[:, order], sorted_plain)
+    assert not torch.equal(ordered, plain)
+    err_plain = (x @ (plain - weight).T).norm()
+    err_ordered = (x @ (ordered - weight).T).norm()
+    assert err_ordered < err_plain
