@@ -92,9 +92,8 @@ def night_timings(sessions: Any, night_id: str) -> dict[str, Any]:
             runs = queries.stage_runs(session, job.id)
             own = sum(m.value for m in queries.job_metrics(session, job.id, name="stage_seconds"))
             gpu_run = runs[-1]
-            [marker] = [a for a in queries.list_artifacts(session, job.id, kind="marker")
-                        if a.stage_run_id == gpu_run.id] or [None]
-            slept = _marker(marker.uri) if marker is not None else None
+            markers = {a.stage_run_id: _marker(a.uri) for a in queries.list_artifacts(session, job.id, kind="marker")}
+            slept = markers.get(gpu_run.id)
             jobs.append({
                 "job_id": job.id, "status": job.status.value, "reused": row.reused,
                 "started": _ts(job.started_at) if job.started_at else None,
@@ -103,6 +102,7 @@ def night_timings(sessions: Any, night_id: str) -> dict[str, Any]:
                 "gpu_slept": (datetime.fromisoformat(slept["started_at"]).timestamp(),
                               datetime.fromisoformat(slept["finished_at"]).timestamp()) if slept else None,
                 "gpu_ids": (slept or {}).get("cuda_visible_devices"),
+                "stage_pids": [markers[run.id]["pid"] for run in runs if run.id in markers],
             })
         span = (_ts(night.started_at), _ts(night.finished_at))
     return {"span": span, "jobs": jobs}
@@ -158,6 +158,9 @@ def summarize(timings: dict[str, Any], gpus: int, cpu_s: float, gpu_s: float) ->
         "serial_sum_seconds": len(jobs) * (cpu_s + gpu_s),
         "speedup_over_serial_sum": round(len(jobs) * (cpu_s + gpu_s) / wall, 3) if jobs else None,
         "max_gpus_busy": max((b for _, b in steps), default=0),
+        # Ray worker processes the stages ran in: fewer than stages means workers were reused
+        "stages_run": sum(len(j["stage_pids"]) for j in jobs),
+        "worker_processes": len({pid for j in jobs for pid in j["stage_pids"]}),
         "mean_gpus_busy": round(busy_seconds / wall, 3) if wall else None,
         "per_job_overhead_seconds": {"median": round(statistics.median(overheads), 3), "max": round(max(overheads), 3),
                                      "min": round(min(overheads), 3)} if overheads else None,
