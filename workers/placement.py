@@ -125,7 +125,7 @@ def fit_resources(resources: Resources, cluster: dict[str, float]) -> tuple[dict
 
 
 def submit(request: StageRequest, resources: Resources) -> Placement:
-    """Start `request` on the cluster (which `connect` must have joined); its events go to this process's mailbox."""
+    """Start `request` on the cluster (which `connect` must have joined); its events go to the cluster's mailbox."""
     options, note = fit_resources(resources, ray.cluster_resources())
     box = progress.mailbox()
     ref = _remote_stage.options(name=f"stage:{request.label}", **options).remote(request, box, options["num_cpus"])

@@ -1,10 +1,12 @@
 """Progress events from a running stage to whoever watches the job, through a mailbox actor.
 
 A stage posts small dict events (progress, and one `attempt` event each time Ray starts it) to a
-mailbox: a Ray actor that keeps them per stage run until the watcher of that stage takes them. Each
-process that submits stages makes one mailbox, on first use, and shares it between all the jobs it
-runs: an actor costs a worker process of its own, and making one per job put that start (about a
-second) in front of every job's first stage.
+mailbox: a Ray actor that keeps them per stage run until the watcher of that stage takes them. There is
+one mailbox per Ray cluster, a named detached actor that every process submitting stages finds or
+makes on first use: an actor costs a worker process of its own (a couple of CPU seconds to start),
+and on a cluster each flow run is its own Ray job, so a mailbox per process put that
+start in front of every job's first stage. Events are keyed by stage run id, so jobs never see each
+other's; events that nobody takes (a watcher that died) are dropped after `STALE_AFTER_S`.
 
 Posting is fire-and-forget, so a stage never waits on its watcher, except at `flush`: the stage's last
 post is awaited, so everything a finished stage posted can be taken as soon as its result is back
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -28,18 +31,47 @@ _MIN_INTERVAL_S = 0.25
 _FLUSH_TIMEOUT_S = 10.0
 
 
-@ray.remote(num_cpus=0)
-class Mailbox:
-    """Events kept per stage run until taken."""
+MAILBOX_NAME = "sparseflow-progress"
+MAILBOX_NAMESPACE = "sparseflow"
+STALE_AFTER_S = 3600.0
+_PRUNE_EVERY_S = 60.0
 
-    def __init__(self) -> None:
+
+class EventStore:
+    """Events kept per stage run until taken; a stage run nobody posted to or took from for `stale_after_s`
+    is dropped, so a long-lived mailbox does not keep the events of watchers that died."""
+
+    def __init__(self, stale_after_s: float = STALE_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._events: dict[str, list[dict[str, Any]]] = {}
+        self._touched: dict[str, float] = {}
+        self._stale_after_s = stale_after_s
+        self._clock = clock
+        self._pruned_at = clock()
 
     def post(self, stage_run_id: str, event: dict[str, Any]) -> None:
         self._events.setdefault(stage_run_id, []).append(event)
+        self._touch(stage_run_id)
 
     def take(self, stage_run_id: str) -> list[dict[str, Any]]:
+        self._touch(stage_run_id)
+        self._touched.pop(stage_run_id, None)
         return self._events.pop(stage_run_id, [])
+
+    def pending(self) -> int:
+        """Stage runs with events not taken yet."""
+        return len(self._events)
+
+    def _touch(self, stage_run_id: str) -> None:
+        now = self._clock()
+        self._touched[stage_run_id] = now
+        if now - self._pruned_at >= min(_PRUNE_EVERY_S, self._stale_after_s):
+            self._pruned_at = now
+            for stale in [key for key, seen in self._touched.items() if now - seen > self._stale_after_s]:
+                self._touched.pop(stale)
+                self._events.pop(stale, None)
+
+
+Mailbox = ray.remote(num_cpus=0)(EventStore)
 
 
 _mailboxes: dict[str, Any] = {}
@@ -47,13 +79,15 @@ _mailbox_lock = threading.Lock()
 
 
 def mailbox() -> Any:
-    """This process's mailbox on the Ray it is connected to, made on first use. Returns at once: the actor
+    """The cluster's mailbox, found or made on first use in this connection. Returns at once: a new actor
     starts in the background (`placement.connect` asks for it early so that it is up by the first stage)."""
     ray_job = ray.get_runtime_context().get_job_id()  # a new one after ray.shutdown() and init again
     with _mailbox_lock:
         if ray_job not in _mailboxes:
             _mailboxes.clear()
-            _mailboxes[ray_job] = Mailbox.remote()
+            _mailboxes[ray_job] = Mailbox.options(
+                name=MAILBOX_NAME, namespace=MAILBOX_NAMESPACE, lifetime="detached", get_if_exists=True,
+            ).remote()
         return _mailboxes[ray_job]
 
 

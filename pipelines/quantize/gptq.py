@@ -12,7 +12,7 @@ the layer's outputs on that data change less. Two things differ from integer GPT
 
 `act_order` rounds the columns by decreasing Hessian diagonal (GPTQ's act-order): the inputs that carry
 the most energy are rounded first, while every other column can still absorb their errors. On the
-default model it took dense FP8's perplexity loss from +1.97% to +1.31% (bench/fp8_quality.py).
+default model it took dense FP8's perplexity loss from +1.81% to +1.50% (bench/fp8_quality.py).
 
 Pure tensor function, like `pipelines.pruning.sparsegpt`; the quantize stage drives it layer by layer
 with `pipelines.pruning.sequential.run_sequential`.
