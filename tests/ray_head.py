@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,6 +18,14 @@ from pathlib import Path
 from api.localcluster import free_port
 
 START_S = 180
+
+
+def token_auth(folder: Path) -> dict[str, str]:
+    """Token authentication with a token of its own, written to `<folder>/token`: the environment a head and
+    its clients need, as a cluster has them (not the ~/.ray/auth_token every local node would share)."""
+    token = folder / "token"
+    token.write_text(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
 
 
 def start(folder: Path, cpus: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:

@@ -7,7 +7,6 @@ driver is a fresh Python process, as each flow run is on a cluster.
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -68,9 +67,7 @@ def test_events_nobody_takes_are_dropped_once_stale() -> None:
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     """(address, environment of its clients): a head with its own token, as a cluster has."""
     folder = tmp_path_factory.mktemp("ray-progress")
-    token = folder / "token"
-    token.write_text(secrets.token_hex(32))
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    auth = ray_head.token_auth(folder)
     process, address = ray_head.start(folder, 1, auth)
     try:
         yield address, {**os.environ, **auth}

@@ -7,7 +7,6 @@ stopped at the end; each client is a fresh Python process, since a process joins
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,11 +34,10 @@ print("JOINED", ray.cluster_resources().get("CPU"))
 def token_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """(address, token file) of a head that asks for the token in that file."""
     folder = tmp_path_factory.mktemp("ray-auth")
-    token = folder / "token"
-    token.write_text(secrets.token_hex(32))
-    head, address = ray_head.start(folder, 1, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+    auth = ray_head.token_auth(folder)
+    head, address = ray_head.start(folder, 1, auth)
     try:
-        yield address, token
+        yield address, Path(auth["RAY_AUTH_TOKEN_PATH"])
     finally:
         ray_head.stop(head)
 
