@@ -219,6 +219,31 @@ def run_decode(m, cfg, dev: torch.device, prompt: int = 128, steps: int = 32) ->
     return statistics.median(times)
 
 
+def interleaved_decode(models: dict, cfg, dev: torch.device, steps: int = 400,
+                       prompt: int = 128) -> dict[str, list[float]]:
+    """Milliseconds of each eager decode step of every model, the models taking turns step by step (order
+    alternating), each with its own cache. Eager decode is paced by the host, whose speed drifts on a shared
+    machine over seconds; steps of the models side by side see the same drift, blocks of steps do not."""
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=dev, generator=torch.Generator(dev).manual_seed(2))
+    labels = list(models)
+    state, times = {}, {label: [] for label in labels}
+    with torch.no_grad():
+        for label in labels:
+            out = models[label](ids, use_cache=True)
+            state[label] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+        for step in range(steps):
+            for label in labels if step % 2 == 0 else labels[::-1]:
+                past, nxt = state[label]
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                out = models[label](nxt, past_key_values=past, use_cache=True)
+                e.record()
+                e.synchronize()
+                times[label].append(s.elapsed_time(e))
+                state[label] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+    return times
+
+
 def run_decode_graph(m, cfg, dev: torch.device, prompt: int = 128, steps: int = 32) -> float:
     """Per-token time of decode steps replayed from one CUDA graph (static KV cache), as servers run
     decode: the host's per-op cost, which bounds eager decode of a small model, is gone."""

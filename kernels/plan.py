@@ -144,6 +144,28 @@ def load_plan(path: str | Path) -> KernelPlan:
 Route = tuple[Backend | None, Any]  # (backend, handle); backend None: `F.linear` on the dense weight
 
 
+class GraphMode:
+    """Whether the model a plan was applied to is being captured into a CUDA graph, asked once per model call.
+
+    A layer whose eager and graphed routes differ must know which mode each call is in. Asking the stream
+    (`torch.cuda.is_current_stream_capturing`) in every such layer cost about 3 µs a call inside a host-paced
+    eager decode step, 1% of the step with 12 such layers (bench/decode_host_probe.py, H200); `apply_plan`
+    therefore asks once, in a forward pre-hook on the model, and its layers read the answer. `capturing` is
+    None outside a model call: a layer called on its own asks the stream itself.
+    """
+
+    __slots__ = ("capturing",)
+
+    def __init__(self) -> None:
+        self.capturing: bool | None = None
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        self.capturing = torch.cuda.is_current_stream_capturing()
+
+    def leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.capturing = None
+
+
 class SparseLinear(nn.Module):
     """A Linear whose forward runs the plan's backend for the runtime token count.
 
@@ -156,8 +178,9 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, mask: torch.Tensor | None, choices: Mapping[int, KernelChoice],
-                 backends: Mapping[str, Backend], fp8_scale: Any = None) -> None:
+                 backends: Mapping[str, Backend], fp8_scale: Any = None, graph_mode: GraphMode | None = None) -> None:
         super().__init__()
+        self._graph_mode = graph_mode or GraphMode()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.choices = {int(t): c for t, c in choices.items()}
         self.buckets = sorted(self.choices)
@@ -171,22 +194,26 @@ class SparseLinear(nn.Module):
             self._handles[name] = backend.prepare(linear.weight, mask, configs, **extra)
         self._modes_differ = any(c.route(False) != c.route(True) for c in self.choices.values())
         self._routes: dict[tuple[int, bool], Route] = {}
-        # the fast path: inputs of up to this many elements route to dense in both modes. Plain attributes,
-        # not a Parameter or buffer, so reading them skips nn.Module's attribute lookup
+        # the fast paths: inputs of up to `_dense_numel` elements route to dense in both modes, of up to
+        # `_eager_dense_numel` in eager mode. Plain attributes, not a Parameter or buffer, so reading them skips
+        # nn.Module's attribute lookup
         self._dense_weight = self._handles["dense"].data if "dense" in self._handles else None
-        self._dense_numel = -1 if self._dense_weight is None else self._dense_tokens() * self.in_features
+        no_dense = self._dense_weight is None
+        self._dense_numel = -1 if no_dense else self._dense_tokens((False, True)) * self.in_features
+        self._eager_dense_numel = -1 if no_dense else self._dense_tokens((False,)) * self.in_features
         self._bias = None if self.bias is None else self.bias.data
 
-    def _dense_tokens(self) -> int:
-        """The largest token count up to which every count routes to dense, eager and graphed (0: none)."""
-        sparse = [t for t in self.buckets if {self.choices[t].route(False), self.choices[t].route(True)} != {"dense"}]
+    def _dense_tokens(self, modes: tuple[bool, ...]) -> int:
+        """The largest token count up to which every count routes to dense in each of `modes` (False: eager,
+        True: graphed; 0: none)."""
+        sparse = [t for t in self.buckets if {self.choices[t].route(g) for g in modes} != {"dense"}]
         if not sparse:
             return 2**62
         low, high = 0, sparse[0]  # nearest_bucket is monotone in the token count: bisect the boundary
         while low < high:
             mid = (low + high + 1) // 2
-            both = {self.backend_for(mid, graphed) for graphed in (False, True)}
-            low, high = (mid, high) if both == {"dense"} else (low, mid - 1)
+            routes = {self.backend_for(mid, graphed) for graphed in modes}
+            low, high = (mid, high) if routes == {"dense"} else (low, mid - 1)
         return low
 
     def backend_for(self, tokens: int, graphed: bool = False) -> str:
@@ -205,13 +232,19 @@ class SparseLinear(nn.Module):
         numel = x.numel()
         if numel <= self._dense_numel:  # as cheap as nn.Linear: decode-sized calls are bound by host time
             return F.linear(x, self._dense_weight, self._bias)
+        graphed = False
+        if self._modes_differ:
+            graphed = self._graph_mode.capturing
+            if graphed is None:  # called outside the model's own call
+                graphed = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if numel <= self._eager_dense_numel and not graphed:  # eager decode of a layer sparse only in graphs
+            return F.linear(x, self._dense_weight, self._bias)
         tokens = numel // self.in_features
-        graphed = self._modes_differ and x.is_cuda and torch.cuda.is_current_stream_capturing()
         backend, handle = self._routes.get((tokens, graphed)) or self._resolve(tokens, graphed)
         if backend is None:
-            return F.linear(x, handle, self.bias)
+            return F.linear(x, handle, self._bias)
         y = backend.linear(x, handle)
-        return y if self.bias is None else y + self.bias
+        return y if self._bias is None else y + self._bias
 
     def extra_repr(self) -> str:
         def pick(choice: KernelChoice) -> str:
@@ -226,6 +259,7 @@ class SparseLinear(nn.Module):
 class ApplyReport:
     replaced: dict[str, str] = field(default_factory=dict)  # module name -> shape key
     dense: dict[str, str] = field(default_factory=dict)  # module name -> why it stayed nn.Linear
+    graph_mode_hooks: list[Any] = field(default_factory=list)  # GraphMode's hooks on the model, when registered
 
 
 def check_environment(plan: KernelPlan, device: torch.device) -> None:
@@ -274,6 +308,7 @@ def apply_plan(
             raise PlanError(f"plan names backend {name!r}, unavailable on {device}: {why}")
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     fp8_scales = fp8_scales or {}
+    graph_mode, modes_differ = GraphMode(), False
     for name, linear in targets:
         scale = fp8_scales.get(name)
         key = f"{linear.out_features}x{linear.in_features}"
@@ -298,8 +333,13 @@ def apply_plan(
             raise PlanError(f"{name}: weight is {linear.weight.dtype}, plan was tuned for {plan.dtype}")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SparseLinear(linear, mask, sparse[key].choices, backends, scale))
+        layer = SparseLinear(linear, mask, sparse[key].choices, backends, scale, graph_mode)
+        setattr(parent, child, layer)
         report.replaced[name] = key
+        modes_differ = modes_differ or layer._modes_differ
+    if modes_differ and device.type == "cuda":
+        report.graph_mode_hooks = [model.register_forward_pre_hook(graph_mode.enter),
+                                   model.register_forward_hook(graph_mode.leave, always_call=True)]
     log.info("kernel plan applied: %d Linears sparse, %d kept dense", len(report.replaced), len(report.dense))
     return report
 

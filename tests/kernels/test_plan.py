@@ -10,6 +10,7 @@ from kernels.backends import DenseBackend, ReferenceBackend, nearest_bucket
 from kernels.plan import (
     PLAN_FORMAT,
     Environment,
+    GraphMode,
     KernelChoice,
     KernelPlan,
     PlanError,
@@ -194,6 +195,38 @@ def test_eager_calls_follow_the_eager_backend_and_graphs_the_plan_backend():
     assert "1:sparse24-reference (eager dense)" in repr(sparse)
 
 
+def test_layers_read_the_models_graph_mode_instead_of_asking_the_stream():
+    """apply_plan's pre-hook asks once per model call whether a CUDA graph is being captured; the layers
+    whose routes differ by mode read that answer, and ask for themselves only outside a model call."""
+    choices = {1: KernelChoice(backend="sparse24-reference", eager_backend="dense", reason="test"),
+               64: KernelChoice(backend="sparse24-reference", reason="test")}
+    layer = nn.Linear(32, 16, bias=False).to(torch.float16)
+    with torch.no_grad():
+        layer.weight.mul_(mask_24(layer.weight))
+    counting, mode = CountingReference(), GraphMode()
+    sparse = SparseLinear(layer, None, choices, {"dense": DenseBackend(), "sparse24-reference": counting},
+                          graph_mode=mode)
+    x = torch.randn(1, 32, dtype=torch.float16)
+    sparse(x)
+    assert counting.calls == 0  # no model call under way: asked itself (a CPU tensor is never captured)
+    mode.capturing = True
+    sparse(x)
+    assert counting.calls == 1  # the model's call is being captured: the graphed route
+    mode.capturing = False
+    sparse(x)
+    assert counting.calls == 1
+
+
+def test_apply_plan_shares_one_graph_mode_and_hooks_the_model_only_on_cuda():
+    model = Tiny().to(torch.float16)
+    plan = _plan({1: "sparse24-reference", 64: "sparse24-reference"})
+    for shape in plan.shapes.values():
+        shape.choices[1].eager_backend = "dense"
+    report = apply_plan(model, plan, backends=_backends())
+    assert {id(model.up._graph_mode)} == {id(model.down._graph_mode)}
+    assert report.graph_mode_hooks == []  # a CPU model is never captured: no hook, no cost per call
+
+
 def test_a_plan_without_eager_routes_runs_its_backend_in_both_modes(tmp_path):
     plan = _plan({1: "sparse24-reference"})
     path = save_plan(plan, tmp_path / "plan.json")
@@ -214,15 +247,17 @@ def test_a_plan_without_eager_routes_runs_its_backend_in_both_modes(tmp_path):
     {4: ("sparse24-reference", None)},
     {1: ("dense", None), 2048: ("dense", None)},
 ])
-def test_the_dense_fast_path_covers_exactly_the_counts_that_route_dense_in_both_modes(routes):
+def test_the_dense_fast_paths_cover_exactly_the_counts_that_route_dense(routes):
+    """One fast path for counts dense in both modes, one for counts dense when run eagerly."""
     choices = {t: KernelChoice(backend=b, eager_backend=e) for t, (b, e) in routes.items()}
     layer = nn.Linear(32, 16, bias=True)
     with torch.no_grad():
         layer.weight.mul_(mask_24(layer.weight))
     sparse = SparseLinear(layer, None, choices, _backends())
-    both_dense = [all(sparse.backend_for(t, g) == "dense" for g in (False, True)) for t in range(1, 5000)]
-    expected = both_dense.index(False) if False in both_dense else None
-    if expected is None:
-        assert sparse._dense_numel >= 5000 * 32
-    else:
-        assert max(sparse._dense_numel, 0) == expected * 32  # -1: no dense route at all
+    for modes, numel in (((False, True), sparse._dense_numel), ((False,), sparse._eager_dense_numel)):
+        dense = [all(sparse.backend_for(t, g) == "dense" for g in modes) for t in range(1, 5000)]
+        expected = dense.index(False) if False in dense else None
+        if expected is None:
+            assert numel >= 5000 * 32
+        else:
+            assert max(numel, 0) == expected * 32  # -1: no dense route at all
