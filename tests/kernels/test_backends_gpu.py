@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.backends import BACKENDS, make_backends
+from kernels.backends import BACKENDS, ReferenceBackend, make_backends
 from kernels.sparse24 import mask_24
 
 pytestmark = [
@@ -13,6 +13,17 @@ pytestmark = [
 ]
 
 SPARSE = [n for n in BACKENDS if n != "dense"]
+
+
+class CountingReference(ReferenceBackend):
+    """The reference 2:4 backend, counting its calls (a captured call counts; a replay runs no Python)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def linear(self, x, handle):
+        self.calls += 1
+        return super().linear(x, handle)
 
 
 @pytest.fixture(scope="module")
@@ -79,45 +90,32 @@ def test_graph_capture_replays_on_new_inputs_and_times(device):
 
 def test_a_layer_sparse_only_in_graphs_runs_dense_eagerly_and_its_backend_when_captured(device):
     """Eager decode takes the dense fast path; a CUDA graph captures the plan's backend, and replays it."""
-    from kernels.backends import DenseBackend, ReferenceBackend
+    from kernels.backends import DenseBackend
     from kernels.plan import KernelChoice, SparseLinear
     from kernels.timing import capture_graph
-
-    class Counting(ReferenceBackend):
-        calls = 0
-
-        def linear(self, x, handle):
-            Counting.calls += 1
-            return super().linear(x, handle)
 
     layer = torch.nn.Linear(512, 256, bias=True, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         layer.weight.mul_(mask_24(layer.weight))
     choices = {1: KernelChoice(backend="sparse24-reference", eager_backend="dense"),
                64: KernelChoice(backend="sparse24-reference")}
-    sparse = SparseLinear(layer, None, choices, {"dense": DenseBackend(), "sparse24-reference": Counting()})
+    counting = CountingReference()
+    sparse = SparseLinear(layer, None, choices, {"dense": DenseBackend(), "sparse24-reference": counting})
     x = torch.randn(1, 512, device=device, dtype=torch.bfloat16)
-    assert torch.equal(sparse(x), layer(x)) and Counting.calls == 0
+    assert torch.equal(sparse(x), layer(x)) and counting.calls == 0
     graph, out = capture_graph(lambda: sparse(x))
-    assert Counting.calls == 1  # the captured call; capture_graph's warm-up calls ran eagerly, dense
+    assert counting.calls == 1  # the captured call; capture_graph's warm-up calls ran eagerly, dense
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out, layer(x), rtol=2e-2, atol=2e-2)
-    assert Counting.calls == 1  # a replay runs no Python
+    assert counting.calls == 1  # a replay runs no Python
 
 
 def test_a_captured_model_runs_its_graphed_routes_and_replays_them(device):
     """apply_plan's graph-mode hook: eagerly the layers run dense, captured they run the plan's backend."""
-    from kernels.backends import DenseBackend, ReferenceBackend
+    from kernels.backends import DenseBackend
     from kernels.plan import Environment, KernelChoice, KernelPlan, ShapePlan, apply_plan
     from kernels.timing import capture_graph
-
-    class Counting(ReferenceBackend):
-        calls = 0
-
-        def linear(self, x, handle):
-            Counting.calls += 1
-            return super().linear(x, handle)
 
     model = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False), torch.nn.ReLU(),
                                 torch.nn.Linear(512, 256, bias=True)).to(device, torch.bfloat16)
@@ -129,14 +127,15 @@ def test_a_captured_model_runs_its_graphed_routes_and_replays_them(device):
     plan = KernelPlan(environment=Environment(torch=torch.__version__), dtype="bfloat16", tokens=[1, 64],
                       shapes={f"{o}x{i}": ShapePlan(out_features=o, in_features=i, choices=choices)
                               for o, i in ((512, 256), (256, 512))})
-    report = apply_plan(model, plan, backends={"dense": DenseBackend(), "sparse24-reference": Counting()},
+    counting = CountingReference()
+    report = apply_plan(model, plan, backends={"dense": DenseBackend(), "sparse24-reference": counting},
                         check_env=False)
     assert len(report.replaced) == 2 and len(report.graph_mode_hooks) == 2
     x = torch.randn(1, 256, device=device, dtype=torch.bfloat16)
     eager = model(x)
-    assert Counting.calls == 0
+    assert counting.calls == 0
     graph, out = capture_graph(lambda: model(x))
-    assert Counting.calls == 2  # both layers, in the captured call only
+    assert counting.calls == 2  # both layers, in the captured call only
     assert model[0]._graph_mode.capturing is None  # reset once the call returned
     graph.replay()
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
