@@ -173,8 +173,9 @@ class SparseLinear(nn.Module):
     is not a trainable parameter any more: this module is for inference. A token count routed to
     dense calls `F.linear` with the bias fused, as `nn.Linear` does, so a tuned model pays nothing
     where dense was chosen. Calls captured into a CUDA graph follow each choice's `backend`; eager
-    calls follow its `eager_backend` (host time counts there); only a plan where the two differ pays
-    for asking which mode a call is in.
+    calls follow its `eager_backend` (host time counts there). Only a layer whose two routes differ needs to
+    know which mode a call is in; it reads that from its `GraphMode` (shared by the model's layers, set once
+    per model call by `apply_plan`'s hook), or asks the stream when called outside its model.
     """
 
     def __init__(self, linear: nn.Linear, mask: torch.Tensor | None, choices: Mapping[int, KernelChoice],
@@ -290,6 +291,8 @@ def apply_plan(
     whose weight is not 2:4 stays dense). `fp8_scales` maps the names of layers quantized to FP8 to their scales (a
     weight scale tensor, or `kernels.fp8.Fp8Scales`): those follow their shape's `:fp8` choices, the only ones that
     may name FP8 kernels. The model must already be on the device and in the dtype the plan was tuned for.
+    When some replaced layer routes differently in CUDA graphs and eagerly, the model gets a forward pre-hook
+    and hook (`GraphMode`; their handles are in the report) that ask once per call whether it is captured.
     """
     report = ApplyReport()
     sparse = plan.sparse_shapes()
