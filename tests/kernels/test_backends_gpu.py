@@ -3,8 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from counting_backend import CountingReference
 
-from kernels.backends import BACKENDS, ReferenceBackend, make_backends
+from kernels.backends import BACKENDS, make_backends
 from kernels.sparse24 import mask_24
 
 pytestmark = [
@@ -13,17 +14,6 @@ pytestmark = [
 ]
 
 SPARSE = [n for n in BACKENDS if n != "dense"]
-
-
-class CountingReference(ReferenceBackend):
-    """The reference 2:4 backend, counting its calls (a captured call counts; a replay runs no Python)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def linear(self, x, handle):
-        self.calls += 1
-        return super().linear(x, handle)
 
 
 @pytest.fixture(scope="module")

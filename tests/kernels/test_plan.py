@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from counting_backend import CountingReference
 from torch import nn
 
 from kernels.backends import DenseBackend, ReferenceBackend, nearest_bucket
@@ -152,17 +153,6 @@ def test_documented_plan_sample_validates():
     sample = doc.split("```json", 1)[1].split("```", 1)[0]
     plan = KernelPlan.model_validate(json.loads(sample))
     assert plan.shapes["4096x14336"].choices[2048].backend == "cusparselt-planned"
-
-
-class CountingReference(ReferenceBackend):
-    """The reference 2:4 backend, counting the calls that reach it."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def linear(self, x, handle):
-        self.calls += 1
-        return super().linear(x, handle)
 
 
 def test_dense_route_is_exactly_nn_linear_with_its_bias_fused():
