@@ -266,22 +266,57 @@ def run_sequential(
     if device is None:
         raise ValueError("device: run_sequential needs device or devices")
     device = torch.device(device)
+    prefix, layers = decoder_layers(model)
+    homes: dict[int, torch.device] = {}
+
+    def load(index: int, layer: nn.Module) -> None:
+        homes[index] = next(layer.parameters()).device
+        layer.to(device)
+
+    def unload(index: int, layer: nn.Module) -> None:
+        layer.to(homes.pop(index))
+
+    return run_layers(model, prefix, layers, next(layers[0].parameters()).dtype, input_ids, targets, on_layer,
+                      device=device, batch_size=batch_size, full_stats=full_stats, propagate=propagate,
+                      within_layer=within_layer, replay=replay, progress=progress, load=load, unload=unload)
+
+
+def run_layers(
+    model: nn.Module,
+    prefix: str,
+    layers: Sequence[nn.Module],
+    dtype: torch.dtype,
+    input_ids: Tensor,
+    targets: dict[int, dict[str, nn.Linear]],
+    on_layer: Callable[[LayerWork], None],
+    *,
+    device: torch.device,
+    batch_size: int,
+    full_stats: bool,
+    propagate: Literal["pruned", "dense"],
+    within_layer: bool,
+    replay: bool | None,
+    progress: ProgressFn | None,
+    load: Callable[[int, nn.Module], None],
+    unload: Callable[[int, nn.Module], None],
+    label: str = "",
+) -> int:
+    """The layer loop of `run_sequential` and `streaming.run_streaming` (see those for the arguments): they
+    differ only in where a decoder layer's weights are while it is not worked on. `load(index, layer)` puts
+    them on `device` before the layer's work, `unload(index, layer)` takes them away after it (in memory:
+    back where they were; streamed: written to the layer's shard and freed). Returns the peak device memory."""
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    prefix, layers = decoder_layers(model)
     batches = _batches(input_ids.shape[0], batch_size)
-    width = model.config.hidden_size
-    dtype = next(layers[0].parameters()).dtype
-    shape = (input_ids.shape[0], input_ids.shape[1], width)
+    shape = (input_ids.shape[0], input_ids.shape[1], model.config.hidden_size)
     inputs = torch.empty(shape, dtype=dtype, pin_memory=on_cuda)
     outputs = torch.empty(shape, dtype=dtype, pin_memory=on_cuda)
 
     with torch.no_grad():
         capture = _capture(model, prefix, layers, input_ids, batches, device, inputs)
         for index, layer in enumerate(layers):
-            home = next(layer.parameters()).device
-            layer.to(device)
+            load(index, layer)
             linears = targets.get(index, {})
             last = index == len(layers) - 1
 
@@ -305,12 +340,12 @@ def run_sequential(
                 replayer.clear()
             elif not last:
                 _forward_all(layer, calls, inputs, outputs, batches, device)
-            layer.to(home)
             if on_cuda:
                 torch.cuda.synchronize(device)
+            unload(index, layer)
             inputs, outputs = outputs, inputs
             if progress is not None:
-                progress(index + 1, len(layers), f"decoder layer {index + 1}/{len(layers)}")
+                progress(index + 1, len(layers), f"decoder layer {index + 1}/{len(layers)}{label}")
     return int(torch.cuda.max_memory_allocated(device)) if on_cuda else 0
 
 

@@ -8,8 +8,7 @@ embedding, rotary and mask code exactly as in memory. Then for each decoder laye
 1. its tensors are read from the memory-mapped safetensors files straight onto the compute device,
    in the compute dtype (`load_layer`);
 2. the same capture/collect/prune/propagate steps as `run_sequential` run on it, through the same
-   functions (`_Collector`, `_forward_all`, `_groups_in_order`, `SubmoduleReplay`), so masks and
-   weights equal the in-memory path's;
+   loop (`sequential.run_layers`), so masks and weights equal the in-memory path's;
 3. its tensors are written, pruned, as one shard of the output folder (`ShardWriter`), and the layer
    goes back to `meta`.
 
@@ -33,16 +32,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from pipelines.modeling import decoder_layers
-from pipelines.pruning.replay import SubmoduleReplay
-from pipelines.pruning.sequential import (
-    CalibrationError,
-    LayerWork,
-    _batches,
-    _capture,
-    _Collector,
-    _forward_all,
-    _groups_in_order,
-)
+from pipelines.pruning.sequential import CalibrationError, LayerWork, run_layers
 from pipelines.stage import ProgressFn
 from pipelines.streamio import CheckpointReader, ShardWriter, load_layer, skeleton, unload_layer
 
@@ -118,48 +108,17 @@ def run_streaming(
         raise CalibrationError(f"calibration: input_ids must be a non-empty [samples, seq_len] tensor, got "
                                f"shape {tuple(input_ids.shape)}")
     device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    prefix, layers = streamed.prefix, streamed.layers
-    batches = _batches(input_ids.shape[0], batch_size)
-    shape = (input_ids.shape[0], input_ids.shape[1], streamed.model.config.hidden_size)
-    inputs = torch.empty(shape, dtype=streamed.dtype, pin_memory=on_cuda)
-    outputs = torch.empty(shape, dtype=streamed.dtype, pin_memory=on_cuda)
 
-    with torch.no_grad():
-        capture = _capture(streamed.model, prefix, layers, input_ids, batches, device, inputs)
-        for index, layer in enumerate(layers):
-            load_layer(layer, streamed.layer_prefix(index), streamed.reader, device, streamed.dtype)
-            linears = targets.get(index, {})
-            last = index == len(layers) - 1
-            calls = capture.calls[index]
-            if linears:
-                keep = outputs if propagate == "dense" and not last else None
-                with _Collector(linears, full_stats, device, first_group_only=within_layer,
-                                stop_early=keep is None) as collector:
-                    _forward_all(layer, calls, inputs, keep, batches, device, collector)
-                collector.check_complete(index)
-                replaying = within_layer and (not on_cuda if replay is None else replay)
-                replayer = SubmoduleReplay(layer, f"{prefix}.{index}", linears, enabled=replaying)
-                if within_layer:
-                    _groups_in_order(index, layer, linears, collector, calls, inputs, batches, device, on_layer,
-                                     replayer)
-                else:
-                    on_layer(LayerWork(index, layer, linears, collector.groups, collector.stats))
-                del collector
-                if propagate == "pruned" and not last:
-                    _forward_all(layer, calls, inputs, outputs, batches, device, replay=replayer)
-                replayer.clear()
-            elif not last:
-                _forward_all(layer, calls, inputs, outputs, batches, device)
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            _store(streamed, index, layer, writer)
-            inputs, outputs = outputs, inputs
-            if progress is not None:
-                progress(index + 1, len(layers), f"decoder layer {index + 1}/{len(layers)} (streamed)")
-    return int(torch.cuda.max_memory_allocated(device)) if on_cuda else 0
+    def load(index: int, layer: nn.Module) -> None:
+        load_layer(layer, streamed.layer_prefix(index), streamed.reader, device, streamed.dtype)
+
+    def unload(index: int, layer: nn.Module) -> None:
+        _store(streamed, index, layer, writer)
+
+    return run_layers(streamed.model, streamed.prefix, streamed.layers, streamed.dtype, input_ids, targets, on_layer,
+                      device=device, batch_size=batch_size, full_stats=full_stats, propagate=propagate,
+                      within_layer=within_layer, replay=replay, progress=progress, load=load, unload=unload,
+                      label=" (streamed)")
 
 
 def stream_without_data(
