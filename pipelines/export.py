@@ -145,17 +145,23 @@ def infer_export(model: nn.Module) -> tuple[str, list[str], str] | None:
     return SPARSE_BITMASK, sorted(pruned), "unstructured"
 
 
-def _unique_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The state dict in `dtype`, without tied duplicates (the first name of a shared tensor is kept)."""
+def without_tied_duplicates(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` on the CPU, contiguous, without tied duplicates (the first name of a shared tensor is kept),
+    as a plain `save_pretrained` writes it."""
     seen: set[tuple[int, tuple[int, ...]]] = set()
     out: dict[str, Tensor] = {}
-    for name, tensor in cast_state_dict(model, dtype).items():
+    for name, tensor in state.items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if key in seen and tensor.numel() > 0:
             continue
         seen.add(key)
         out[name] = tensor.detach().cpu().contiguous()
     return out
+
+
+def _unique_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The state dict in `dtype`, without tied duplicates."""
+    return without_tied_duplicates(cast_state_dict(model, dtype))
 
 
 def export_compressed(

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, PreTrainedModel
 
-from pipelines.export import ExportError, infer_export
+from pipelines.export import ExportError, infer_export, without_tied_duplicates
 from pipelines.filemodes import normalize_modes
 from pipelines.modelio import SOURCE_DTYPE_ATTR, cast_state_dict, declared_dtype, finish_config, load_tokenizer
 from pipelines.quantize.emulate import attach_emulation
@@ -70,19 +70,6 @@ def fp8_scheme(targets: list[str], activations: str) -> QuantizationScheme:
     return QuantizationScheme(targets=targets, weights=weights, input_activations=inputs)
 
 
-def _unique(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Drop tied duplicates (the first name of a shared tensor stays), as a plain save does."""
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    out = {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen and tensor.numel() > 0:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().cpu().contiguous()
-    return out
-
-
 def export_fp8_compressed(
     model: PreTrainedModel, out_dir: str | Path, layers: dict[str, Fp8Layer], dtype: torch.dtype, *,
     tokenizer_source: str | Path | None = None, fmt: str = FLOAT_QUANTIZED,
@@ -99,7 +86,7 @@ def export_fp8_compressed(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sparse = infer_export(model)  # computed before the weights are replaced by codes below
-    state = _unique(cast_state_dict(model, dtype))
+    state = without_tied_duplicates(cast_state_dict(model, dtype))
     modes = {layer.activations for layer in layers.values()}
     for name, layer in layers.items():
         weight = state.pop(f"{name}.weight", None)
