@@ -92,14 +92,14 @@ def sweep(instance: str, marker: str = MARKER, grace_s: float = GRACE_S, rounds:
     for _ in range(rounds):
         found = marked_processes(instance, marker)
         seen = {process.pid for process in found}
-        found += [p for p in known or [] if p.pid not in seen and _still_running(p)]
+        found += [p for p in known or [] if p.pid not in seen and still_running(p)]
         if not found:
             break
         stopped += terminate(found, grace_s)
     return stopped
 
 
-def _still_running(process: psutil.Process) -> bool:
+def still_running(process: psutil.Process) -> bool:
     """The very process (psutil compares its start time, so a reused pid is not it), and not a zombie."""
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE

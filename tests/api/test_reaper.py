@@ -24,7 +24,7 @@ import pytest
 from service_fixtures import tiny_recipe
 
 from api.localcluster import free_port
-from api.reaper import MARKER, marked_processes
+from api.reaper import MARKER, marked_processes, still_running
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper reads /proc (Linux only)")
 
@@ -160,21 +160,13 @@ def service(tmp_path: Path, tiny_model_dir: Path, tiny_text_file: Path) -> Itera
         running.stop()
 
 
-def _live(process: psutil.Process) -> bool:
-    """Running and not a zombie (a container's init may never reap the orphans it inherits)."""
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _assert_all_gone(service: Service) -> None:
     assert service.instance, "the service's children should carry its marker"
-    watched = [p for p in service.children if _live(p)]
+    watched = [p for p in service.children if still_running(p)]
     deadline = time.monotonic() + GONE_S
-    while time.monotonic() < deadline and (service.marked() or any(_live(p) for p in watched)):
+    while time.monotonic() < deadline and (service.marked() or any(still_running(p) for p in watched)):
         time.sleep(0.5)
-    left = service.marked() + [p for p in watched if _live(p)]
+    left = service.marked() + [p for p in watched if still_running(p)]
     assert not left, f"still running {GONE_S} s after the service ended: {_names(left)}"
 
 
