@@ -188,9 +188,7 @@ def e2e(tuned: dict, settings: TuneSettings, dev: torch.device, repeats: int, ro
                 result[f"{label}_decode_graph_error"] = str(error)[:400]
     interleaved_decode(models, cfg, dev, steps=decode_steps)  # warm-up
     steps: dict[str, list[float]] = {label: [] for label in models}
-    # Fresh caches every block: with three caches growing side by side over 600 steps, some models ran
-    # stretches of 25 steps at 45-60 ms a step on an H200, against 4-7 ms otherwise.
-    for _ in range(decode_blocks):
+    for _ in range(decode_blocks):  # fresh caches every block (see interleaved_decode)
         for label, times in interleaved_decode(models, cfg, dev, steps=decode_steps).items():
             steps[label] += times
     pair_ratios: dict[str, list[float]] = {}

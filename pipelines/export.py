@@ -159,11 +159,6 @@ def without_tied_duplicates(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _unique_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The state dict in `dtype`, without tied duplicates."""
-    return without_tied_duplicates(cast_state_dict(model, dtype))
-
-
 def export_compressed(
     model: PreTrainedModel,
     out_dir: str | Path,
@@ -185,7 +180,7 @@ def export_compressed(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = dtype or source_dtype(model)
-    state = _unique_state_dict(model, dtype)
+    state = without_tied_duplicates(cast_state_dict(model, dtype))
     total, zeros = 0, 0
     for module in modules:
         weight = state.pop(f"{module}.weight", None)
