@@ -32,8 +32,8 @@ FIGURE = ROOT / "bench" / "results" / "activation_sparsity.png"
 
 
 def _profile(model_dir: Path, args, work: Path) -> tuple[dict, float]:
+    from orchestrator.settings import get_settings
     from pipelines.recipe import ActivationProfileStage, DataSpec
-    from pipelines.sources import default_home
     from pipelines.stage import StageContext
     from pipelines.stages.activation_profile import run
 
@@ -43,7 +43,7 @@ def _profile(model_dir: Path, args, work: Path) -> tuple[dict, float]:
         layer_samples=args.layer_samples, allocation_max_deviation=args.max_deviation, batch_size=args.batch_size,
     )
     ctx = StageContext(workdir=work, inputs={"model": model_dir}, data=DataSpec(), seed=args.seed,
-                       cache_dir=default_home() / "cache")
+                       cache_dir=get_settings().cache_dir)
     start = time.perf_counter()
     result = run(spec, ctx)
     report = json.loads(result.outputs["report"].read_text())
@@ -53,12 +53,12 @@ def _profile(model_dir: Path, args, work: Path) -> tuple[dict, float]:
 
 
 def _prune_wanda(model_dir: Path, args, work: Path) -> Path:
+    from orchestrator.settings import get_settings
     from pipelines.recipe import CalibrateStage, DataSpec, WandaPrune
-    from pipelines.sources import default_home
     from pipelines.stage import StageContext
     from pipelines.stages import calibrate, prune
 
-    cache = default_home() / "cache"
+    cache = get_settings().cache_dir
     cal = calibrate.run(CalibrateStage(samples=args.samples, seq_len=args.seq_len),
                         StageContext(workdir=work / "cal", inputs={"model": model_dir}, data=DataSpec(),
                                      seed=args.seed, cache_dir=cache))
@@ -155,7 +155,8 @@ def main() -> None:
 
     import transformers
 
-    from pipelines.sources import default_home, resolve_model
+    from orchestrator.settings import get_settings
+    from pipelines.sources import resolve_model
 
     if args.report_only:
         results = json.loads(RESULTS.read_text())
@@ -163,7 +164,7 @@ def main() -> None:
         print(_table(results["models"]))
         return
     torch.manual_seed(args.seed)
-    model_dir = resolve_model(args.model, default_home() / "cache")
+    model_dir = resolve_model(args.model, get_settings().cache_dir)
     results = {
         "benchmark": "activation_sparsity",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 import transformers
 
+from orchestrator.settings import get_settings
 from pipelines.modelio import load_model
 from pipelines.recipe import CalibrateStage, DataSpec, EvaluateStage, FinetuneStage, prune_stage
-from pipelines.sources import default_cache_dir, resolve_model
+from pipelines.sources import resolve_model
 from pipelines.stage import StageContext
 from pipelines.stages import get_stage
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    cache = default_cache_dir()
+    cache = get_settings().cache_dir
     data = DataSpec(calibration="builtin:enwiki", evaluation="builtin:enwiki")
     times: dict[str, float] = {}
 

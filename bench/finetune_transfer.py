@@ -38,8 +38,9 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.finetune_recovery import changed_pruned_weights  # noqa: E402
+from orchestrator.settings import get_settings  # noqa: E402
 from pipelines.recipe import CalibrateStage, DataSpec, EvaluateStage, FinetuneStage, prune_stage  # noqa: E402
-from pipelines.sources import default_cache_dir, load_text, resolve_model  # noqa: E402
+from pipelines.sources import load_text, resolve_model  # noqa: E402
 from pipelines.stage import StageContext  # noqa: E402
 from pipelines.stages import get_stage  # noqa: E402
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    cache = default_cache_dir()
+    cache = get_settings().cache_dir
     started = time.perf_counter()
     times: dict[str, float] = {}
     loads: list[float] = []

@@ -189,11 +189,12 @@ def main() -> None:
     import transformers
     from safetensors.torch import save_file
 
+    from orchestrator.settings import get_settings
     from pipelines.data import calibration_samples
     from pipelines.modelio import load_tokenizer
-    from pipelines.sources import default_cache_dir, load_text, resolve_model
+    from pipelines.sources import load_text, resolve_model
 
-    args.cache = default_cache_dir()
+    args.cache = get_settings().cache_dir
     model_dir = resolve_model("builtin:smollm2-135m", args.cache)
     args.work.mkdir(parents=True, exist_ok=True)
     calibration = args.work / f"calibration_{args.samples}x{args.seq_len}_seed{args.seed}.safetensors"

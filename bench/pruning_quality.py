@@ -198,11 +198,12 @@ def main() -> None:
     import torch
     import transformers
 
+    from orchestrator.settings import get_settings
     from pipelines.data import calibration_samples, eval_windows
     from pipelines.modelio import load_tokenizer
-    from pipelines.sources import default_cache_dir, load_text, resolve_model
+    from pipelines.sources import load_text, resolve_model
 
-    cache = default_cache_dir()
+    cache = get_settings().cache_dir
     model_dir = resolve_model("builtin:smollm2-135m", cache)
     tokenizer = load_tokenizer(model_dir)
     args.work.mkdir(parents=True, exist_ok=True)

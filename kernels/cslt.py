@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.cutlass24 import cache_dir as build_cache_dir
+
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "cslt_shim.cpp"
@@ -76,7 +78,7 @@ def build_shim(cache_dir: Path | None = None) -> Path:
     if compiler is None:
         raise CsltError("no C++ compiler (c++/g++) to build the cuSPARSELt shim")
     digest = hashlib.sha256(_SOURCE.read_bytes() + (include / "cusparseLt.h").read_bytes()).hexdigest()[:16]
-    cache_dir = Path(cache_dir or os.environ.get("SPARSEFLOW_CACHE", Path.home() / ".cache" / "sparseflow"))
+    cache_dir = build_cache_dir(cache_dir)
     target = cache_dir / f"libsf_cslt-{digest}.so"
     if target.is_file():
         return target

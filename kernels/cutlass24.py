@@ -128,6 +128,12 @@ def find_nvcc() -> tuple[str, str]:
 
 
 def cache_dir(path: Path | str | None = None) -> Path:
+    """Where this node keeps the kernels' compiled libraries (`path`, else `$SPARSEFLOW_CACHE`, else
+    `~/.cache/sparseflow`); every kernel library of the package builds there.
+
+    A property of the node that compiles and loads kernels (like `NVCC` or `CUDA_HOME`), read where they
+    build: a Ray GPU node's image prefills it, and the service's settings, which describe the service, do
+    not reach a stage's worker process."""
     return Path(path or os.environ.get("SPARSEFLOW_CACHE", Path.home() / ".cache" / "sparseflow"))
 
 

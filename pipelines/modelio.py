@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipelines.filemodes import normalize_modes
+from pipelines.sources import check_weight_files
 
 SOURCE_DTYPE_ATTR = "source_dtype"
 _DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers 5 writes `dtype`, 4.x `torch_dtype`
@@ -54,6 +55,7 @@ def load_model(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> PreTrainedModel:
     """Load a model directory for computation (eval mode, on `device`, in `dtype`), noting its stored dtype."""
+    check_weight_files(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     setattr(model, SOURCE_DTYPE_ATTR, declared_dtype(path) or dtype)
     return model.to(device).eval()

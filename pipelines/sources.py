@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -80,16 +81,6 @@ def describe(ref: str) -> str:
 
 def _shown(ref: str) -> str:
     return repr(describe(ref))
-
-
-def default_home() -> Path:
-    """`$SPARSEFLOW_HOME`, else `~/.sparseflow`. Caches live under `<home>/cache`."""
-    env = os.environ.get("SPARSEFLOW_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".sparseflow"
-
-
-def default_cache_dir() -> Path:
-    return default_home() / "cache"
 
 
 def package_file(package: str, relative: str) -> Path:
@@ -157,14 +148,26 @@ def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
 HUB_PREFIX = "hub:"
 
 
+def default_cache_dir() -> Path:
+    """The cache of a caller that names none: `~/.sparseflow/cache`, the service's default too. The service
+    always passes its own (`SPARSEFLOW_HOME`, read by its settings alone)."""
+    return Path.home() / ".sparseflow" / "cache"
+
+
 def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
     """A local directory `from_pretrained` can load (model and tokenizer) for `ref`.
 
     `builtin:<name>` is built once into `<cache_dir>/models/<name>`; an existing directory is returned
     as is; anything else is a Hugging Face hub id downloaded into `<cache_dir>/hub`. `hub:<id>` is
     always a hub id, never a directory (the service sends hub ids so where local paths are restricted).
+    Its weight files are checked to be safetensors (`check_weight_files`), wherever it came from.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    model_dir = _locate_model(ref, Path(cache_dir or default_cache_dir()))
+    check_weight_files(model_dir)
+    return model_dir
+
+
+def _locate_model(ref: str, cache_dir: Path) -> Path:
     if ref.startswith(HUB_PREFIX):
         return _download_hub(ref.removeprefix(HUB_PREFIX), cache_dir / "hub")
     if ref.startswith("builtin:"):
@@ -182,6 +185,23 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
     if ref.startswith((".", "/", "~")) or local.suffix in (".gguf", ".safetensors", ".bin"):
         raise SourceError(f"model path {ref!r} is not an existing directory")
     return _download_hub(ref, cache_dir / "hub")
+
+
+def check_weight_files(path: str | Path) -> None:
+    """Refuse a directory whose `.safetensors` files are not safetensors, naming the file.
+
+    A safetensors file starts with the 8-byte length of its JSON header. Handed anything else (a truncated
+    upload, a text file under that name), the loader takes the first 8 bytes for that length and asks for
+    that much memory: the stage fails with a bare `MemoryError` that names nothing.
+    """
+    for file in sorted(Path(path).glob("*.safetensors")):
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            head = handle.read(9)
+        header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
+        if header_len is None or header_len > size - 8 or head[8:9] != b"{":
+            raise SourceError(f"{file.name} is not a safetensors file ({size} bytes, no valid header): "
+                              "the model directory is damaged or incomplete")
 
 
 def _model_from_url(uri: str, cache_dir: Path) -> Path:
@@ -295,7 +315,7 @@ def load_text(ref: str, split: Split, cache_dir: Path | None = None) -> str:
     """The `split` part of text source `ref` as one string (articles or paragraphs joined by blank lines)."""
     if split not in ("calibration", "evaluation"):
         raise SourceError(f"split must be 'calibration' or 'evaluation', got {split!r}")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir or default_cache_dir())
     if ref.startswith("builtin:"):
         name = ref.removeprefix("builtin:")
         if name not in BUILTIN_TEXTS:

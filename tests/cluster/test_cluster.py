@@ -289,3 +289,60 @@ def test_cancel_stops_the_running_stage_within_seconds(cluster, tiny_model_dir, 
         finally:
             os.killpg(restarted.pid, signal.SIGTERM)
             restarted.wait(30)
+
+
+def _zoo_file(home: Path, model: Path, text: Path) -> Path:
+    """Two pairs (one model, two recipes) of quick magnitude prunes, scheduled every night at 02:00."""
+    import yaml
+
+    zoo = home / "cluster-zoo.yaml"
+    zoo.write_text(yaml.safe_dump({
+        "name": "cluster-zoo", "cron": "0 2 * * *",
+        "recipes": [{"name": name, "stages": [{"stage": "prune", "method": "magnitude", **target}]}
+                    for name, target in (("mag-50", {"sparsity": 0.5}), ("mag-24", {"pattern": "2:4"}))],
+        "models": [{"model": str(model), "calibration": str(text), "evaluation": str(text)}],
+    }))
+    return zoo
+
+
+def test_a_night_runs_each_pair_as_a_flow_run_on_the_workers(cluster, store, tiny_model_dir, tiny_text_file):
+    """`sparseflow nightly --now` in cluster mode: each (model, recipe) is its own job and its own flow run of
+    the `compression-job` deployment, run by the Prefect workers, not by the process that started the night."""
+    from orchestrator.store import zoo as zoo_store
+
+    zoo = _zoo_file(Path(cluster.home), tiny_model_dir, tiny_text_file)
+    night = subprocess.run([str(Path(sys.executable).parent / "sparseflow"), "nightly", "--now", str(zoo)],
+                           env={**os.environ, **cluster.env}, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert night.returncode == 0, night.stdout[-3000:] + night.stderr[-3000:]
+    workers = {record.pid for record in cluster.processes if record.name.startswith("worker")}
+    with store() as session:
+        [last] = zoo_store.list_nights(session, "cluster-zoo")
+        jobs = [night_job.job for night_job in zoo_store.night_jobs(session, last.id)]
+    assert [job.status for job in jobs] == ["succeeded"] * 2, [job.error for job in jobs]
+    assert all(job.flow_run_id for job in jobs) and len({job.flow_run_id for job in jobs}) == 2
+    runners = {_runner_process(store, job.id)[1] for job in jobs}
+    assert runners <= workers, f"pairs ran by {runners}, the cluster's workers are {workers}"
+
+
+def test_a_served_zoo_is_a_deployment_on_its_cron(cluster, tiny_model_dir, tiny_text_file):
+    """`sparseflow nightly ZOO` serves the night as a Prefect deployment whose schedule is the zoo's cron."""
+    zoo = _zoo_file(Path(cluster.home), tiny_model_dir, tiny_text_file)
+    log = open(Path(cluster.home) / "cluster" / "logs" / "nightly-served.log", "ab")  # noqa: SIM115
+    served = subprocess.Popen([str(Path(sys.executable).parent / "sparseflow"), "nightly", str(zoo)],
+                              env={**os.environ, **cluster.env}, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline, found = time.monotonic() + 180, []
+        while time.monotonic() < deadline and served.poll() is None and not found:
+            answer = httpx.post(f"{cluster.urls['prefect']}/deployments/filter", timeout=10,
+                                json={"deployments": {"name": {"any_": ["cluster-zoo"]}}})
+            found = answer.json() if answer.status_code == 200 else []
+            time.sleep(1)
+        assert found, f"no deployment 'cluster-zoo' (the served night exited {served.poll()})"
+        [deployment] = found
+        assert [s["schedule"].get("cron") for s in deployment["schedules"]] == ["0 2 * * *"]
+        assert [s["active"] for s in deployment["schedules"]] == [True]
+    finally:
+        os.killpg(served.pid, signal.SIGTERM)
+        served.wait(60)
+        log.close()

@@ -304,6 +304,26 @@ def test_stage_cache_key_changes_when_a_text_changes_in_place(tmp_path: Path) ->
     assert key() != before
 
 
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_kernel_plan_input_is_keyed_by_the_gpu_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served kernel-plan cache changes whenever any job tunes, so its bytes would defeat the stage cache;
+    its part of the key is the GPUs the stage may land on instead, read from the connected Ray cluster."""
+    from orchestrator import caching
+
+    assert caching.gpu_environment() == "gpu:untyped"  # the test cluster: 2 logical GPUs of no type
+    model = Artifact(uri="s3://bucket/model", sha256="a" * 64)
+
+    def key(plans_sha256: str) -> str:
+        plans = Artifact(uri="s3://bucket/plans.json", sha256=plans_sha256)
+        return stage_cache_key(kind="kernel_tune", params={}, data={}, seed=0,
+                               inputs={"model": model, "kernel_cache": plans}, code_version="v")
+
+    untyped = key("b" * 64)
+    assert key("c" * 64) == untyped, "new plans from other jobs keep the key"
+    monkeypatch.setattr(caching, "gpu_environment", lambda: "gpu:H200")
+    assert key("b" * 64) != untyped, "another GPU type is another key"
+
+
 # --------------------------------------------------------------------------------- two nights, end to end
 
 
@@ -487,3 +507,35 @@ def test_a_pair_the_access_policy_refuses_is_a_failed_job_of_the_night(tmp_path:
         orchestrator.close()
     assert outcome.status == "failed" and outcome.webhook == "delivered"
     assert f"- failed: {tmp_path / 'elsewhere'}/mag job " in receiver.bodies[0]["text"]
+
+
+@pytest.mark.usefixtures("ray_cluster", "prefect_harness")
+def test_one_failing_pair_stops_no_other(tmp_path: Path, tiny_model_dir: Path, settings: Any,
+                                         receiver: Receiver) -> None:
+    """Two pairs run side by side; one model's weights are unreadable, so its prune stage fails mid-night.
+    The other pair still finishes with its model stored, the night ends partial and the message says so."""
+    from orchestrator.nights import run_night
+    from orchestrator.service import Orchestrator
+    from orchestrator.zoo_file import parse_zoo
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    zoo = parse_zoo({"name": "isolated", "webhook": receiver.url,
+                     "recipes": [{"name": "mag", "stages": [{"stage": "prune", "method": "magnitude"}]}],
+                     "models": [str(broken), str(tiny_model_dir)]}, base_dir=tmp_path)
+    orchestrator = Orchestrator(settings.model_copy(update={"max_concurrent_jobs": 2}))
+    try:
+        outcome = run_night(zoo, orchestrator, poll_s=0.1)
+        with orchestrator.sessions() as session:
+            failed, survived = (night_job.job for night_job in zoo_store.night_jobs(session, outcome.night_id))
+            assert (failed.status, survived.status) == (Status.failed, Status.succeeded)
+            assert "prune" in failed.error and "model.safetensors is not a safetensors file" in failed.error
+            assert [a.kind for a in queries.list_artifacts(session, failed.id) if a.stage_run_id] == []
+            assert "model" in {a.kind for a in queries.list_artifacts(session, survived.id)}
+            assert zoo_store.get_night(session, outcome.night_id).status == NightStatus.partial
+    finally:
+        orchestrator.close()
+    assert outcome.status == "partial" and outcome.webhook == "delivered"
+    text = receiver.bodies[0]["text"]
+    assert "2 jobs, 1 succeeded (0 reused), 1 failed" in text and f"- failed: {broken}/mag job {failed.id}" in text

@@ -35,10 +35,11 @@ def model(tiny_model_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def texts(tiny_model_dir: Path, tiny_text_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    tokenizer = load_tokenizer(tiny_model_dir)
-    calib = calibration_samples(tokenizer, load_text(str(tiny_text_file), "calibration"), 8, 64, seed=0)
-    held_out = eval_windows(tokenizer, load_text(str(tiny_text_file), "evaluation"), 64, 4)
+def texts(tiny_model_dir: Path, tiny_text_file: Path, tmp_path_factory: pytest.TempPathFactory,
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    tokenizer, cache = load_tokenizer(tiny_model_dir), tmp_path_factory.mktemp("cache")
+    calib = calibration_samples(tokenizer, load_text(str(tiny_text_file), "calibration", cache), 8, 64, seed=0)
+    held_out = eval_windows(tokenizer, load_text(str(tiny_text_file), "evaluation", cache), 64, 4)
     return calib, held_out
 
 

@@ -63,7 +63,8 @@ def test_perplexity_matches_data_module_and_dense_is_cached(sparse_model_dir: Pa
 
     from pipelines.sources import load_text
 
-    windows = eval_windows(load_tokenizer(tiny_model_dir), load_text(str(tiny_text_file), "evaluation"), 32, 4)
+    text = load_text(str(tiny_text_file), "evaluation", tmp_path)
+    windows = eval_windows(load_tokenizer(tiny_model_dir), text, 32, 4)
     assert first["perplexity"] == pytest.approx(perplexity(load_model(sparse_model_dir), windows, 4))
     assert first["dense_perplexity"] == pytest.approx(perplexity(load_model(tiny_model_dir), windows, 4))
     assert first["perplexity"] != first["dense_perplexity"]

@@ -1,14 +1,16 @@
-"""Built-in and local sources: models and text, splits, errors."""
+"""Built-in and local sources: models and text, splits, errors (a damaged model directory included)."""
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 
 from pipelines import sources
-from pipelines.sources import SourceError, load_text, resolve_model, wiki_to_text
+from pipelines.modelio import load_model
+from pipelines.sources import SourceError, check_weight_files, load_text, resolve_model, wiki_to_text
 
 
 @pytest.fixture(scope="session")
@@ -54,13 +56,6 @@ def test_failed_build_leaves_no_half_model(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         sources._atomic_build(tmp_path / "models" / "m", broken)
     assert list((tmp_path / "models").iterdir()) == []
-
-
-def test_default_home_follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPARSEFLOW_HOME", str(tmp_path))
-    assert sources.default_home() == tmp_path
-    monkeypatch.delenv("SPARSEFLOW_HOME")
-    assert sources.default_home() == Path.home() / ".sparseflow"
 
 
 def test_wiki_markup_is_stripped() -> None:
@@ -139,3 +134,14 @@ def test_builtin_news_is_text_of_another_kind_with_held_out_articles(tmp_path):
     assert (len(kept), len(held_out)) == (264, 29)  # 300 articles, 7 repeats dropped
     assert not set(held_out) & set(kept)
     assert "bushfire" in calibration + evaluation
+
+
+@pytest.mark.parametrize("content", [b"", b"short", b"not a safetensors file", (10**9).to_bytes(8, "little") + b"{}"])
+def test_a_damaged_weight_file_is_named_before_loading(tmp_path: Path, tiny_model_dir: Path, content: bytes) -> None:
+    damaged = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, damaged)
+    check_weight_files(damaged)  # the intact copy passes
+    (damaged / "model.safetensors").write_bytes(content)
+    for load in (lambda: resolve_model(str(damaged), tmp_path), lambda: load_model(damaged)):
+        with pytest.raises(SourceError, match=r"model\.safetensors is not a safetensors file"):
+            load()
