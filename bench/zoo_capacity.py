@@ -188,6 +188,9 @@ def main() -> None:
     os.environ.setdefault("PREFECT_HOME", str(scratch / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # as `sparseflow` sets it: Prefect gives its temporary server 20 s by default, which a night's first
+    # jobs on a busy 2-core machine can miss (the job then fails before its first stage)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     server = None
     if args.prefect == "up":  # before anything imports Prefect, which reads PREFECT_API_URL once
         from api.prefect_server import PrefectServer

@@ -67,18 +67,25 @@ def get_artifact(artifact_id: str, session: SessionDep, user: CurrentUser) -> Ar
     return artifact_public(_owned(session, artifact_id, user))
 
 
-def _serve(method: str, request: Request, artifact_id: str, session: Session, user: str) -> Response:
-    artifact = _owned(session, artifact_id, user)
-    if artifact.stage_run_id is None and artifact.kind != REPORT_KIND:  # an input reference (a hub id, a path)
-        raise NotFound("artifact", artifact_id)
+def intact(session: Session, artifact: Artifact) -> integrity.Snapshot:
+    """The artifact's stored content, verified first: 409 with the reason if its bytes changed (it stays
+    marked corrupt), 410 if they are gone."""
     try:
         snap = integrity.ensure_intact(session, artifact)
     except integrity.ArtifactCorrupt as error:
         session.commit()  # keep the corrupt mark although the answer is an error
         raise HTTPException(409, f"{error}; it is not served") from None
     except integrity.ArtifactMissing:
-        raise HTTPException(410, f"artifact {artifact_id}: its content is gone from storage") from None
+        raise HTTPException(410, f"artifact {artifact.id}: its content is gone from storage") from None
     session.commit()
+    return snap
+
+
+def _serve(method: str, request: Request, artifact_id: str, session: Session, user: str) -> Response:
+    artifact = _owned(session, artifact_id, user)
+    if artifact.stage_run_id is None and artifact.kind != REPORT_KIND:  # an input reference (a hub id, a path)
+        raise NotFound("artifact", artifact_id)
+    snap = intact(session, artifact)
     body = streaming.layout(snap.fs, snap.path, snap.entries, snap.is_dir)
     return streaming.respond(method, request.headers, body, artifact.sha256)
 

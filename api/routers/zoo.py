@@ -3,6 +3,11 @@
 A zoo may run jobs for several owners (`orchestrator.zoo_file`), so a night is shown to the owner of any
 of its jobs with only that owner's jobs, regressions and report; the night's summary, which covers every
 job, only to a caller who owns them all. A zoo with no job of the caller reads as an empty list.
+
+The report opens in a browser from `.../nights/{night_id}/report`. It is self-contained (images inline),
+and is served with a Content-Security-Policy that loads nothing from anywhere and sandboxes the page (no
+scripts, an origin of its own), so a model or recipe name that got past escaping still runs nothing on
+the API's origin.
 """
 
 from __future__ import annotations
@@ -10,21 +15,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, SessionDep
+from api.routers.artifacts import intact
 from orchestrator.night_report import REPORT_KIND
 from orchestrator.store import queries
 from orchestrator.store import zoo as zoo_store
-from orchestrator.store.models import ZooNight, ZooNightJob
+from orchestrator.store.errors import NotFound
+from orchestrator.store.models import Artifact, ZooNight, ZooNightJob
 
 router = APIRouter(prefix="/v1/zoo", tags=["zoo"])
 
 MAX_PAGE = 200
 MAX_OFFSET = 1_000_000
 ZooName = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[^\x00/]+$", description="The zoo's name.")]
+NightId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$", description="The night's id.")]
+REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox"
 
 
 class NightJobPublic(BaseModel):
@@ -44,7 +53,8 @@ class NightPublic(BaseModel):
     jobs: list[NightJobPublic] = Field(description="The caller's jobs of the night.")
     regressions: int = Field(description="Regressions among the caller's jobs.")
     report_artifact_id: str | None = Field(
-        None, description="The caller's HTML report of the night: GET /v1/artifacts/{id}/download.")
+        None, description="The caller's HTML report of the night, an artifact: GET "
+        "/v1/zoo/{name}/nights/{night_id}/report opens it in a browser, /v1/artifacts/{id}/download saves it.")
     summary: str | None = Field(None, description="The night's plain-text summary, when the caller owns every job.")
 
 
@@ -127,3 +137,18 @@ def list_regressions(
             model=pair.model, recipe=pair.recipe_name, metric=row.metric,
             old_value=row.old_value, new_value=row.new_value, tolerance=row.tolerance, worse=row.worse))
     return RegressionsPublic(data=found, count=len(found))
+
+
+@router.get("/{name}/nights/{night_id}/report", response_class=Response,
+            responses={200: {"content": {"text/html": {}}, "description": "The caller's report of the night."}})
+def night_report(name: ZooName, night_id: NightId, session: SessionDep, user: CurrentUser) -> Response:
+    """The caller's HTML report of the night, to open in a browser (404 when the caller has no job in it)."""
+    night = zoo_store.get_night(session, night_id)
+    shown = _visible(session, night, user) if night.zoo == name else None
+    if shown is None or shown.report_artifact_id is None:
+        raise NotFound("report of night", night_id)
+    artifact = session.get(Artifact, shown.report_artifact_id)
+    snap = intact(session, artifact)
+    return Response(snap.fs.cat_file(snap.path), media_type="text/html; charset=utf-8",
+                    headers={"Content-Security-Policy": REPORT_POLICY, "X-Content-Type-Options": "nosniff",
+                             "ETag": f'"{artifact.sha256}"', "Cache-Control": "private, no-cache"})

@@ -443,6 +443,18 @@ def test_two_nights_skip_the_unchanged_pair_and_catch_a_regression(
         refused = client.get(f"/v1/artifacts/{second['reports']['local']}/download", headers=alice)
         assert refused.status_code == 404
 
+        # ... and opens it in a browser: each owner its own page, sandboxed, loading nothing from anywhere
+        report = f"/v1/zoo/ci-zoo/nights/{second['night_id']}/report"
+        page = client.get(report, headers=alice)
+        assert page.status_code == 200 and page.text == pages["alice"]
+        assert page.headers["content-type"].startswith("text/html")
+        assert page.headers["content-security-policy"].startswith("default-src 'none';")
+        assert "sandbox" in page.headers["content-security-policy"]
+        assert client.get(report, headers=platform).text == pages["local"]
+        assert client.get(report, headers=carol).status_code == 404
+        assert client.get(report.replace("ci-zoo", "other-zoo"), headers=alice).status_code == 404
+        assert client.get("/v1/zoo/ci-zoo/nights/not-a-night/report", headers=alice).status_code == 422
+
         # the zoo's nights and regressions over the API: each owner sees its own jobs only
         seen = client.get("/v1/zoo/ci-zoo/nights", headers=alice).json()
         assert [n["id"] for n in seen["data"]] == [second["night_id"], first["night_id"]]
