@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -187,21 +187,34 @@ def _locate_model(ref: str, cache_dir: Path) -> Path:
     return _download_hub(ref, cache_dir / "hub")
 
 
-def check_weight_files(path: str | Path) -> None:
-    """Refuse a directory whose `.safetensors` files are not safetensors, naming the file.
+def safetensors_header(file: Path) -> dict:
+    """The JSON header of one safetensors file (tensor name -> dtype, shape, offsets); reads no tensor data.
 
     A safetensors file starts with the 8-byte length of its JSON header. Handed anything else (a truncated
-    upload, a text file under that name), the loader takes the first 8 bytes for that length and asks for
-    that much memory: the stage fails with a bare `MemoryError` that names nothing.
+    upload, a text file under that name), a reader takes the first 8 bytes for that length and asks for
+    that much memory: a bare `MemoryError` that names nothing. Here the length is checked against the file
+    first, and a file that is not safetensors is refused by name.
     """
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(handle.read(length)) if 0 < length <= size - 8 else None
+        except ValueError:  # not JSON, or not UTF-8
+            header = None
+    if not isinstance(header, dict):
+        raise SourceError(f"{file.name} is not a safetensors file ({size} bytes, no valid header): "
+                          "the model directory is damaged or incomplete")
+    header.pop("__metadata__", None)
+    return header
+
+
+def check_weight_files(path: str | Path) -> None:
+    """Refuse a directory whose `.safetensors` files are not safetensors, naming the file
+    (`safetensors_header`)."""
     for file in sorted(Path(path).glob("*.safetensors")):
-        size = file.stat().st_size
-        with file.open("rb") as handle:
-            head = handle.read(9)
-        header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
-        if header_len is None or header_len > size - 8 or head[8:9] != b"{":
-            raise SourceError(f"{file.name} is not a safetensors file ({size} bytes, no valid header): "
-                              "the model directory is damaged or incomplete")
+        safetensors_header(file)
 
 
 def _model_from_url(uri: str, cache_dir: Path) -> Path:

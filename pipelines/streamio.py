@@ -38,6 +38,7 @@ from pipelines.filemodes import normalize_modes
 from pipelines.masks import MASK_FORMAT
 from pipelines.modeling import decoder_layers
 from pipelines.modelio import finish_config
+from pipelines.sources import safetensors_header
 from pipelines.stage import StageError
 
 logger = logging.getLogger(__name__)
@@ -55,15 +56,6 @@ class CheckpointError(StageError, ValueError):
     """A model folder that cannot be streamed: no safetensors weights, or a tensor the model needs is absent."""
 
 
-def _header(path: Path) -> dict:
-    """The JSON header of one safetensors file (tensor name -> dtype, shape, offsets); reads no data."""
-    with path.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    return header
-
-
 class CheckpointReader:
     """The safetensors weights of one model folder, read a few tensors at a time (see the module doc)."""
 
@@ -75,13 +67,13 @@ class CheckpointReader:
             weight_map = json.loads(index.read_text()).get("weight_map", {})
             files = {name: self.model_dir / file for name, file in weight_map.items()}
         elif single.exists():
-            files = dict.fromkeys(_header(single), single)
+            files = dict.fromkeys(safetensors_header(single), single)
         else:
             raise CheckpointError(f"streaming: {self.model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
         self.files: dict[str, Path] = files
         self.meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for path in sorted(set(files.values())):
-            for name, entry in _header(path).items():
+            for name, entry in safetensors_header(path).items():
                 self.meta[name] = (_SAFETENSORS_DTYPES.get(entry["dtype"], torch.uint8), tuple(entry["shape"]))
 
     def names(self) -> list[str]:
