@@ -375,6 +375,8 @@ def worker(
     env = {
         **health,
         **os.environ,
+        # the deployment runs flows with `python -m prefect.engine`: this interpreter, whatever PATH had first
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "PREFECT_API_URL": settings.prefect_api_url,
         # flow-run heartbeats for Prefect's own zombie-run automations; ours beat in the store too
         "PREFECT_RUNNER_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", "30"),

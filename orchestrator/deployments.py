@@ -4,6 +4,13 @@
 whose entrypoint is the installed module path `orchestrator.flow.compression_job`, so a worker needs no
 code download: the same package (image) is installed everywhere. The API then only creates flow runs
 (`submit`), with the job id as their one parameter, and asks Prefect about them when it reconciles.
+
+The deployment names the command that runs a flow run (`ENGINE_COMMAND`, Prefect's own engine module). With
+no command configured, Prefect's process worker first starts a workspace supervisor, a Python process that
+imports Prefect to run the deployment's pull steps and then execs the engine, which imports Prefect again:
+a second interpreter start per job, for pull steps this deployment does not have. `python` is the
+interpreter the worker runs (`sparseflow worker` puts its directory first on PATH; in the image it is the
+only one).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ log = logging.getLogger(__name__)
 
 ENTRYPOINT = "orchestrator.flow.compression_job"
 FLOW_NAME = "compression-job"
+ENGINE_COMMAND = "python -m prefect.engine"
 FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
 NOT_STARTED = {StateType.SCHEDULED, StateType.PENDING}
 
@@ -84,6 +92,7 @@ def register(settings: Settings, *, pool_concurrency: int | None = None) -> UUID
             name=settings.deployment,
             entrypoint=ENTRYPOINT,
             work_pool_name=settings.work_pool,
+            job_variables={"command": ENGINE_COMMAND},
             parameter_openapi_schema={
                 "type": "object",
                 "title": "Parameters",

@@ -60,6 +60,12 @@ def _run_on_worker(request: StageRequest, box: Any | None, num_cpus: float) -> S
 
 
 _remote_stage = ray.remote(max_retries=SYSTEM_RETRIES, retry_exceptions=False)(_run_on_worker)
+# A GPU stage gets a worker process of its own, which exits after it. A Ray worker is reused by the job's
+# next task, and Ray tells a task its GPUs through CUDA_VISIBLE_DEVICES, which CUDA reads once per process:
+# a reused worker would run the next stage on the device of the first (possibly another job's GPU by now)
+# and keep the first stage's cached GPU memory. Ray itself defaults to this only for functions declared
+# with `num_gpus`; ours get their GPUs per call, through `.options`.
+_remote_gpu_stage = ray.remote(max_retries=SYSTEM_RETRIES, retry_exceptions=False, max_calls=1)(_run_on_worker)
 _FINAL_TAKE_S = 10.0
 
 
@@ -128,7 +134,8 @@ def submit(request: StageRequest, resources: Resources) -> Placement:
     """Start `request` on the cluster (which `connect` must have joined); its events go to the cluster's mailbox."""
     options, note = fit_resources(resources, ray.cluster_resources())
     box = progress.mailbox()
-    ref = _remote_stage.options(name=f"stage:{request.label}", **options).remote(request, box, options["num_cpus"])
+    remote = _remote_gpu_stage if options.get("num_gpus") else _remote_stage
+    ref = remote.options(name=f"stage:{request.label}", **options).remote(request, box, options["num_cpus"])
     return Placement(ref=ref, box=box, stage_run_id=request.stage_run_id, num_gpus=options.get("num_gpus", 0.0),
                      note=note)
 

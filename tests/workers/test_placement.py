@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import ray
 
 from pipelines.recipe import Resources
 from workers import placement
-from workers.runner import SOURCE_PREFIX, StageRequest
+from workers.runner import SOURCE_PREFIX, StageOutcome, StageRequest
 
 
 def test_gpu_request_on_a_cpu_cluster_falls_back_with_a_note() -> None:
@@ -69,3 +70,37 @@ def test_stage_error_reaches_the_caller_unretried(tmp_path: Path, tiny_model_dir
     with pytest.raises(ray.exceptions.RayTaskError) as raised:
         ray.get(placed.ref, timeout=300)
     assert "missing.txt" in str(raised.value)
+
+
+def _sleep_request(tmp_path: Path, model_dir: Path, stage_run_id: str) -> StageRequest:
+    return StageRequest(
+        job_id="job1", stage_run_id=stage_run_id, label=f"{stage_run_id}-sleep",
+        spec={"stage": "sleep", "seconds": 0.0}, data={}, seed=0,
+        inputs={"model": SOURCE_PREFIX + str(model_dir), "base_model": SOURCE_PREFIX + str(model_dir)},
+        artifact_root=(tmp_path / "artifacts").as_uri(), cache_dir=str(tmp_path / "cache"),
+    )
+
+
+def _ran_in(outcome: StageOutcome) -> tuple[int, str | None]:
+    """The worker process and the devices Ray gave it, from the sleep stage's marker."""
+    (marker,) = outcome.artifacts
+    written = json.loads(Path(marker["uri"][len("file://"):]).read_text())
+    return written["pid"], written["cuda_visible_devices"]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_every_gpu_stage_gets_a_fresh_worker_process(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """CUDA reads CUDA_VISIBLE_DEVICES once per process: a worker reused by a later GPU stage would compute
+    on the earlier stage's device whatever GPU Ray granted. CPU stages may share a worker."""
+    ran = []
+    for index in range(3):
+        placed = placement.submit(_sleep_request(tmp_path, tiny_model_dir, f"gpu{index}"), Resources(num_gpus=1))
+        ran.append(_ran_in(ray.get(placed.ref, timeout=300)))
+    assert len({pid for pid, _ in ran}) == 3, ran
+    assert all(devices is not None for _, devices in ran), "Ray told each GPU stage its device"
+    cpu_pids = set()
+    for index in range(3):
+        placed = placement.submit(_sleep_request(tmp_path, tiny_model_dir, f"cpu{index}"), Resources(num_cpus=1))
+        pid, _ = _ran_in(ray.get(placed.ref, timeout=300))
+        cpu_pids.add(pid)
+    assert len(cpu_pids) < 3, "CPU stages reuse the job's Ray workers"
