@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.3
 _PROGRESS_WRITE_S = 1.0
+_CANCEL_CHECK_S = 1.0  # a store query per running job: a cancel is seen within this, a finished stage at once
 
 
 class StageFailed(RuntimeError):
@@ -113,7 +114,7 @@ def _emit_stage(runtime: JobRuntime, job_id: str, stage_run_id: str, label: str,
 def _wait(runtime: JobRuntime, job_id: str, stage_run_id: str, placed: placement.Placement,
           heartbeat: Heartbeat) -> Any:
     """Wait for the stage, relaying progress, counting Ray's own retries and watching for cancellation."""
-    last_write = 0.0
+    last_write = last_cancel_check = 0.0
     attempts_seen = 0
     while True:
         ready, _ = ray.wait([placed.ref], timeout=_POLL_S)
@@ -140,10 +141,12 @@ def _wait(runtime: JobRuntime, job_id: str, stage_run_id: str, placed: placement
             return ray.get(placed.ref)
         # a cancel first: it also stops the heartbeat (the job is no longer running), which must not read as
         # the job having been handed to another runner, or its stage would be left running in the store
-        with runtime.sessions() as session:
-            if queries.get_job(session, job_id).status == Status.cancelled:
-                placement.cancel(placed)
-                raise JobCancelled(f"job {job_id} was cancelled")
+        if now - last_cancel_check >= _CANCEL_CHECK_S or heartbeat.lost.is_set():
+            last_cancel_check = now
+            with runtime.sessions() as session:
+                if queries.get_job(session, job_id).status == Status.cancelled:
+                    placement.cancel(placed)
+                    raise JobCancelled(f"job {job_id} was cancelled")
         if heartbeat.lost.is_set():
             placement.cancel(placed)
             raise RunnerReplaced(f"job {job_id} was handed to another runner")
