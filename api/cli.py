@@ -85,6 +85,9 @@ def _close(services, orchestrator, *, finished: bool = False) -> None:
     services.close(wait=not finished)
     if finished:
         _finished_runs.append(services)
+        note = services.kept_note()
+        if note:
+            console.print(note, style="dim", markup=False, highlight=False)
 
 
 @app.command()
@@ -103,7 +106,7 @@ def run(
     from orchestrator.settings import get_settings
     from orchestrator.store.errors import NotFound
 
-    services = RunServices(get_settings()).start_prefect()  # up while the flow's code is imported
+    services = RunServices(get_settings(), keep=True).start_prefect()  # up while the flow's code is imported
     store = JobRuntime.from_settings(services.settings)  # the store alone: no Prefect or Ray imported yet
     with store.sessions() as session:
         try:  # the same data access policy as the API (no auth: owner 'local', paths unrestricted)
@@ -134,6 +137,37 @@ def run(
     if status != "succeeded":
         console.print(f"resume with: sparseflow resume {job_id}")
         raise typer.Exit(1)
+
+
+@app.command()
+def services(
+    stop: Annotated[bool, typer.Option("--stop", help="Stop them now (refused while a run uses them).")] = False,
+) -> None:
+    """The Prefect server and Ray node that embedded runs keep up between them (SPARSEFLOW_KEEP_SERVICES_S)."""
+    import fcntl
+
+    from api.kept_services import ServiceFiles, stop_keeper
+    from orchestrator.settings import get_settings
+
+    files = ServiceFiles(get_settings().home)
+    with files.locked(), files.open_in_use() as in_use:
+        state = files.read()
+        if state is None or not state.alive():
+            console.print("no services kept up", highlight=False)
+            return
+        if not stop:
+            idle = files.idle_s()
+            console.print(f"keeper pid {state.pid}: {state.state}; Prefect {state.prefect_api_url}, Ray "
+                          f"{state.ray_address or '-'}; unused for {idle:.0f} s of {state.idle_s:g} s; "
+                          f"log {files.log}", highlight=False)
+            return
+        try:
+            fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _fail("a run is using the kept services; stop them once it ends")
+        stop_keeper(state)
+        files.state.unlink(missing_ok=True)
+    console.print(f"stopped Prefect's server and the Ray node (keeper pid {state.pid})", highlight=False)
 
 
 @app.command()
@@ -303,7 +337,7 @@ def resume(
     refused = requeue(JobRuntime.from_settings(get_settings()).sessions, keep=False)  # fail fast, start nothing
     if isinstance(refused, str):
         _fail(refused)
-    services = RunServices(get_settings()).start_prefect().start_ray()
+    services = RunServices(get_settings(), keep=True).start_prefect().start_ray()
     from api.display import job_progress, print_summary
     from orchestrator.service import Orchestrator
 

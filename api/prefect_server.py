@@ -34,7 +34,8 @@ class PrefectServerError(RuntimeError):
     """Prefect's API server did not come up; the message carries its last output."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port free now (a race with other programs remains: the server's start reports it)."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -52,11 +53,12 @@ class PrefectServer:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
-    def start(self) -> PrefectServer:
-        """Start the child and set `PREFECT_API_URL` for this process (Prefect must not be imported yet)."""
+    def start(self, port: int | None = None) -> PrefectServer:
+        """Start the child on `port` (default: a free one) and set `PREFECT_API_URL` for this process
+        (Prefect must not be imported yet)."""
         if "prefect" in sys.modules:
             raise PrefectServerError("start Prefect's server before importing prefect: its settings are read once")
-        self.port = _free_port()
+        self.port = port or free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],

@@ -43,6 +43,9 @@ import psutil
 log = logging.getLogger(__name__)
 
 MARKER = "SPARSEFLOW_SERVICE_INSTANCE"
+# started with this set, a process is the keeper of kept services (api.kept_services): a run that started
+# it must not end it, though it was briefly the run's descendant
+KEEPER_MARKER = "SPARSEFLOW_KEEPER"
 GRACE_S = 5.0
 _POLL_S = 0.5
 _WATCH_S = 1.0  # how often the reaper notes the service's descendants
@@ -92,11 +95,18 @@ def sweep(instance: str, marker: str = MARKER, grace_s: float = GRACE_S, rounds:
     for _ in range(rounds):
         found = marked_processes(instance, marker)
         seen = {process.pid for process in found}
-        found += [p for p in known or [] if p.pid not in seen and still_running(p)]
+        found += [p for p in known or [] if p.pid not in seen and still_running(p) and not _is_keeper(p)]
         if not found:
             break
         stopped += terminate(found, grace_s)
     return stopped
+
+
+def _is_keeper(process: psutil.Process) -> bool:
+    try:
+        return KEEPER_MARKER in process.environ()
+    except psutil.Error:
+        return False
 
 
 def still_running(process: psutil.Process) -> bool:

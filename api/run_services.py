@@ -10,6 +10,10 @@ start in progress).
 
 Only what embedded mode starts itself is started: with `SPARSEFLOW_RAY_ADDRESS` the flow joins that
 cluster, and a `PREFECT_API_URL` set by the user, or cluster mode, leaves Prefect alone.
+
+With `keep` (the CLI's `run` and `resume`) and `SPARSEFLOW_KEEP_SERVICES_S` above 0, both come from the
+home's keeper instead (`api.kept_services`): the first such run starts it, later ones join what it keeps
+up, and none of them stops it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from api import kept_services
 from api.prefect_server import PrefectServer
 
 if TYPE_CHECKING:
@@ -43,9 +48,12 @@ class RunServices:
     """`start_prefect()` first, `start_ray()` once the recipe is allowed, `ready()` before the job is
     recorded, `close()` after the summary."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, keep: bool = False) -> None:
         self.settings = settings
+        self.keep = keep
         self.prefect: PrefectServer | None = None
+        self.lease: kept_services.Lease | None = None
+        self._ray_joined = threading.Event()
         self._ray: threading.Thread | None = None
         self._stop = threading.Event()
         self.ray_error: Exception | None = None
@@ -61,17 +69,57 @@ class RunServices:
         """
         if self.settings.mode == "embedded" and not os.environ.get("PREFECT_API_URL") \
                 and "prefect" not in sys.modules:
-            self.prefect = PrefectServer().start()
+            self.lease = self._kept()
+            if self.lease is not None:
+                os.environ["PREFECT_API_URL"] = self.lease.prefect_api_url
+                # the keeper's node was started in this environment: without a mode set, with Ray's default
+                # for a new local node, token authentication, which a joining process must be told of
+                os.environ.setdefault("RAY_AUTH_MODE", "token")
+            else:
+                self.prefect = PrefectServer().start()
         return self
+
+    def _kept(self) -> kept_services.Lease | None:
+        """The home's kept services, when this run may use them (its Ray node too: none joined or given)."""
+        settings = self.settings
+        ray = sys.modules.get("ray")
+        if not self.keep or settings.keep_services_s <= 0 or settings.ray_address \
+                or (ray is not None and ray.is_initialized()):
+            return None
+        return kept_services.lease(settings.home, settings.keep_services_s, num_cpus=settings.ray_num_cpus,
+                                   num_gpus=settings.ray_num_gpus, bind_host=settings.ray_bind_host)
 
     def start_ray(self) -> RunServices:
         """The local Ray node from a thread of its own, unless the job joins a cluster or this process is
         connected to a Ray already (then the flow uses that one and it is not this run's to stop)."""
         ray = sys.modules.get("ray")
-        if not self.settings.ray_address and not (ray is not None and ray.is_initialized()):
+        if self.lease is not None:
+            self._ray = threading.Thread(target=self._kept_ray, name="ray-join", daemon=True)
+            self._ray.start()
+        elif not self.settings.ray_address and not (ray is not None and ray.is_initialized()):
             self._ray = threading.Thread(target=self._own_ray, name="ray-node", daemon=True)
             self._ray.start()
         return self
+
+    def _kept_ray(self) -> None:
+        """Join the keeper's Ray node once it is up; stay joined until `close`. A failure is only noted:
+        `ready` reports a keeper that failed, and the flow's own `connect` starts a local node otherwise."""
+        assert self.lease is not None
+        try:
+            state = self.lease.wait_ready(self._timeout_s())
+            from workers import placement
+
+            placement.connect(state.ray_address)
+            self.timings["ray_ready_s"] = time.monotonic() - self._began
+        except Exception as error:
+            self.ray_error = error
+            log.warning("could not join the kept Ray node: %s", error)
+        finally:
+            self._ray_joined.set()
+        self._stop.wait()
+        from api.reaper import shutdown_ray
+
+        shutdown_ray()  # this run's connection only: the node is the keeper's
 
     def _own_ray(self) -> None:
         """Start the local node as the flow would, then keep this thread alive until `close` and stop the
@@ -98,18 +146,35 @@ class RunServices:
 
         shutdown_ray()
 
+    @staticmethod
+    def _timeout_s() -> float:
+        return float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", DEFAULT_PREFECT_TIMEOUT_S))
+
     def ready(self) -> None:
-        """Wait for Prefect's API (raises `PrefectServerError` naming why it is not up)."""
+        """Wait for Prefect's API (raises `PrefectServerError` naming why it is not up) and, for kept
+        services, for this run to have joined their Ray node (else the flow would start one of its own)."""
         if self.prefect is not None:
-            timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
-                                           DEFAULT_PREFECT_TIMEOUT_S))
-            self.prefect.wait_ready(timeout)
+            self.prefect.wait_ready(self._timeout_s())
             self.timings["prefect_ready_s"] = time.monotonic() - self._began
+        if self.lease is not None:
+            self.lease.wait_ready(self._timeout_s())
+            self.timings["prefect_ready_s"] = time.monotonic() - self._began
+            if self._ray is not None:
+                self._ray_joined.wait()
+
+    def kept_note(self) -> str | None:
+        """One line for the summary when this run started the keeper: what stays up, and how to stop it."""
+        if self.lease is None or not self.lease.started:
+            return None
+        minutes = self.settings.keep_services_s / 60
+        return (f"Prefect and Ray stay up for the next run until unused for {minutes:g} min "
+                "(`sparseflow services --stop` stops them; SPARSEFLOW_KEEP_SERVICES_S=0 keeps nothing)")
 
     def close(self, *, wait: bool = True) -> None:
-        """Stop Prefect's server and the local Ray node at the same time (each takes a moment). Without
-        `wait`, Prefect's server is only told to stop: for a process about to exit, whose reaper ends
-        whatever is left."""
+        """Stop Prefect's server and the local Ray node at the same time (each takes a moment); kept
+        services are only left (this run's Ray connection closed, its lease released). Without `wait`,
+        Prefect's server is only told to stop: for a process about to exit, whose reaper ends whatever is
+        left."""
         stopper = None
         if self.prefect is not None:
             stopper = threading.Thread(target=self.prefect.stop, kwargs={"wait": wait}, name="prefect-stop")
@@ -117,5 +182,7 @@ class RunServices:
         if self._ray is not None:
             self._stop.set()
             self._ray.join()
+        if self.lease is not None:
+            self.lease.release()
         if stopper is not None:
             stopper.join()

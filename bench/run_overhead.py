@@ -17,6 +17,9 @@ and where it went, from the store's timestamps and the process's own clock:
 - `to_job_finished`: last stage finished to `jobs.finished_at`;
 - `to_exit`: `jobs.finished_at` to the process's exit (the summary, Ray and Prefect shut down).
 
+By default the runs use the embedded default of keeping Prefect's server and the Ray node up between
+runs (`api.kept_services`): the warm-up run starts the keeper and the measured runs join it; the keeper
+is stopped at the end. `--keep-services-s 0` measures runs that each start and stop their own.
 `--running-prefect` gives the runs the address of a Prefect server started beforehand (untimed), which
 is what a user with a Prefect server already up gets: the run then starts none of its own.
 `--running-ray` does the same for Ray: a `ray start --head` node on loopback, started beforehand
@@ -82,9 +85,10 @@ def _timestamps(home: Path, job_id: str) -> dict[str, Any]:
     return found
 
 
-def run_once(home: Path, recipe: Path) -> dict[str, Any]:
+def run_once(home: Path, recipe: Path, keep_services_s: float) -> dict[str, Any]:
     # the checkout this file is in, for the CLI and (through PYTHONPATH) for Ray's workers
-    env = {**os.environ, "SPARSEFLOW_HOME": str(home), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "SPARSEFLOW_HOME": str(home), "PYTHONPATH": str(REPO),
+           "SPARSEFLOW_KEEP_SERVICES_S": f"{keep_services_s:g}"}
     env.pop("SPARSEFLOW_URL", None)
     command = [sys.executable, "-m", "api.cli", "run", str(recipe)]
     began = time.time()
@@ -108,7 +112,8 @@ def run_once(home: Path, recipe: Path) -> dict[str, Any]:
     }
     return {"job_id": match.group(1), "wall_s": ended - began, "stage_seconds": own, "stage_span_s": span,
             "overhead_s": ended - began - own, "phases_s": phases,
-            "output_lines": len(result.stdout.splitlines()), "stderr": result.stderr[-2000:]}
+            "output_lines": len(result.stdout.splitlines()), "stderr": result.stderr[-2000:],
+            "started_keeper": "stay up for the next run" in result.stdout}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--running-ray", action="store_true", help=(
         "Start a Ray head (`ray start --head`, loopback) before the runs and give them its address as "
         "SPARSEFLOW_RAY_ADDRESS; its start is not timed."))
+    parser.add_argument("--keep-services-s", type=float, default=600.0, help=(
+        "SPARSEFLOW_KEEP_SERVICES_S for the runs (0: each run starts and stops its own Prefect server and Ray)."))
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 1, help="CPUs of that Ray head.")
     args = parser.parse_args(argv)
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -148,9 +155,14 @@ def main(argv: list[str] | None = None) -> None:
                 # a head started by `ray start` asks its clients for the token it generated (~/.ray/auth_token)
                 os.environ["RAY_AUTH_MODE"] = "token"
                 head, os.environ["SPARSEFLOW_RAY_ADDRESS"] = ray_head.start(Path(scratch), args.ray_cpus)
-            warmup = run_once(home, recipe)
-            runs = [run_once(home, recipe) for _ in range(args.repeats)]
+            warmup = run_once(home, recipe, args.keep_services_s)
+            runs = [run_once(home, recipe, args.keep_services_s) for _ in range(args.repeats)]
         finally:
+            from api.kept_services import ServiceFiles, stop_keeper
+
+            kept = ServiceFiles(home).read()
+            if kept is not None:
+                stop_keeper(kept)
             if head is not None:
                 ray_head.stop(head, grace_s=30)
             if server is not None:
@@ -163,10 +175,11 @@ def main(argv: list[str] | None = None) -> None:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "versions": _versions(),
         "command": f"sparseflow run <recipe: {args.stages} sleep stages of {args.stage_seconds:g} s, "
-                   "reuse_cached false> (stdout piped)"
+                   f"reuse_cached false> (stdout piped, SPARSEFLOW_KEEP_SERVICES_S={args.keep_services_s:g})"
                    + (", PREFECT_API_URL of a Prefect server already up" if args.running_prefect else "")
                    + (", SPARSEFLOW_RAY_ADDRESS of a Ray head already up" if args.running_ray else ""),
         "bench_command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "keep_services_s": args.keep_services_s,
         "warmup": warmup,
         "runs": runs,
         "median_overhead_s": statistics.median(r["overhead_s"] for r in runs),

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
         description="Bearer token -> owner name (JSON). Empty: no auth, every job belongs to 'local'.",
     )
     max_concurrent_jobs: int = Field(1, ge=1, description="Embedded mode: jobs one process runs at once.")
+    keep_services_s: float = Field(
+        600.0, ge=0, description="Embedded `run`/`resume`: keep Prefect's server and the Ray node up between "
+        "runs until unused this long (api.kept_services); 0: each run starts and stops its own.",
+    )
 
     # the CLI's client side
     url: str | None = Field(None, description="API base URL for submit/status/jobs/download/cancel/resume.")

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# A test's `sparseflow run` starts and stops its own Prefect server and Ray node: kept services would
+# outlive the test (tests/api/test_kept_services.py turns them on for its own runs).
+os.environ["SPARSEFLOW_KEEP_SERVICES_S"] = "0"
+
 # Ray, Prefect and job fixtures shared by tests/api, tests/workers and tests/orchestrator (one Ray per run).
 pytest_plugins = ["service_fixtures", "databases"]
 
