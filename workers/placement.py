@@ -98,6 +98,29 @@ class Placement:
         return events
 
 
+def _import_stage_stack() -> None:
+    """The warm-up task's body: import what every stage's task imports first (`_run_on_worker`)."""
+    import torch  # noqa: F401
+
+    import workers.runner  # noqa: F401
+
+
+_warm_up = ray.remote(num_cpus=0, max_retries=0)(_import_stage_stack)
+
+
+def warm_up_worker() -> None:
+    """Start a worker process of this Ray job that imports the stage stack, and return at once.
+
+    A new Ray job (each `sparseflow run` is one) has no worker processes yet: its first stage would wait
+    for one to start and import torch (1-2 s on 2 cores). Called where that can overlap other work (a run
+    joining kept services does so before importing the flow), the worker can be idle by the first stage,
+    which Ray then gives it (a 2-core machine busy with the run's own imports may not get there in time).
+    Not called from the flow: right before a stage, Ray would start a second worker beside the busy one.
+    The task asks for no CPU, so it never waits for or holds a stage's resources.
+    """
+    _warm_up.remote()
+
+
 def fit_resources(resources: Resources, cluster: dict[str, float]) -> tuple[dict[str, Any], str | None]:
     """Ray options for `resources` on this cluster, and a note for every request the cluster can never meet.
 
