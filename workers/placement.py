@@ -106,6 +106,8 @@ def _import_stage_stack() -> None:
 
 
 _warm_up = ray.remote(num_cpus=0, max_retries=0)(_import_stage_stack)
+_warming: list[ray.ObjectRef] = []  # the warm-up task in flight, until the first stage is submitted
+_WARM_UP_WAIT_S = 10.0
 
 
 def warm_up_worker() -> None:
@@ -116,9 +118,11 @@ def warm_up_worker() -> None:
     joining kept services does so before importing the flow), the worker can be idle by the first stage,
     which Ray then gives it (a 2-core machine busy with the run's own imports may not get there in time).
     Not called from the flow: right before a stage, Ray would start a second worker beside the busy one.
-    The task asks for no CPU, so it never waits for or holds a stage's resources.
+    The task asks for no CPU, so it never waits for or holds a stage's resources. The first stage waits
+    for it (`submit`): while it is still importing, Ray would start another worker for the stage, which
+    would import everything again beside it.
     """
-    _warm_up.remote()
+    _warming[:] = [_warm_up.remote()]
 
 
 def fit_resources(resources: Resources, cluster: dict[str, float]) -> tuple[dict[str, Any], str | None]:
@@ -156,6 +160,9 @@ def fit_resources(resources: Resources, cluster: dict[str, float]) -> tuple[dict
 def submit(request: StageRequest, resources: Resources) -> Placement:
     """Start `request` on the cluster (which `connect` must have joined); its events go to the cluster's mailbox."""
     options, note = fit_resources(resources, ray.cluster_resources())
+    if _warming:  # its worker is further along than a new one would be
+        ray.wait(_warming, timeout=_WARM_UP_WAIT_S)
+        _warming.clear()
     box = progress.mailbox()
     remote = _remote_gpu_stage if options.get("num_gpus") else _remote_stage
     ref = remote.options(name=f"stage:{request.label}", **options).remote(request, box, options["num_cpus"])
