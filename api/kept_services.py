@@ -35,6 +35,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -149,10 +150,13 @@ class Lease:
     def prefect_api_url(self) -> str:
         return self.state.prefect_api_url
 
-    def wait_ready(self, timeout_s: float) -> KeeperState:
-        """Block until the keeper says its services are up; raise `KeptServicesError` if it failed or died."""
+    def wait_ready(self, timeout_s: float, cancel: threading.Event | None = None) -> KeeperState:
+        """Block until the keeper says its services are up; raise `KeptServicesError` if it failed or died,
+        or once `cancel` is set (the run ended first, e.g. its recipe was refused)."""
         began = time.monotonic()
         while True:
+            if cancel is not None and cancel.is_set():
+                raise KeptServicesError("the run ended before the kept services were up")
             found = self.files.read()
             if found is not None and found.pid == self.state.pid:
                 self.state = found

@@ -95,18 +95,21 @@ def sweep(instance: str, marker: str = MARKER, grace_s: float = GRACE_S, rounds:
     for _ in range(rounds):
         found = marked_processes(instance, marker)
         seen = {process.pid for process in found}
-        found += [p for p in known or [] if p.pid not in seen and still_running(p) and not _is_keeper(p)]
+        found += [p for p in known or [] if p.pid not in seen and still_running(p) and not _kept_by_other(p, instance)]
         if not found:
             break
         stopped += terminate(found, grace_s)
     return stopped
 
 
-def _is_keeper(process: psutil.Process) -> bool:
+def _kept_by_other(process: psutil.Process, instance: str) -> bool:
+    """A keeper, or a process its keeper started: not this instance's to end (unless this is that keeper's
+    own reaper, whose instance the keeper's children carry)."""
     try:
-        return KEEPER_MARKER in process.environ()
+        environ = process.environ()
     except psutil.Error:
         return False
+    return KEEPER_MARKER in environ and environ.get(MARKER) != instance
 
 
 def still_running(process: psutil.Process) -> bool:

@@ -115,7 +115,7 @@ class RunServices:
         otherwise. The connection needs no thread to hold it (it starts no processes); `close` ends it."""
         assert self.lease is not None
         try:
-            state = self.lease.wait_ready(self._timeout_s())
+            state = self.lease.wait_ready(self._timeout_s(), cancel=self._stop)
             from workers import placement
 
             placement.connect(state.ray_address)
@@ -123,7 +123,8 @@ class RunServices:
             self.timings["ray_ready_s"] = time.monotonic() - self._began
         except Exception as error:
             self.ray_error = error
-            log.warning("could not join the kept Ray node: %s", error)
+            if not self._stop.is_set():  # else the run ended first: nothing to say
+                log.warning("could not join the kept Ray node: %s", error)
         finally:
             self._ray_joined.set()
 

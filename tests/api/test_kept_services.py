@@ -4,8 +4,8 @@ Real processes throughout: `sparseflow run` as a user runs it, the keeper it sta
 a Ray node. Checked: the first run starts the keeper and says so, and the keeper outlives the run (its
 reaper spares it); a second run joins the same keeper (Prefect counts both flow runs) and says nothing;
 a run in another environment replaces an idle keeper; `sparseflow services --stop` stops it, and an idle
-keeper stops by itself, leaving none of its processes behind. Tests elsewhere run with
-SPARSEFLOW_KEEP_SERVICES_S=0 (tests/conftest.py): every run starts and stops its own services.
+keeper stops by itself, leaving none of its processes behind, as does a keeper killed with SIGKILL. Tests
+elsewhere run with SPARSEFLOW_KEEP_SERVICES_S=0 (tests/conftest.py): every run starts and stops its own.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_runs_share_a_keeper_that_outlives_them_and_stops_on_request(home: Path,
     assert "no services kept up" in _ok(_cli(home, "services"))
 
 
-def test_another_environment_replaces_an_idle_keeper_and_an_idle_keeper_stops(home: Path, recipe: Path) -> None:
+def test_keepers_are_replaced_stop_when_idle_and_leave_nothing_when_killed(home: Path, recipe: Path) -> None:
     files = ServiceFiles(home)
     _ok(_cli(home, "run", str(recipe), keep_s=60))
     before = files.read()
@@ -130,6 +130,13 @@ def test_another_environment_replaces_an_idle_keeper_and_an_idle_keeper_stops(ho
     new_tree = _tree(after.pid)
     assert not _all_ended(new_tree, 60)  # unused for 4 s: it stops by itself
     assert files.read() is None
+
+    _ok(_cli(home, "run", str(recipe), keep_s=60))
+    killed = files.read()
+    assert killed is not None
+    killed_tree = _tree(killed.pid)
+    killed_tree[0].kill()  # SIGKILL: no code of the keeper runs; its reaper ends what it started
+    assert not _all_ended(killed_tree, 30)
 
 
 def test_fingerprint_follows_the_environment_workers_inherit(monkeypatch: pytest.MonkeyPatch) -> None:
