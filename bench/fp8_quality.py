@@ -169,6 +169,28 @@ def _write(rows: dict, args, torch, transformers) -> None:
     }, indent=2))
 
 
+def prepare(args) -> tuple[Path, Path]:
+    """(the built-in model's folder, the calibration tokens' file), made once under `args.work`; sets
+    `args.cache`."""
+    from safetensors.torch import save_file
+
+    from orchestrator.settings import get_settings
+    from pipelines.data import calibration_samples
+    from pipelines.modelio import load_tokenizer
+    from pipelines.sources import load_text, resolve_model
+
+    args.cache = get_settings().cache_dir
+    model_dir = resolve_model("builtin:smollm2-135m", args.cache)
+    args.work.mkdir(parents=True, exist_ok=True)
+    calibration = args.work / f"calibration_{args.samples}x{args.seq_len}_seed{args.seed}.safetensors"
+    if not calibration.exists():
+        ids = calibration_samples(load_tokenizer(model_dir), load_text("builtin:enwiki", "calibration", args.cache),
+                                  args.samples, args.seq_len, args.seed)
+        save_file({"input_ids": ids}, str(calibration), metadata={
+            "num_tokens": str(ids.numel()), "seq_len": str(args.seq_len), "samples": str(args.samples)})
+    return model_dir, calibration
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=32)
@@ -187,23 +209,8 @@ def main() -> None:
 
     import torch
     import transformers
-    from safetensors.torch import save_file
 
-    from orchestrator.settings import get_settings
-    from pipelines.data import calibration_samples
-    from pipelines.modelio import load_tokenizer
-    from pipelines.sources import load_text, resolve_model
-
-    args.cache = get_settings().cache_dir
-    model_dir = resolve_model("builtin:smollm2-135m", args.cache)
-    args.work.mkdir(parents=True, exist_ok=True)
-    calibration = args.work / f"calibration_{args.samples}x{args.seq_len}_seed{args.seed}.safetensors"
-    if not calibration.exists():
-        ids = calibration_samples(load_tokenizer(model_dir), load_text("builtin:enwiki", "calibration", args.cache),
-                                  args.samples, args.seq_len, args.seed)
-        save_file({"input_ids": ids}, str(calibration), metadata={
-            "num_tokens": str(ids.numel()), "seq_len": str(args.seq_len), "samples": str(args.samples)})
-
+    model_dir, calibration = prepare(args)
     previous = json.loads(args.results.read_text()) if args.results.exists() and not args.fresh else {}
     rows: dict = dict(previous.get("rows", {}))
     models: dict[str, Path] = {"dense": model_dir}

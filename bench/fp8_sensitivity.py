@@ -46,6 +46,9 @@ def groups(names: list[str], layers: int) -> dict[str, set[str]]:
     found["first_and_last_layer"] = of_layer(0) | of_layer(layers - 1)
     found["first_two_and_last_layer"] = of_layer(0) | of_layer(1) | of_layer(layers - 1)
     found["down_proj_first_and_last_layer"] = found["down_proj"] & found["first_and_last_layer"]
+    found["down_proj_last_layer"] = found["down_proj"] & found["last_layer"]
+    found["last_two_layers"] = of_layer(layers - 2) | of_layer(layers - 1)
+    found["last_layer_and_down_proj"] = found["last_layer"] | found["down_proj"]
     return found
 
 
@@ -90,7 +93,10 @@ def main() -> None:
     macs = {name: w.numel() for name, w in dense_weights.items()}
     began = time.perf_counter()
     dense_ppl = perplexity(dense, windows, 2)
-    rows: dict[str, dict] = {"dense": {"perplexity": dense_ppl, "eval_s": time.perf_counter() - began}}
+    rows: dict[str, dict] = {}
+    if args.only is not None and out.is_file():  # add to the rows scored before
+        rows = json.loads(out.read_text())["rows"]
+    rows["dense"] = {"perplexity": dense_ppl, "eval_s": time.perf_counter() - began}
     del dense
     config = json.loads((model_dir / "config.json").read_text())
     chosen = groups(sorted(layers), config["num_hidden_layers"])
