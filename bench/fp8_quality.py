@@ -191,8 +191,8 @@ def prepare(args) -> tuple[Path, Path]:
     return model_dir, calibration
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Calibration, evaluation and where the models are made: what `prepare`, `_make` and the scoring read."""
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-seq-len", type=int, default=512)
@@ -201,6 +201,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where the stages run (cuda: the same emulation, faster)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sparseflow-bench-fp8"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
     parser.add_argument("--only", nargs="*", default=None, help="row keys to (re)run")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")
     parser.add_argument("--results", type=Path, default=RESULTS)

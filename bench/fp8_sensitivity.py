@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fp8_quality import _make, prepare  # noqa: E402
+from bench.fp8_quality import _make, add_model_arguments, prepare  # noqa: E402
 
 log = logging.getLogger("bench.fp8_sensitivity")
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,14 +55,7 @@ def groups(names: list[str], layers: int) -> dict[str, set[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounding", choices=["nearest", "gptq"], default="nearest")
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/sparseflow-bench-fp8"))
+    add_model_arguments(parser)
     parser.add_argument("--only", nargs="*", default=None, help="group names to score (default: all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
