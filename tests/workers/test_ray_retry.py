@@ -43,13 +43,15 @@ def test_ray_retry_after_worker_death_is_a_new_attempt_with_a_note(settings: Any
     from pipelines.recipe import Recipe
 
     one_cpu = {"num_cpus": 1}  # one torch thread: on a busy machine more threads are far slower
+    # the fine-tune must run long enough for the 0.1-s poll below to see it running with progress: on a
+    # quiet machine 150 steps took 0.6 s, and the test once never caught it
     recipe = Recipe.model_validate({
         "name": "ray-retry", "model": str(tiny_model_dir), "seed": 0,
         "data": {"calibration": str(tiny_text_file), "evaluation": str(tiny_text_file)},
         "stages": [
             {"stage": "calibrate", "samples": 2, "seq_len": 16, "batch_size": 2, "resources": one_cpu},
             {"stage": "prune", "method": "magnitude", "pattern": "2:4", "resources": one_cpu},
-            {"stage": "finetune", "steps": 150, "batch_size": 1, "seq_len": 16, "warmup_steps": 0,
+            {"stage": "finetune", "steps": 600, "batch_size": 1, "seq_len": 16, "warmup_steps": 0,
              "resources": one_cpu},
         ],
     })
